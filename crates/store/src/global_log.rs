@@ -1,0 +1,224 @@
+//! The global event log: every consumer (projections, the outbox projector, the audit feed)
+//! reads the `events` table through this module.
+//!
+//! Order is `(transaction_id, global_position)` and only events of transactions older than
+//! every transaction still running (`pg_snapshot_xmin(pg_current_snapshot())`) are returned.
+//! An identity column alone is not enough: transaction A can take position 10, transaction B
+//! position 11, and B commit first. A reader that returned 11 and moved its checkpoint past it
+//! would never see 10. Below the snapshot's xmin nothing can commit any more, so the order is final.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::{PgExecutor, Row};
+
+/// The channel the events table's trigger notifies on commit.
+pub const CHANNEL: &str = "skyluxse_events";
+
+/// A place in the global log: the position of the last event a reader has consumed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct LogPosition {
+    /// The writing transaction's id (`xid8`, which fits i64 for any real cluster).
+    pub transaction_id: i64,
+    pub global_position: i64,
+}
+
+impl LogPosition {
+    /// Before the first event.
+    pub const START: Self = Self {
+        transaction_id: 0,
+        global_position: 0,
+    };
+}
+
+/// One event as stored, with its place in the global log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordedEvent {
+    pub position: LogPosition,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+const SELECT_COLUMNS: &str = "transaction_id::text::bigint AS transaction_id, global_position, \
+     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
+     recorded_at";
+
+/// Reads up to `limit` events after `after`, in log order, only those whose order is final.
+pub async fn read_after<'e, E: PgExecutor<'e>>(
+    executor: E,
+    after: LogPosition,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {SELECT_COLUMNS} FROM events \
+         WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY transaction_id, global_position \
+         LIMIT $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after.transaction_id.to_string())
+        .bind(after.global_position)
+        .bind(limit)
+        .fetch_all(executor)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+/// The newest event whose order is final, if any: the head of the log for lag measurements.
+pub async fn head<'e, E: PgExecutor<'e>>(
+    executor: E,
+) -> Result<Option<(LogPosition, DateTime<Utc>)>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT transaction_id::text::bigint AS transaction_id, global_position, recorded_at \
+         FROM events \
+         WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_optional(executor)
+    .await?;
+    row.map(|r| {
+        Ok((
+            LogPosition {
+                transaction_id: r.try_get("transaction_id")?,
+                global_position: r.try_get("global_position")?,
+            },
+            r.try_get("recorded_at")?,
+        ))
+    })
+    .transpose()
+}
+
+/// How many final events lie after `after`.
+pub async fn count_after<'e, E: PgExecutor<'e>>(
+    executor: E,
+    after: LogPosition,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events \
+         WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.global_position)
+    .fetch_one(executor)
+    .await
+}
+
+fn decode(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
+    Ok(RecordedEvent {
+        position: LogPosition {
+            transaction_id: row.try_get("transaction_id")?,
+            global_position: row.try_get("global_position")?,
+        },
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+/// Follows the log from a position: returns batches as events become final, waking on
+/// LISTEN/NOTIFY and polling as the fallback (a lost connection or notification only delays).
+pub struct LogFollower {
+    pool: PgPool,
+    listener: Option<PgListener>,
+    position: LogPosition,
+    batch_size: i64,
+    poll_interval: Duration,
+}
+
+impl LogFollower {
+    pub fn new(pool: PgPool, from: LogPosition) -> Self {
+        Self {
+            pool,
+            listener: None,
+            position: from,
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    pub fn with_batch_size(mut self, batch_size: i64) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
+    /// The position after the last event returned.
+    pub fn position(&self) -> LogPosition {
+        self.position
+    }
+
+    /// Moves the follower, e.g. after a consumer re-read its checkpoint.
+    pub fn seek(&mut self, position: LogPosition) {
+        self.position = position;
+    }
+
+    /// The next batch, without waiting: empty when nothing final is new.
+    pub async fn poll(&mut self) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        let batch = read_after(&self.pool, self.position, self.batch_size).await?;
+        if let Some(last) = batch.last() {
+            self.position = last.position;
+        }
+        Ok(batch)
+    }
+
+    /// The next non-empty batch, waiting for it as long as it takes.
+    pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+        loop {
+            // Listen before reading, so a commit between the read and the wait is not missed.
+            self.ensure_listening().await;
+            let batch = self.poll().await?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            self.wait().await;
+        }
+    }
+
+    async fn ensure_listening(&mut self) {
+        if self.listener.is_some() {
+            return;
+        }
+        match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => match listener.listen(CHANNEL).await {
+                Ok(()) => self.listener = Some(listener),
+                Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot open a LISTEN connection; polling"),
+        }
+    }
+
+    /// Waits for a notification or the poll interval, whichever comes first.
+    async fn wait(&mut self) {
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(self.poll_interval).await;
+            return;
+        };
+        match tokio::time::timeout(self.poll_interval, listener.try_recv()).await {
+            Ok(Ok(Some(_))) | Err(_) => {}
+            // The connection dropped (try_recv returns None): reconnect on the next round.
+            Ok(Ok(None)) | Ok(Err(_)) => self.listener = None,
+        }
+    }
+}

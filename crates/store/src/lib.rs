@@ -1,0 +1,11 @@
+//! PostgreSQL plumbing shared by every role: finding or starting the server, connecting,
+//! migrating, and reading the global event log. Knows nothing of the domain.
+
+pub mod db;
+pub mod global_log;
+pub mod local_pg;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use db::{DbConfig, DbError, MIGRATOR};
+pub use global_log::{LogFollower, LogPosition, RecordedEvent};
