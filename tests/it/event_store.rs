@@ -6,7 +6,6 @@ use cqrs_es::{Aggregate, AggregateError, DomainEvent, EventStore};
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use store::global_log::{self, LogPosition};
 use store::testing::TestDb;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -77,9 +76,7 @@ async fn persists_and_loads_an_aggregate_and_the_events_join_the_global_log() {
     let mut loaded = store(&db).load_aggregate("c-1").await.unwrap();
     assert_eq!(cqrs_es::AggregateContext::aggregate(&mut loaded).value, 7);
 
-    let log = global_log::read_after(&db.pool, LogPosition::START, 10)
-        .await
-        .unwrap();
+    let log = crate::read_log(&db.pool, 2).await;
     assert_eq!(log.len(), 2);
     assert_eq!(log[0].aggregate_type, "Counter");
     assert_eq!(log[0].sequence, 1);

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use store::global_log::{self, LogFollower, LogPosition, RecordedEvent};
 use store::testing::TestDb;
 
@@ -26,21 +26,6 @@ async fn append(
     .unwrap()
 }
 
-/// Reads until `n` events arrived or `limit` passed (other tests' open transactions on the same
-/// server may hold the snapshot horizon back for a moment).
-async fn read_until(pool: &PgPool, n: usize, limit: Duration) -> Vec<RecordedEvent> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let events = global_log::read_after(pool, LogPosition::START, 10_000)
-            .await
-            .unwrap();
-        if events.len() >= n || tokio::time::Instant::now() > deadline {
-            return events;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_later_commit_with_a_higher_position_waits_for_the_earlier_one() {
     let db = TestDb::new().await;
@@ -60,21 +45,24 @@ async fn a_later_commit_with_a_higher_position_waits_for_the_earlier_one() {
         seen.is_empty(),
         "the reader returned {seen:?} while A was still open"
     );
+    // A follower already waiting (its slow poll is 30 s) must not hand out B while A is open.
     let mut follower = LogFollower::new(db.pool.clone(), LogPosition::START)
         .with_poll_interval(Duration::from_secs(30));
-    assert!(follower.poll().await.unwrap().is_empty());
-
-    a.commit().await.unwrap();
-    // The follower wakes on the commit's notification (the poll interval is 30 s).
-    let batch = tokio::time::timeout(Duration::from_secs(10), async {
+    let waiting = tokio::spawn(async move {
         let mut all = Vec::new();
         while all.len() < 2 {
             all.extend(follower.next_batch().await.unwrap());
         }
-        all
-    })
-    .await
-    .expect("the follower woke up after A committed");
+        (all, follower)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the follower returned B before A");
+
+    a.commit().await.unwrap();
+    let (batch, mut follower) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the follower delivered both soon after A committed")
+        .unwrap();
     let order: Vec<i64> = batch.iter().map(|e| e.position.global_position).collect();
     assert_eq!(order, vec![pos_a, pos_b]);
     assert_eq!(batch[0].payload, json!({"who": "A"}));
@@ -93,7 +81,7 @@ async fn rolled_back_events_are_never_read() {
     let kept = append(&mut b, "kept", 1, json!({})).await;
     b.commit().await.unwrap();
 
-    let events = read_until(&db.pool, 1, Duration::from_secs(10)).await;
+    let events = crate::read_log(&db.pool, 1).await;
     let positions: Vec<i64> = events.iter().map(|e| e.position.global_position).collect();
     assert_eq!(positions, vec![kept]);
 }

@@ -22,10 +22,11 @@ impl ValidationError {
 }
 
 /// A non-negative amount with at most two decimals (`numeric(12,2)`), in the booking's currency.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(try_from = "Decimal", into = "Decimal")]
 pub struct Money(Decimal);
-
 
 impl Money {
     pub const ZERO: Self = Self(Decimal::ZERO);
@@ -35,7 +36,10 @@ impl Money {
             return Err(ValidationError::new(field, "must not be negative"));
         }
         if value.normalize().scale() > 2 {
-            return Err(ValidationError::new(field, "must have at most two decimals"));
+            return Err(ValidationError::new(
+                field,
+                "must have at most two decimals",
+            ));
         }
         if value > Decimal::new(999_999_999_999, 2) {
             return Err(ValidationError::new(field, "is too large"));
@@ -120,7 +124,10 @@ pub fn required_text(field: &str, value: &str) -> Result<String, ValidationError
         return Err(ValidationError::new(field, "must not be empty"));
     }
     if v.chars().count() > 2000 {
-        return Err(ValidationError::new(field, "is too long (at most 2000 characters)"));
+        return Err(ValidationError::new(
+            field,
+            "is too long (at most 2000 characters)",
+        ));
     }
     Ok(v.to_string())
 }
@@ -146,7 +153,11 @@ mod tests {
     #[test]
     fn duration_rounds_partial_days_up() {
         for (hours, days) in [(1, 1), (24, 1), (25, 2), (48, 2), (49, 3), (24 * 7, 7)] {
-            assert_eq!(Period::parse(at(0), at(hours)).unwrap().duration_days(), days, "{hours}h");
+            assert_eq!(
+                Period::parse(at(0), at(hours)).unwrap().duration_days(),
+                days,
+                "{hours}h"
+            );
         }
         let p = Period::parse(at(0), at(24) + chrono::Duration::seconds(1)).unwrap();
         assert_eq!(p.duration_days(), 2);
@@ -162,7 +173,10 @@ mod tests {
     fn money_refuses_negative_and_sub_cent_amounts() {
         assert!(Money::parse("x", Decimal::new(-1, 2)).is_err());
         assert!(Money::parse("x", Decimal::new(1001, 3)).is_err());
-        assert_eq!(Money::parse("x", Decimal::new(1000, 3)).unwrap().amount(), Decimal::new(100, 2));
+        assert_eq!(
+            Money::parse("x", Decimal::new(1000, 3)).unwrap().amount(),
+            Decimal::new(100, 2)
+        );
         assert!(Money::parse("x", Decimal::new(1_000_000_000_000, 2)).is_err());
     }
 

@@ -77,7 +77,14 @@ pub async fn connect(url: &str, config: &DbConfig) -> Result<PgPool, DbError> {
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
     };
-    match pool_options().connect_with(options.clone()).await {
+    let mut first = pool_options().connect_with(options.clone()).await;
+    // A server that is starting up (57P03) answers but refuses sessions for a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while is_starting_up(&first) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        first = pool_options().connect_with(options.clone()).await;
+    }
+    match first {
         Ok(pool) => Ok(pool),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
             create_database(&options).await?;
@@ -87,6 +94,23 @@ pub async fn connect(url: &str, config: &DbConfig) -> Result<PgPool, DbError> {
                 .map_err(|e| connect_error(&options, e))
         }
         Err(e) => Err(connect_error(&options, e)),
+    }
+}
+
+fn is_starting_up<T>(result: &Result<T, sqlx::Error>) -> bool {
+    matches!(result, Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("57P03"))
+}
+
+/// One connection (not a pool), waiting while the server is still starting up.
+pub async fn connect_one(options: &PgConnectOptions) -> Result<sqlx::PgConnection, sqlx::Error> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let result = options.connect().await;
+        if is_starting_up(&result) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        return result;
     }
 }
 
@@ -114,8 +138,7 @@ pub fn parse_url(url: &str) -> Result<PgConnectOptions, DbError> {
 async fn create_database(options: &PgConnectOptions) -> Result<(), DbError> {
     let name = options.get_database().unwrap_or("postgres").to_string();
     let admin = options.clone().database("postgres");
-    let mut conn = admin
-        .connect()
+    let mut conn = connect_one(&admin)
         .await
         .map_err(|e| connect_error(&admin, e))?;
     let sql = format!("CREATE DATABASE {}", quote_ident(&name));

@@ -18,6 +18,9 @@ use sqlx::{PgExecutor, Row};
 /// The channel the events table's trigger notifies on commit.
 pub const CHANNEL: &str = "skyluxse_events";
 
+/// How soon a follower looks again when events exist but are not final yet.
+const PENDING_RETRY: Duration = Duration::from_millis(20);
+
 /// A place in the global log: the position of the last event a reader has consumed.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -98,6 +101,23 @@ pub async fn head<'e, E: PgExecutor<'e>>(
         ))
     })
     .transpose()
+}
+
+/// Whether events exist after `after` that are not final yet (an older transaction is still
+/// open somewhere in the cluster): the caller should look again soon rather than wait for a
+/// notification that was already sent.
+pub async fn has_pending_after<'e, E: PgExecutor<'e>>(
+    executor: E,
+    after: LogPosition,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events \
+         WHERE (transaction_id, global_position) > ($1::text::xid8, $2))",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.global_position)
+    .fetch_one(executor)
+    .await
 }
 
 /// How many final events lie after `after`.
@@ -191,6 +211,12 @@ impl LogFollower {
             let batch = self.poll().await?;
             if !batch.is_empty() {
                 return Ok(batch);
+            }
+            if has_pending_after(&self.pool, self.position).await? {
+                // Committed (or about to be) behind an open transaction: its notification may
+                // be gone already, so look again shortly.
+                tokio::time::sleep(PENDING_RETRY.min(self.poll_interval)).await;
+                continue;
             }
             self.wait().await;
         }

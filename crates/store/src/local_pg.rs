@@ -115,10 +115,8 @@ fn answers(addr: &str) -> bool {
 /// Starts the project-local cluster unless it already runs. Safe to call from many processes at
 /// once: they serialise on a lock file.
 pub fn ensure_cluster(config: &LocalPgConfig) -> Result<(), LocalPgError> {
-    let addr = format!("127.0.0.1:{}", config.port);
-    if answers(&addr) {
-        return Ok(());
-    }
+    // No shortcut on an open port: a server that is still starting accepts connections but
+    // refuses sessions. The process that starts it holds the lock until `pg_ctl -w` says ready.
     let dir = config.cluster_dir();
     let dir_err = |source| LocalPgError::DataDir {
         path: dir.clone(),

@@ -41,7 +41,7 @@ impl TestDb {
             None => db::server_url().await?,
         };
         let server = db::parse_url(&base)?.database("postgres");
-        let mut admin = server.connect().await?;
+        let mut admin = db::connect_one(&server).await?;
         let template = ensure_template(&mut admin, &server).await?;
         sweep_dead(&mut admin).await;
 
@@ -157,7 +157,7 @@ async fn ensure_template(
             .execute(&mut *admin)
             .await?;
         {
-            let mut conn = server.clone().database(&template).connect().await?;
+            let mut conn = db::connect_one(&server.clone().database(&template)).await?;
             MIGRATOR.run(&mut conn).await?;
             conn.close().await?;
         }

@@ -216,11 +216,7 @@ impl Booking {
         )
     }
 
-    fn require(
-        &self,
-        action: &'static str,
-        allowed: &[BookingStatus],
-    ) -> Result<(), BookingError> {
+    fn require(&self, action: &'static str, allowed: &[BookingStatus]) -> Result<(), BookingError> {
         if !self.created {
             return Err(BookingError::NotFound);
         }
@@ -314,7 +310,9 @@ impl Aggregate for Booking {
                     Self::total_with(price_daily, days, &services, full_insurance_fee, &[])?;
                 let currency = match c.currency.as_deref().map(str::trim) {
                     None | Some("") => "AED".to_string(),
-                    Some(cur) if cur.len() == 3 && cur.chars().all(|ch| ch.is_ascii_uppercase()) => {
+                    Some(cur)
+                        if cur.len() == 3 && cur.chars().all(|ch| ch.is_ascii_uppercase()) =>
+                    {
                         cur.to_string()
                     }
                     Some(_) => {
@@ -342,7 +340,10 @@ impl Aggregate for Booking {
                     advance_payment: Money::parse("advance_payment", c.advance_payment)?,
                     full_insurance_fee,
                     currency,
-                    pickup_location: optional_text("pickup_location", c.pickup_location.as_deref())?,
+                    pickup_location: optional_text(
+                        "pickup_location",
+                        c.pickup_location.as_deref(),
+                    )?,
                     dropoff_location: optional_text(
                         "dropoff_location",
                         c.dropoff_location.as_deref(),
@@ -519,7 +520,10 @@ impl Aggregate for Booking {
                 self.require("complete", &[S::InProgress])?;
                 check_mileage("return_mileage_km", return_mileage_km)?;
                 check_fuel(fuel_level_pct)?;
-                if self.pickup_mileage_km.is_some_and(|p| return_mileage_km < p) {
+                if self
+                    .pickup_mileage_km
+                    .is_some_and(|p| return_mileage_km < p)
+                {
                     return Err(ValidationError::new(
                         "return_mileage_km",
                         "must not be below the pickup mileage",
@@ -568,7 +572,9 @@ impl Aggregate for Booking {
                     return Err(ValidationError::new("amount", "must be positive").into());
                 }
                 if due_at.is_some_and(|d| d < issued_at) {
-                    return Err(ValidationError::new("due_at", "must not be before issued_at").into());
+                    return Err(
+                        ValidationError::new("due_at", "must not be before issued_at").into(),
+                    );
                 }
                 BookingEvent::BookingInvoiceIssued {
                     invoice_id,
