@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod commands;
 mod event_store;
 mod global_log;
 

@@ -98,39 +98,47 @@ impl Actor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandMetadata {
     pub actor: Actor,
-    pub correlation_id: Uuid,
-    pub causation_id: Uuid,
+    /// Shared by every command of one conversation (a request and all it caused).
+    pub correlation_id: String,
+    /// What caused this command: a request id, or an event (`Lead/<id>/<sequence>`).
+    pub causation_id: String,
     pub request_id: String,
 }
 
 impl CommandMetadata {
     /// A command that starts a new conversation: its own correlation and causation.
     pub fn new(actor: Actor, request_id: impl Into<String>) -> Self {
-        let id = Uuid::now_v7();
+        let request_id = request_id.into();
         Self {
             actor,
-            correlation_id: id,
-            causation_id: id,
-            request_id: request_id.into(),
+            correlation_id: Uuid::now_v7().to_string(),
+            causation_id: request_id.clone(),
+            request_id,
         }
     }
 
     /// A command caused by an earlier event (a process manager, the outbox worker).
-    pub fn caused_by(actor: Actor, correlation_id: Uuid, causation_id: Uuid) -> Self {
+    pub fn caused_by(actor: Actor, correlation_id: String, causation_id: String) -> Self {
         Self {
             actor,
+            request_id: causation_id.clone(),
             correlation_id,
             causation_id,
-            request_id: causation_id.to_string(),
         }
     }
 
     /// The string map cqrs-es stores beside each event.
     pub fn to_map(&self) -> HashMap<String, String> {
         let mut m = HashMap::from([
-            ("actor_type".to_string(), self.actor.kind.as_str().to_string()),
-            ("correlation_id".to_string(), self.correlation_id.to_string()),
-            ("causation_id".to_string(), self.causation_id.to_string()),
+            (
+                "actor_type".to_string(),
+                self.actor.kind.as_str().to_string(),
+            ),
+            (
+                "correlation_id".to_string(),
+                self.correlation_id.to_string(),
+            ),
+            ("causation_id".to_string(), self.causation_id.clone()),
             ("request_id".to_string(), self.request_id.clone()),
         ]);
         if let Some(id) = self.actor.staff_id {
@@ -155,7 +163,8 @@ mod tests {
         assert_eq!(m["actor_id"], staff.to_string());
         assert_eq!(m["actor_role"], "ceo");
         assert_eq!(m["request_id"], "req-1");
-        assert_eq!(m["correlation_id"], m["causation_id"]);
+        assert_eq!(m["causation_id"], "req-1");
+        assert!(Uuid::parse_str(&m["correlation_id"]).is_ok());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! PostgreSQL plumbing shared by every role: finding or starting the server, connecting,
 //! migrating, and reading the global event log. Knows nothing of the domain.
 
+pub mod checkpoints;
 pub mod db;
 pub mod global_log;
 pub mod local_pg;

@@ -19,6 +19,8 @@ pub struct ServiceLine {
     pub description: Option<String>,
 }
 
+// `BookingCreated` is large; events are built once and moved, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BookingEvent {
     BookingCreated {

@@ -198,7 +198,8 @@ fn create_computes_duration_and_total() {
 
 #[test]
 fn create_refuses_bad_input() {
-    let cases: Vec<(Box<dyn Fn(&mut CreateBooking)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut CreateBooking)>;
+    let cases: Vec<(Mutation, &str)> = vec![
         (Box::new(|c| c.end_at = c.start_at), "end_at"),
         (Box::new(|c| c.end_at = t(-1)), "end_at"),
         (Box::new(|c| c.price_daily = d("-1")), "price_daily"),

@@ -1,0 +1,265 @@
+//! Running one command: load the aggregate (snapshot + newer events), check the caller's
+//! expected version, let the aggregate decide, commit its events with the command's metadata,
+//! and report the new version and the global position of the last event.
+//!
+//! A concurrent writer on the same aggregate makes the commit fail on the events' primary key
+//! (optimistic concurrency). Without `If-Match` the command is simply decided again on the new
+//! state (a few times); with it, the caller learns that its version is stale.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, EventStore};
+use domain::{CommandMetadata, DomainError, ErrorKind};
+use postgres_es::PostgresEventRepository;
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The event store of one aggregate type.
+pub type Store<A> = PersistedEventStore<PostgresEventRepository, A>;
+
+/// How often a command without `If-Match` is decided again after losing a race.
+const CONFLICT_RETRIES: usize = 5;
+
+/// What a successful command reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    pub id: Uuid,
+    /// The aggregate's version (its last event's sequence) after the command.
+    pub version: i64,
+    /// The global position of the command's last event; for a command that changed nothing,
+    /// that of the aggregate's last event.
+    pub position: i64,
+    /// How many events the command wrote (0 for an idempotent no-op).
+    pub events: usize,
+}
+
+/// Why a command was not carried out. Nothing was written in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The aggregate refused the command.
+    #[error("{message}")]
+    Domain {
+        kind: ErrorKind,
+        code: &'static str,
+        message: String,
+    },
+    /// `If-Match` named another version than the current one.
+    #[error("the {aggregate} is at version {actual}, not {expected}")]
+    VersionMismatch {
+        aggregate: &'static str,
+        expected: i64,
+        actual: i64,
+    },
+    /// Lost the race against concurrent writers too many times.
+    #[error("the {0} was changed concurrently; try again")]
+    Concurrency(&'static str),
+    /// The vehicle schedule refused the change (overlap with a booking or a block).
+    #[error("{message}")]
+    VehicleUnavailable {
+        message: String,
+        /// The clash as JSON (vehicle_id, source_type, source_id, start_at, end_at), when known.
+        detail: Option<serde_json::Value>,
+    },
+    /// A human code is taken already.
+    #[error("the code {0} is already taken")]
+    CodeTaken(String),
+    /// The database failed; logged, never shown in detail.
+    #[error("the event store failed: {0}")]
+    Store(String),
+}
+
+impl CommandError {
+    fn from_domain<E: DomainError>(e: E) -> Self {
+        Self::Domain {
+            kind: e.kind(),
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Classifies a failure of the store: a rule kept by the database, or a real failure.
+    fn from_store<E: std::error::Error>(e: AggregateError<E>) -> Self {
+        let boxed: Box<dyn std::error::Error + Send + Sync> = match e {
+            AggregateError::UnexpectedError(b)
+            | AggregateError::DatabaseConnectionError(b)
+            | AggregateError::DeserializationError(b) => b,
+            other => return Self::Store(other.to_string()),
+        };
+        if let Some(sqlx::Error::Database(db)) = boxed.downcast_ref::<sqlx::Error>() {
+            let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            match db.code().as_deref() {
+                Some("SX002") => {
+                    return Self::VehicleUnavailable {
+                        message: db.message().to_string(),
+                        detail: pg
+                            .and_then(|p| p.detail())
+                            .and_then(|d| serde_json::from_str(d).ok()),
+                    };
+                }
+                Some("23P01") => {
+                    return Self::VehicleUnavailable {
+                        message: "the vehicle was booked for an overlapping period at the same \
+                                  moment by another request"
+                            .into(),
+                        detail: None,
+                    };
+                }
+                Some("SX001") => {
+                    return Self::CodeTaken(
+                        pg.and_then(|p| p.detail()).unwrap_or_default().to_string(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        Self::Store(boxed.to_string())
+    }
+}
+
+/// Runs commands of aggregate `A`.
+pub struct Executor<A: Aggregate<Services = ()>> {
+    store: Store<A>,
+    pool: PgPool,
+}
+
+impl<A> Executor<A>
+where
+    A: Aggregate<Services = ()> + 'static,
+    A::Command: Clone,
+    A::Error: DomainError,
+{
+    /// `snapshot_every`: take a snapshot each N events (None: replay the whole stream).
+    pub fn new(pool: PgPool, snapshot_every: Option<usize>) -> Self {
+        let repo = PostgresEventRepository::new(pool.clone());
+        let store = match snapshot_every {
+            Some(n) => PersistedEventStore::new_snapshot_store(repo, n),
+            None => PersistedEventStore::new_event_store(repo),
+        }
+        .with_upcasters(domain::upcasting::upcasters());
+        Self { store, pool }
+    }
+
+    /// Decides and commits `command` on aggregate `id`.
+    pub async fn execute(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        metadata: &CommandMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<Outcome, CommandError> {
+        let aggregate_id = id.to_string();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut context = self
+                .store
+                .load_aggregate(&aggregate_id)
+                .await
+                .map_err(CommandError::from_store)?;
+            let current = context.current_sequence as i64;
+            if let Some(expected) = expected_version
+                && expected != current
+            {
+                return Err(CommandError::VersionMismatch {
+                    aggregate: A::TYPE,
+                    expected,
+                    actual: current,
+                });
+            }
+            let sink = EventSink::default();
+            context
+                .aggregate
+                .handle(command.clone(), &(), &sink)
+                .await
+                .map_err(CommandError::from_domain)?;
+            let events = sink.collect().await;
+            if events.is_empty() {
+                return Ok(Outcome {
+                    id,
+                    version: current,
+                    position: self.position_of(&aggregate_id, current).await?,
+                    events: 0,
+                });
+            }
+            let written = events.len();
+            match self.store.commit(events, context, metadata.to_map()).await {
+                Ok(envelopes) => {
+                    let version = envelopes.last().map_or(current, |e| e.sequence as i64);
+                    return Ok(Outcome {
+                        id,
+                        version,
+                        position: self.position_of(&aggregate_id, version).await?,
+                        events: written,
+                    });
+                }
+                Err(AggregateError::AggregateConflict) => {
+                    if expected_version.is_some() {
+                        let actual = self.version_of(&aggregate_id).await?;
+                        return Err(CommandError::VersionMismatch {
+                            aggregate: A::TYPE,
+                            expected: current,
+                            actual,
+                        });
+                    }
+                    if attempt > CONFLICT_RETRIES {
+                        return Err(CommandError::Concurrency(A::TYPE));
+                    }
+                    tracing::debug!(aggregate = A::TYPE, %id, attempt, "lost a race; deciding again");
+                }
+                Err(e) => return Err(CommandError::from_store(e)),
+            }
+        }
+    }
+
+    /// The aggregate's state by replaying its events, up to a version if given.
+    pub async fn replay(
+        &self,
+        id: Uuid,
+        up_to_version: Option<i64>,
+    ) -> Result<(A, i64), CommandError> {
+        let envelopes = self
+            .store
+            .load_events(&id.to_string())
+            .await
+            .map_err(CommandError::from_store)?;
+        let mut aggregate = A::default();
+        let mut version = 0;
+        for e in envelopes {
+            if up_to_version.is_some_and(|v| e.sequence as i64 > v) {
+                break;
+            }
+            version = e.sequence as i64;
+            aggregate.apply(e.payload);
+        }
+        Ok((aggregate, version))
+    }
+
+    async fn position_of(&self, aggregate_id: &str, sequence: i64) -> Result<i64, CommandError> {
+        if sequence == 0 {
+            return Ok(0);
+        }
+        sqlx::query_scalar(
+            "SELECT global_position FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+        )
+        .bind(A::TYPE)
+        .bind(aggregate_id)
+        .bind(sequence)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))
+    }
+
+    async fn version_of(&self, aggregate_id: &str) -> Result<i64, CommandError> {
+        sqlx::query_scalar(
+            "SELECT coalesce(max(sequence), 0) FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2",
+        )
+        .bind(A::TYPE)
+        .bind(aggregate_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))
+    }
+}

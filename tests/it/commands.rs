@@ -1,0 +1,517 @@
+//! The write side against a real PostgreSQL: the vehicle schedule under concurrency, human
+//! codes, optimistic concurrency, and the won-lead process manager.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use commands::codes::{self, CodeKind};
+use commands::{CommandBus, CommandError};
+use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority};
+use domain::lead::{LeadCommand, StageRef};
+use domain::vehicle_block::{BlockKind, VehicleBlockCommand};
+use domain::{Actor, CommandMetadata, Role};
+use rust_decimal::Decimal;
+use store::testing::TestDb;
+use uuid::Uuid;
+
+/// Seeded reference data (migrations/…_seed_reference_data.sql).
+const GHOST: Uuid = Uuid::from_u128(0x00000000_0000_4000_c000_000000000001);
+const URUS: Uuid = Uuid::from_u128(0x00000000_0000_4000_c000_000000000003);
+const SALES: Uuid = Uuid::from_u128(0x00000000_0000_4000_a000_000000000003);
+
+fn day(d: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, 0).unwrap() + Duration::days(d)
+}
+
+fn meta() -> CommandMetadata {
+    CommandMetadata::new(Actor::staff(SALES, Role::Sales), "test")
+}
+
+fn create_cmd(code: String, vehicle: Option<Uuid>, from: i64, to: i64) -> CreateBooking {
+    CreateBooking {
+        external_code: code,
+        client_id: Uuid::now_v7(),
+        owner_id: SALES,
+        booking_type: BookingType::Rental,
+        priority: Priority::Medium,
+        channel: "Website".into(),
+        start_at: day(from),
+        end_at: day(to),
+        vehicle_id: vehicle,
+        driver_id: None,
+        price_daily: Decimal::new(650_000, 2),
+        deposit_amount: Decimal::ZERO,
+        advance_payment: Decimal::ZERO,
+        full_insurance_fee: Decimal::ZERO,
+        currency: None,
+        pickup_location: None,
+        dropoff_location: None,
+        services: vec![],
+        lead_id: None,
+    }
+}
+
+/// Creates a booking the way the API will: allocate a code, then run the command.
+async fn create(bus: &CommandBus, vehicle: Option<Uuid>, from: i64, to: i64) -> Uuid {
+    let code = codes::allocate(&bus.pool, CodeKind::Booking).await.unwrap();
+    let id = Uuid::now_v7();
+    bus.bookings
+        .execute(
+            id,
+            BookingCommand::Create(Box::new(create_cmd(code, vehicle, from, to))),
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    id
+}
+
+async fn confirm(bus: &CommandBus, id: Uuid) -> Result<commands::Outcome, CommandError> {
+    bus.bookings
+        .execute(id, BookingCommand::Confirm, &meta(), None)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_confirms_of_overlapping_bookings_let_exactly_one_through() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        // Every booking overlaps every other (all contain day 10 to 11).
+        ids.push(create(&bus, Some(GHOST), 10 - (i % 5), 11 + (i % 3)).await);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(ids.len()));
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let bus = bus.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                confirm(&bus, id).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(CommandError::VehicleUnavailable { .. }) => {}
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one confirm wins");
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM vehicle_schedule WHERE vehicle_id = $1")
+            .bind(GHOST)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(held, 1);
+    let confirmed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'BookingConfirmed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(confirmed, 1, "the losers wrote no event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_confirms_of_back_to_back_bookings_all_succeed() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        // [i, i+1) days: they touch but never overlap.
+        ids.push(create(&bus, Some(URUS), i, i + 1).await);
+    }
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let bus = bus.clone();
+            tokio::spawn(async move { confirm(&bus, id).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("non-overlapping bookings all confirm");
+    }
+}
+
+#[tokio::test]
+async fn reschedule_extend_cancel_complete_and_blocks_keep_the_schedule_true() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let a = create(&bus, Some(GHOST), 0, 3).await;
+    let b = create(&bus, Some(GHOST), 3, 5).await;
+    confirm(&bus, a).await.unwrap();
+    confirm(&bus, b).await.unwrap();
+
+    // Moving `b` onto `a` is refused and changes nothing.
+    let err = bus
+        .bookings
+        .execute(
+            b,
+            BookingCommand::Reschedule {
+                start_at: day(2),
+                end_at: day(4),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    let CommandError::VehicleUnavailable { detail, .. } = err else {
+        panic!("expected VehicleUnavailable, got {err:?}");
+    };
+    assert_eq!(
+        detail.unwrap()["source_id"],
+        serde_json::json!(a.to_string())
+    );
+
+    // A maintenance block over `b` is refused; after cancelling `b` it fits.
+    let block = Uuid::now_v7();
+    let block_cmd = VehicleBlockCommand::Create {
+        vehicle_id: GHOST,
+        kind: BlockKind::Maintenance,
+        start_at: day(4),
+        end_at: day(6),
+        description: Some("annual service".into()),
+    };
+    assert!(matches!(
+        bus.vehicle_blocks
+            .execute(block, block_cmd.clone(), &meta(), None)
+            .await,
+        Err(CommandError::VehicleUnavailable { .. })
+    ));
+    bus.bookings
+        .execute(
+            b,
+            BookingCommand::Cancel {
+                reason: "client cancelled".into(),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    bus.vehicle_blocks
+        .execute(block, block_cmd, &meta(), None)
+        .await
+        .unwrap();
+
+    // A booking over the block cannot be confirmed until the block is removed.
+    let c = create(&bus, Some(GHOST), 5, 7).await;
+    assert!(matches!(
+        confirm(&bus, c).await,
+        Err(CommandError::VehicleUnavailable { .. })
+    ));
+    bus.vehicle_blocks
+        .execute(block, VehicleBlockCommand::Remove, &meta(), None)
+        .await
+        .unwrap();
+    confirm(&bus, c).await.unwrap();
+
+    // `a` is delivered and started; extending it into `c` is refused, up to `c` is fine.
+    for cmd in [
+        BookingCommand::StartDelivery {
+            driver_id: None,
+            promised_at: day(0),
+        },
+        BookingCommand::StartRental {
+            started_at: day(0),
+            pickup_mileage_km: 100,
+            fuel_level_pct: 100,
+        },
+    ] {
+        bus.bookings.execute(a, cmd, &meta(), None).await.unwrap();
+    }
+    let extend = |to| BookingCommand::Extend {
+        new_end_at: day(to),
+        price_daily: None,
+    };
+    assert!(matches!(
+        bus.bookings.execute(a, extend(6), &meta(), None).await,
+        Err(CommandError::VehicleUnavailable { .. })
+    ));
+    bus.bookings
+        .execute(a, extend(5), &meta(), None)
+        .await
+        .unwrap();
+
+    // An early return frees the rest of the period.
+    bus.bookings
+        .execute(
+            a,
+            BookingCommand::Complete {
+                returned_at: day(1),
+                return_mileage_km: 400,
+                fuel_level_pct: 90,
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    let d = create(&bus, Some(GHOST), 1, 5).await;
+    confirm(&bus, d).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_creations_get_two_hundred_distinct_increasing_codes() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let id = create(&bus, None, 0, 1).await;
+                let (booking, _) = bus.bookings.replay(id, None).await.unwrap();
+                booking.external_code
+            })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    let mut numbers: Vec<i64> = codes
+        .iter()
+        .map(|c| c.strip_prefix("BK-").unwrap().parse().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    assert_eq!(numbers.len(), 200, "codes are distinct");
+    // A code can never be claimed twice, even by a buggy caller.
+    let taken = codes[0].clone();
+    let err = bus
+        .bookings
+        .execute(
+            Uuid::now_v7(),
+            BookingCommand::Create(Box::new(create_cmd(taken.clone(), None, 0, 1))),
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CommandError::CodeTaken(code) if *code == taken),
+        "{err:?}"
+    );
+    // Later allocations continue above every code handed out.
+    let next = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    let next: i64 = next.strip_prefix("BK-").unwrap().parse().unwrap();
+    assert!(next > *numbers.last().unwrap());
+}
+
+#[tokio::test]
+async fn if_match_refuses_a_stale_version_and_no_ops_write_nothing() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let id = create(&bus, Some(URUS), 0, 2).await;
+    let err = bus
+        .bookings
+        .execute(id, BookingCommand::Confirm, &meta(), Some(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CommandError::VersionMismatch {
+                expected: 0,
+                actual: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let confirmed = bus
+        .bookings
+        .execute(id, BookingCommand::Confirm, &meta(), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(confirmed.version, 2);
+    assert!(confirmed.position > 0);
+    // Assigning the same vehicle again changes nothing and reports the same version.
+    let same = bus
+        .bookings
+        .execute(
+            id,
+            BookingCommand::AssignVehicle { vehicle_id: URUS },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!((same.version, same.events), (2, 0));
+    assert_eq!(same.position, confirmed.position);
+}
+
+#[tokio::test]
+async fn command_metadata_is_recorded_on_every_event() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let id = create(&bus, Some(URUS), 0, 2).await;
+    let events = crate::read_log(&db.pool, 1).await;
+    let m = &events[0].metadata;
+    assert_eq!(m["actor_type"], "staff");
+    assert_eq!(m["actor_role"], "sales");
+    assert_eq!(m["actor_id"], SALES.to_string());
+    assert_eq!(m["request_id"], "test");
+    assert!(m["correlation_id"].as_str().is_some());
+    assert_eq!(events[0].aggregate_id, id.to_string());
+}
+
+#[tokio::test]
+async fn a_long_stream_loads_from_a_snapshot_to_the_same_state() {
+    let db = TestDb::new().await;
+    let with = CommandBus::new(db.pool.clone());
+    let without = CommandBus::with_snapshots(db.pool.clone(), None);
+    let id = create(&with, None, 0, 1).await;
+    for i in 0..120 {
+        let owner = if i % 2 == 0 {
+            Uuid::from_u128(i)
+        } else {
+            SALES
+        };
+        with.bookings
+            .execute(
+                id,
+                BookingCommand::ChangeOwner { owner_id: owner },
+                &meta(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let snapshots: i64 = sqlx::query_scalar("SELECT count(*) FROM snapshots")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(snapshots, 1);
+    let (a, va) = with.bookings.replay(id, None).await.unwrap();
+    let (b, vb) = without.bookings.replay(id, None).await.unwrap();
+    assert_eq!((a, va), (b, vb));
+    assert_eq!(va, 121);
+    // Commands still see the right version through the snapshot.
+    let out = with
+        .bookings
+        .execute(
+            id,
+            BookingCommand::ChangeOwner {
+                owner_id: Uuid::from_u128(999),
+            },
+            &meta(),
+            Some(121),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.version, 122);
+}
+
+fn stage(id: &str, booking_status: Option<domain::booking::BookingStatus>) -> StageRef {
+    StageRef {
+        id: id.into(),
+        probability: Decimal::new(50, 2),
+        sla_days: 3,
+        booking_status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_runs_twice() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let lead = Uuid::now_v7();
+    let client = Uuid::now_v7();
+    let lead_code = codes::allocate(&db.pool, CodeKind::Lead).await.unwrap();
+    bus.leads
+        .execute(
+            lead,
+            LeadCommand::Create {
+                lead_code,
+                client_id: Some(client),
+                owner_id: SALES,
+                stage: stage(
+                    "negotiation",
+                    Some(domain::booking::BookingStatus::Confirmed),
+                ),
+                value_amount: Decimal::new(1_950_000, 2),
+                source: "Kommo".into(),
+                title: Some("Ghost for a wedding".into()),
+                requested_start_at: Some(day(20)),
+                requested_end_at: Some(day(23)),
+                fleet_size: 1,
+                expected_close_at: None,
+                kommo_lead_id: Some(23_802_129),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    let booking_id = Uuid::now_v7();
+    let booking_code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    bus.leads
+        .execute(
+            lead,
+            LeadCommand::Win {
+                booking_id,
+                booking_code: booking_code.clone(),
+                booking_type: BookingType::Rental,
+                start_at: None,
+                end_at: None,
+                price_daily: Decimal::new(650_000, 2),
+                vehicle_id: Some(GHOST),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+
+    let log = crate::read_log(&db.pool, 2).await;
+    let won = log
+        .iter()
+        .find(|e| e.event_type == "LeadWon")
+        .unwrap()
+        .clone();
+    // Twice at once, then once more.
+    let (a, b) = tokio::join!(
+        commands::process::handle(&bus, &won),
+        commands::process::handle(&bus, &won)
+    );
+    let mut outcomes = vec![a.unwrap(), b.unwrap()];
+    outcomes.push(commands::process::handle(&bus, &won).await.unwrap());
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == commands::process::Handled::BookingCreated)
+            .count(),
+        1
+    );
+
+    let bookings: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'BookingCreated'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(bookings, 1, "exactly one booking");
+    let (booking, _) = bus.bookings.replay(booking_id, None).await.unwrap();
+    assert_eq!(booking.external_code, booking_code);
+    assert_eq!(booking.lead_id, Some(lead));
+    assert_eq!(booking.client_id, client);
+    assert_eq!(booking.status, domain::booking::BookingStatus::Confirmed);
+    assert_eq!(booking.start_at, Some(day(20)));
+    let (lead_state, _) = bus.leads.replay(lead, None).await.unwrap();
+    assert_eq!(lead_state.booking_id, Some(booking_id));
+    let links: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'LeadBookingLinked'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(links, 1, "linked once");
+}
