@@ -40,6 +40,13 @@ BEGIN
     VALUES (p_code, p_type, p_id)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
+        IF EXISTS (SELECT 1 FROM entity_codes
+                   WHERE code = p_code AND aggregate_type = p_type AND aggregate_id = p_id) THEN
+            -- The same aggregate created concurrently: a lost race, reported like the events'
+            -- own primary-key conflict so the writer re-reads and sees the aggregate exists.
+            RAISE EXCEPTION 'the % % was created concurrently', p_type, p_id
+                USING ERRCODE = 'unique_violation';
+        END IF;
         RAISE EXCEPTION 'the code % is already taken', p_code
             USING ERRCODE = 'SX001', DETAIL = p_code;
     END IF;

@@ -1,1 +1,83 @@
-//! placeholder
+//! Read models built from the global log (SPEC §1.2, §3).
+//!
+//! Each [`Projection`] consumes the log through `store::global_log` and commits its read-model
+//! writes and its checkpoint in one transaction ([`runner`]), so a crash never double-applies.
+//! One instance is active per projection (an advisory lock); others stand by. Time-driven facts
+//! are recomputed by [`Projection::tick`]. Any projection can be rebuilt from position zero into
+//! fresh tables, compared with the live ones and swapped in atomically ([`rebuild`]).
+//!
+//! **Invariant:** read-model rows are deterministic functions of the events (and of the tick's
+//! clock), so a rebuild equals the incrementally maintained tables row for row.
+
+pub mod bookings;
+pub mod clients;
+pub mod fleet;
+pub mod kpis;
+pub mod rebuild;
+pub mod rules;
+pub mod runner;
+pub mod sales;
+pub mod status;
+mod util;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use store::RecordedEvent;
+
+/// Why a projection could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The event cannot be understood (unknown type or version, broken payload): the projection
+    /// stops here until the code or the data is fixed; it never skips.
+    #[error("cannot apply event {event_type} v{event_version} at position {position}: {reason}")]
+    Unhandleable {
+        position: i64,
+        event_type: String,
+        event_version: String,
+        reason: String,
+    },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A read model fed by the global log.
+#[async_trait::async_trait]
+pub trait Projection: Send + Sync {
+    /// Stable name: the checkpoint key and the `rebuild` argument.
+    fn name(&self) -> &'static str;
+    /// The tables it owns (rebuilt and swapped together). Unqualified: they resolve through
+    /// `search_path`, which is how a rebuild writes into its fresh copies.
+    fn tables(&self) -> &'static [&'static str];
+    /// Applies a batch of events, in log order, inside the caller's transaction.
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError>;
+    /// Recomputes what changes with time alone.
+    async fn tick(
+        &self,
+        _conn: &mut PgConnection,
+        _now: DateTime<Utc>,
+    ) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// Every projection of the service.
+pub fn all() -> Vec<Arc<dyn Projection>> {
+    vec![
+        Arc::new(bookings::Bookings),
+        Arc::new(clients::Clients),
+        Arc::new(fleet::Fleet),
+        Arc::new(sales::Sales),
+        Arc::new(kpis::Kpis),
+    ]
+}
+
+/// The projection called `name`.
+pub fn by_name(name: &str) -> Option<Arc<dyn Projection>> {
+    all().into_iter().find(|p| p.name() == name)
+}
