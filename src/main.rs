@@ -35,6 +35,17 @@ enum Command {
         #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
         bind_addr: SocketAddr,
     },
+    /// Run the projections and the process managers (one active instance per projection;
+    /// more processes stand by).
+    Project,
+    /// Rebuild read models from the whole log, compare them with the live ones, swap them in.
+    Rebuild {
+        /// A projection name (`bookings`, `clients`, `fleet`, `sales`, `kpis`) or `all`.
+        projection: String,
+        /// Only compare; keep the live tables.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Apply the database migrations and exit.
     Migrate,
     /// Manage the project-local PostgreSQL cluster (used when DATABASE_URL is unset).
@@ -76,6 +87,11 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { bind_addr } => serve(bind_addr).await,
+        Command::Project => project().await,
+        Command::Rebuild {
+            projection,
+            dry_run,
+        } => rebuild(&projection, dry_run).await,
         Command::Migrate => {
             let pool = db::open(&DbConfig::from_env()).await?;
             let applied = store::MIGRATOR.iter().count();
@@ -88,7 +104,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
-    let pool = db::open(&DbConfig::from_env()).await?;
+    let pool = open_pool(30).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = spawn_background_roles(pool.clone(), stopped);
     let app = api::router(api::AppState { pool: pool.clone() });
     let listener = tokio::net::TcpListener::bind(bind_addr)
         .await
@@ -98,8 +116,107 @@ async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the HTTP server failed")?;
+    let _ = stop.send(true);
+    let _ = background.await;
     pool.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn open_pool(max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
+    let mut config = DbConfig::from_env();
+    config.max_connections = max_connections;
+    Ok(db::open(&config).await?)
+}
+
+/// The projections and the process managers, until `stopped` turns true.
+fn spawn_background_roles(
+    pool: sqlx::PgPool,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let bus = commands::CommandBus::new(pool.clone());
+        let runner = projections::runner::run(
+            pool,
+            projections::all(),
+            projections::runner::RunnerConfig::default(),
+            stopped.clone(),
+        );
+        let process = commands::process::run(&bus, stopped);
+        tokio::join!(runner, process);
+    })
+}
+
+async fn project() -> anyhow::Result<()> {
+    let pool = open_pool(12).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let background = spawn_background_roles(pool.clone(), stopped);
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let _ = background.await;
+    pool.close().await;
+    Ok(())
+}
+
+async fn rebuild(name: &str, dry_run: bool) -> anyhow::Result<()> {
+    let selected = if name == "all" {
+        projections::all()
+    } else {
+        vec![projections::by_name(name).with_context(|| {
+            let names: Vec<_> = projections::all().iter().map(|p| p.name()).collect();
+            format!("no projection called {name:?}; choose one of {names:?} or all")
+        })?]
+    };
+    let pool = open_pool(4).await?;
+    let mut failed = false;
+    for p in selected {
+        let mut last_report = std::time::Instant::now();
+        let report = projections::rebuild::rebuild(&pool, p.as_ref(), !dry_run, |progress| {
+            if last_report.elapsed().as_millis() >= 1000 {
+                last_report = std::time::Instant::now();
+                eprintln!(
+                    "{}: {} events replayed (position {} of {})",
+                    p.name(),
+                    progress.events,
+                    progress.position,
+                    progress.head
+                );
+            }
+        })
+        .await
+        .with_context(|| format!("rebuilding {}", p.name()))?;
+        println!(
+            "{}: {} events in {:.1}s ({:.0} events/s), position {}, {}",
+            report.projection,
+            report.events,
+            report.seconds,
+            report.events_per_second,
+            report.position,
+            if report.swapped {
+                "swapped in"
+            } else {
+                "compared only"
+            }
+        );
+        if report.differences.is_empty() {
+            println!("  the rebuilt tables equal the live ones");
+        } else {
+            failed = true;
+            for d in &report.differences {
+                println!(
+                    "  {}: {} rows only in the live table, {} only in the rebuilt one",
+                    d.table, d.only_live, d.only_rebuilt
+                );
+                for s in &d.samples {
+                    println!("    {s}");
+                }
+            }
+        }
+    }
+    pool.close().await;
+    if failed {
+        anyhow::bail!("the live read models differed from the rebuild (see above)");
+    }
     Ok(())
 }
 

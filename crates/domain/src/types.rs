@@ -22,14 +22,34 @@ impl ValidationError {
 }
 
 /// A non-negative amount with at most two decimals (`numeric(12,2)`), in the booking's currency.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-#[serde(try_from = "Decimal", into = "Decimal")]
+/// Always carried with scale 2 and serialized with cents (`"0.00"`, never `"0"`), so equal
+/// amounts serialize identically however they were made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "Decimal")]
 pub struct Money(Decimal);
 
+impl Default for Money {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+impl Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // rust_decimal prints a zero without its scale ("0"); write every amount with cents.
+        let mut v = self.0;
+        v.rescale(2);
+        let text = if v.is_zero() {
+            "0.00".to_string()
+        } else {
+            v.to_string()
+        };
+        serializer.serialize_str(&text)
+    }
+}
+
 impl Money {
-    pub const ZERO: Self = Self(Decimal::ZERO);
+    pub const ZERO: Self = Self(Decimal::from_parts(0, 0, 0, false, 2));
 
     pub fn parse(field: &str, value: Decimal) -> Result<Self, ValidationError> {
         if value.is_sign_negative() && !value.is_zero() {
@@ -167,6 +187,17 @@ mod tests {
     fn a_period_must_end_after_it_starts() {
         assert!(Period::parse(at(5), at(5)).is_err());
         assert!(Period::parse(at(5), at(4)).is_err());
+    }
+
+    #[test]
+    fn money_serializes_the_same_however_it_was_made() {
+        let json = |m: Money| serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json(Money::default()),
+            json(Money::parse("x", Decimal::ZERO).unwrap())
+        );
+        let round_trip: Money = serde_json::from_str(&json(Money::ZERO)).unwrap();
+        assert_eq!(json(round_trip), "\"0.00\"");
     }
 
     #[test]

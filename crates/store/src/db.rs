@@ -41,6 +41,8 @@ pub struct DbConfig {
     pub url: Option<String>,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Shown in `pg_stat_activity`, so operators (and tests) see which process holds what.
+    pub application_name: String,
 }
 
 impl DbConfig {
@@ -49,6 +51,7 @@ impl DbConfig {
             url: std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            application_name: format!("skyluxse-{}", std::process::id()),
         }
     }
 }
@@ -71,7 +74,7 @@ pub async fn server_url() -> Result<String, DbError> {
 
 /// Opens a pool on `url`, creating the database when it does not exist yet.
 pub async fn connect(url: &str, config: &DbConfig) -> Result<PgPool, DbError> {
-    let options = parse_url(url)?;
+    let options = parse_url(url)?.application_name(&config.application_name);
     let pool_options = || {
         PgPoolOptions::new()
             .max_connections(config.max_connections)
