@@ -136,12 +136,15 @@ fn spawn_background_roles(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let bus = commands::CommandBus::new(pool.clone());
-        let runner = projections::runner::run(
-            pool,
-            projections::all(),
-            projections::runner::RunnerConfig::default(),
-            stopped.clone(),
-        );
+        let mut config = projections::runner::RunnerConfig::default();
+        // Tuning knob for operators and the crash tests (not part of the public settings).
+        if let Some(n) = std::env::var("SKYLUXSE_PROJECTION_BATCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.batch_size = n;
+        }
+        let runner = projections::runner::run(pool, projections::all(), config, stopped.clone());
         let process = commands::process::run(&bus, stopped);
         tokio::join!(runner, process);
     })
