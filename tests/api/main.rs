@@ -1,0 +1,4 @@
+//! API tests: the real service over HTTP, each test with its own database and fake CRMs.
+
+// Test helpers may unwrap: a failure there is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
