@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod event_store;
 mod global_log;
+mod outbox;
 mod processes;
 mod read_models;
 

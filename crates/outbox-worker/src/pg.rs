@@ -1,0 +1,256 @@
+//! What the workers share, kept in PostgreSQL: CRM tokens encrypted at rest (AES-256-GCM, key
+//! from `SKYLUXSE_ENCRYPTION_KEY`), a refresh lock so one worker refreshes at a time, and Kommo's
+//! request pacing across every worker process.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng};
+use aes_gcm::{Aes256Gcm, Nonce};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use crm::{Pacer, RefreshGuard, SecretString, StoredToken, TokenStore, TokenStoreError};
+use secrecy::ExposeSecret;
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// The version of the key that encrypted a stored token (for key rotation).
+const KEY_VERSION: i32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("SKYLUXSE_ENCRYPTION_KEY must be 64 hex characters (32 bytes)")]
+    Malformed,
+    #[error("cannot read or create the development key at {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The key that encrypts secrets at rest.
+#[derive(Clone)]
+pub struct EncryptionKey(Aes256Gcm);
+
+impl std::fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EncryptionKey(..)")
+    }
+}
+
+impl EncryptionKey {
+    pub fn from_hex(hex_key: &str) -> Result<Self, KeyError> {
+        let bytes = hex::decode(hex_key.trim()).map_err(|_| KeyError::Malformed)?;
+        Aes256Gcm::new_from_slice(&bytes)
+            .map(Self)
+            .map_err(|_| KeyError::Malformed)
+    }
+
+    /// `SKYLUXSE_ENCRYPTION_KEY`, or a development key generated once into the data folder.
+    pub fn from_env_or_dev(data_dir: &Path) -> Result<Self, KeyError> {
+        if let Ok(k) = std::env::var("SKYLUXSE_ENCRYPTION_KEY")
+            && !k.is_empty()
+        {
+            return Self::from_hex(&k);
+        }
+        let path = data_dir.join("dev-encryption.key");
+        let file_err = |source| KeyError::File {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Ok(existing) = std::fs::read_to_string(&path) {
+            return Self::from_hex(&existing);
+        }
+        std::fs::create_dir_all(data_dir).map_err(file_err)?;
+        let key = Aes256Gcm::generate_key(OsRng);
+        let text = hex::encode(key);
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(file_err)?;
+            f.write_all(text.as_bytes()).map_err(file_err)?;
+        }
+        tracing::warn!(path = %path.display(), "SKYLUXSE_ENCRYPTION_KEY is unset: generated a development key");
+        Self::from_hex(&text)
+    }
+
+    pub fn encrypt(&self, plaintext: &str) -> Vec<u8> {
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let mut out = nonce.to_vec();
+        // Encryption with a valid key and nonce cannot fail for in-memory data.
+        if let Ok(ct) = self.0.encrypt(&nonce, plaintext.as_bytes()) {
+            out.extend(ct);
+        }
+        out
+    }
+
+    pub fn decrypt(&self, data: &[u8]) -> Option<String> {
+        if data.len() < 12 {
+            return None;
+        }
+        let (nonce, ct) = data.split_at(12);
+        let plain = self.0.decrypt(Nonce::from_slice(nonce), ct).ok()?;
+        String::from_utf8(plain).ok()
+    }
+}
+
+/// Tokens in `crm_tokens`, encrypted.
+pub struct PgTokenStore {
+    pool: PgPool,
+    key: EncryptionKey,
+}
+
+impl PgTokenStore {
+    pub fn new(pool: PgPool, key: EncryptionKey) -> Self {
+        Self { pool, key }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StoreError(String);
+
+fn store_err(e: sqlx::Error) -> TokenStoreError {
+    TokenStoreError::new(StoreError(format!("database: {e}")))
+}
+
+#[async_trait]
+impl TokenStore for PgTokenStore {
+    async fn load(&self, system: &str) -> Result<Option<StoredToken>, TokenStoreError> {
+        #[allow(clippy::type_complexity)]
+        let row: Option<(
+            i32,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<DateTime<Utc>>,
+        )> = sqlx::query_as(
+            "SELECT key_version, access_token_enc, refresh_token_enc, api_domain, expires_at \
+                 FROM crm_tokens WHERE system = $1",
+        )
+        .bind(system)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_err)?;
+        let Some((version, access, refresh, api_domain, expires_at)) = row else {
+            return Ok(None);
+        };
+        if version != KEY_VERSION {
+            return Err(TokenStoreError::new(StoreError(format!(
+                "stored token uses key version {version}, this process has {KEY_VERSION}"
+            ))));
+        }
+        let decrypt = |d: Option<Vec<u8>>| -> Result<Option<SecretString>, TokenStoreError> {
+            match d {
+                None => Ok(None),
+                Some(bytes) => self
+                    .key
+                    .decrypt(&bytes)
+                    .map(|s| Some(SecretString::from(s)))
+                    .ok_or_else(|| {
+                        TokenStoreError::new(StoreError(
+                            "a stored token cannot be decrypted with SKYLUXSE_ENCRYPTION_KEY"
+                                .into(),
+                        ))
+                    }),
+            }
+        };
+        let Some(access_token) = decrypt(access)? else {
+            return Ok(None);
+        };
+        Ok(Some(StoredToken {
+            access_token,
+            refresh_token: decrypt(refresh)?,
+            expires_at: expires_at.unwrap_or_else(Utc::now),
+            api_domain,
+        }))
+    }
+
+    async fn save(&self, system: &str, token: &StoredToken) -> Result<(), TokenStoreError> {
+        let access = self.key.encrypt(token.access_token.expose_secret());
+        let refresh = token
+            .refresh_token
+            .as_ref()
+            .map(|r| self.key.encrypt(r.expose_secret()));
+        sqlx::query(
+            "INSERT INTO crm_tokens (system, key_version, access_token_enc, refresh_token_enc, api_domain, expires_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, now()) \
+             ON CONFLICT (system) DO UPDATE SET key_version = EXCLUDED.key_version, \
+               access_token_enc = EXCLUDED.access_token_enc, \
+               refresh_token_enc = coalesce(EXCLUDED.refresh_token_enc, crm_tokens.refresh_token_enc), \
+               api_domain = EXCLUDED.api_domain, expires_at = EXCLUDED.expires_at, updated_at = now()",
+        )
+        .bind(system)
+        .bind(KEY_VERSION)
+        .bind(access)
+        .bind(refresh)
+        .bind(&token.api_domain)
+        .bind(token.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn lock_refresh(&self, system: &str) -> Result<RefreshGuard, TokenStoreError> {
+        // A connection of its own holding a session lock: dropping it closes the connection,
+        // which releases the lock even if the worker dies.
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options())
+            .await
+            .map_err(store_err)?;
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+            .bind(format!("crm-refresh:{system}"))
+            .execute(&mut conn)
+            .await
+            .map_err(store_err)?;
+        Ok(RefreshGuard::new(conn))
+    }
+}
+
+/// Spaces requests `1/rps` apart across every process sharing the database: each request takes
+/// the next slot of a single row (`rate_limits`) and sleeps until it.
+pub struct PgPacer {
+    pool: PgPool,
+    name: String,
+    interval: Duration,
+}
+
+impl PgPacer {
+    pub fn new(pool: PgPool, name: impl Into<String>, rps: u32) -> Self {
+        Self {
+            pool,
+            name: name.into(),
+            interval: Duration::from_secs_f64(1.0 / f64::from(rps.max(1))),
+        }
+    }
+}
+
+#[async_trait]
+impl Pacer for PgPacer {
+    async fn acquire(&self) {
+        let micros = self.interval.as_micros() as i64;
+        let wait: Result<i64, sqlx::Error> = sqlx::query_scalar(
+            "WITH slot AS ( \
+               INSERT INTO rate_limits (name, next_slot) VALUES ($1, clock_timestamp() + make_interval(secs => $2 / 1e6)) \
+               ON CONFLICT (name) DO UPDATE \
+                 SET next_slot = greatest(rate_limits.next_slot, clock_timestamp()) + make_interval(secs => $2 / 1e6) \
+               RETURNING next_slot) \
+             SELECT greatest(0, (extract(epoch FROM (next_slot - clock_timestamp())) * 1e6)::bigint - $2) FROM slot",
+        )
+        .bind(&self.name)
+        .bind(micros as f64)
+        .fetch_one(&self.pool)
+        .await;
+        match wait {
+            Ok(us) if us > 0 => tokio::time::sleep(Duration::from_micros(us as u64)).await,
+            Ok(_) => {}
+            // Without the database, pace locally (never faster than one interval).
+            Err(_) => tokio::time::sleep(self.interval).await,
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The outbox projector: derives `integrations_outbox` rows from events, in the same transaction
+//! as its checkpoint (it runs on the projection runner), idempotently (`dedupe_key`). The event
+//! log is the durable record, so nothing is lost between a command and its outbox rows.
+//!
+//! Rows carry only what to do and for which entity; the worker reads the entity's current state
+//! when it delivers, so a burst of changes sends the latest data.
+
+use projections::{Projection, ProjectionError};
+use serde_json::json;
+use sqlx::PgConnection;
+use store::RecordedEvent;
+use uuid::Uuid;
+
+/// The checkpoint name is `projection:outbox`.
+pub struct OutboxProjector;
+
+/// One delivery to derive: entity, target and action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Derived {
+    pub entity_type: &'static str,
+    pub target: &'static str,
+    pub action: &'static str,
+}
+
+const fn d(entity_type: &'static str, target: &'static str, action: &'static str) -> Derived {
+    Derived {
+        entity_type,
+        target,
+        action,
+    }
+}
+
+/// The deliveries an event calls for. Events caused by the CRMs themselves (actor `kommo`) or by
+/// the worker's write-backs (actor `outbox-worker`) derive nothing, so nothing echoes back.
+pub fn derive(event: &RecordedEvent, booking_was_confirmed: bool) -> Vec<Derived> {
+    let actor = event
+        .metadata
+        .get("actor_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    if matches!(actor, "kommo" | "outbox-worker") {
+        return vec![];
+    }
+    match (event.aggregate_type.as_str(), event.event_type.as_str()) {
+        ("Client", "ClientRegistered" | "ClientDetailsUpdated") => vec![
+            d("client", "kommo", "contact.upsert"),
+            d("client", "zoho", "contact.upsert"),
+        ],
+        ("Booking", "BookingConfirmed") => vec![
+            d("booking", "zoho", "sales_order.upsert"),
+            d("booking", "kommo", "lead.status"),
+        ],
+        ("Booking", "BookingDeliveryStarted" | "BookingRentalStarted") => {
+            vec![d("booking", "kommo", "lead.status")]
+        }
+        ("Booking", "BookingCompleted" | "BookingCancelled") => {
+            let mut out = vec![d("booking", "kommo", "lead.status")];
+            if booking_was_confirmed {
+                out.push(d("booking", "zoho", "sales_order.upsert"));
+            }
+            out
+        }
+        (
+            "Booking",
+            "BookingRescheduled"
+            | "BookingExtended"
+            | "BookingServiceAdded"
+            | "BookingServiceRemoved"
+            | "BookingVehicleAssigned",
+        ) if booking_was_confirmed => vec![d("booking", "zoho", "sales_order.upsert")],
+        ("Lead", "LeadStageMoved" | "LeadWon" | "LeadLost") => {
+            vec![d("lead", "kommo", "lead.status")]
+        }
+        _ => vec![],
+    }
+}
+
+/// A stable row id for the `index`th row of the event at `position`.
+fn row_id(position: i64, index: usize) -> Uuid {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(b"obx:");
+    b[4..12].copy_from_slice(&position.to_be_bytes());
+    b[12..].copy_from_slice(&(index as u32).to_be_bytes());
+    uuid::Builder::from_custom_bytes(b).into_uuid()
+}
+
+async fn was_confirmed(conn: &mut PgConnection, e: &RecordedEvent) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'Booking' \
+           AND aggregate_id = $1 AND sequence < $2 AND event_type = 'BookingConfirmed')",
+    )
+    .bind(&e.aggregate_id)
+    .bind(e.sequence)
+    .fetch_one(&mut *conn)
+    .await
+}
+
+#[async_trait::async_trait]
+impl Projection for OutboxProjector {
+    fn name(&self) -> &'static str {
+        "outbox"
+    }
+
+    /// The outbox holds delivery state, not a pure function of the log: never rebuilt.
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        for e in events {
+            let confirmed = e.aggregate_type == "Booking"
+                && matches!(
+                    e.event_type.as_str(),
+                    "BookingRescheduled"
+                        | "BookingExtended"
+                        | "BookingServiceAdded"
+                        | "BookingServiceRemoved"
+                        | "BookingVehicleAssigned"
+                        | "BookingCompleted"
+                        | "BookingCancelled"
+                )
+                && was_confirmed(conn, e).await?;
+            let Ok(entity_id) = Uuid::parse_str(&e.aggregate_id) else {
+                continue;
+            };
+            for (i, row) in derive(e, confirmed).into_iter().enumerate() {
+                let pos = e.position.global_position;
+                sqlx::query(
+                    "INSERT INTO integrations_outbox (id, entity_type, entity_id, target_system, event_type, \
+                       payload, dedupe_key, source_position, next_run_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
+                     ON CONFLICT (dedupe_key) DO NOTHING",
+                )
+                .bind(row_id(pos, i))
+                .bind(row.entity_type)
+                .bind(entity_id)
+                .bind(row.target)
+                .bind(row.action)
+                .bind(json!({
+                    "cause": e.event_type,
+                    "sequence": e.sequence,
+                    "correlation_id": e.metadata.get("correlation_id"),
+                }))
+                .bind(format!("{pos}:{}:{}", row.target, row.action))
+                .bind(pos)
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use store::LogPosition;
+
+    fn event(aggregate: &str, event_type: &str, actor: &str) -> RecordedEvent {
+        RecordedEvent {
+            position: LogPosition {
+                transaction_id: 1,
+                global_position: 1,
+            },
+            aggregate_type: aggregate.into(),
+            aggregate_id: Uuid::nil().to_string(),
+            sequence: 1,
+            event_type: event_type.into(),
+            event_version: "1.0".into(),
+            payload: json!({}),
+            metadata: json!({ "actor_type": actor }),
+            recorded_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn derivation_table() {
+        let cases: &[(&str, &str, &str, bool, &[(&str, &str)])] = &[
+            (
+                "Client",
+                "ClientRegistered",
+                "staff",
+                false,
+                &[("kommo", "contact.upsert"), ("zoho", "contact.upsert")],
+            ),
+            (
+                "Client",
+                "ClientZohoContactLinked",
+                "outbox-worker",
+                false,
+                &[],
+            ),
+            ("Client", "ClientDetailsUpdated", "kommo", false, &[]),
+            ("Booking", "BookingCreated", "staff", false, &[]),
+            (
+                "Booking",
+                "BookingConfirmed",
+                "staff",
+                false,
+                &[("zoho", "sales_order.upsert"), ("kommo", "lead.status")],
+            ),
+            (
+                "Booking",
+                "BookingExtended",
+                "staff",
+                true,
+                &[("zoho", "sales_order.upsert")],
+            ),
+            ("Booking", "BookingExtended", "staff", false, &[]),
+            (
+                "Booking",
+                "BookingCancelled",
+                "staff",
+                false,
+                &[("kommo", "lead.status")],
+            ),
+            (
+                "Booking",
+                "BookingCancelled",
+                "staff",
+                true,
+                &[("kommo", "lead.status"), ("zoho", "sales_order.upsert")],
+            ),
+            (
+                "Booking",
+                "BookingZohoSalesOrderLinked",
+                "outbox-worker",
+                true,
+                &[],
+            ),
+            (
+                "Lead",
+                "LeadWon",
+                "staff",
+                false,
+                &[("kommo", "lead.status")],
+            ),
+            ("Lead", "LeadKommoStatusApplied", "kommo", false, &[]),
+        ];
+        for (aggregate, event_type, actor, confirmed, expected) in cases {
+            let got: Vec<(&str, &str)> = derive(&event(aggregate, event_type, actor), *confirmed)
+                .into_iter()
+                .map(|d| (d.target, d.action))
+                .collect();
+            assert_eq!(
+                got,
+                expected.to_vec(),
+                "{aggregate}.{event_type} by {actor}"
+            );
+        }
+    }
+}

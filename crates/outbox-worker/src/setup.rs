@@ -1,0 +1,170 @@
+//! Building the CRM clients from the SPEC §6 settings, or the built-in sandbox when none are set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crm::{
+    KommoAuth, KommoClient, KommoConfig, KommoOAuth, LocalPacer, SecretString, TokenStore,
+    ZohoClient, ZohoConfig,
+};
+use crm_fakes::{FakeKommo, FakeZoho};
+use sqlx::PgPool;
+
+use crate::pg::{EncryptionKey, PgPacer, PgTokenStore};
+use crate::worker::Targets;
+
+/// The clients, and the sandbox servers when they are in use (kept alive with them).
+pub struct Crms {
+    pub targets: Targets,
+    pub sandbox: Option<(FakeKommo, FakeZoho)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{0} is not set (needed with {1})")]
+    Missing(&'static str, &'static str),
+    #[error("{0} is not a valid number")]
+    NotNumber(&'static str),
+    #[error("CRM client configuration: {0}")]
+    Config(String),
+    #[error("encryption key: {0}")]
+    Key(#[from] crate::pg::KeyError),
+    #[error("cannot start the sandbox CRMs: {0}")]
+    Sandbox(std::io::Error),
+}
+
+/// Clients pointed at fake servers (the sandbox, and the tests): Kommo with its long-lived
+/// token, Zoho with OAuth through `store`.
+pub fn for_fakes(
+    kommo_fake: &FakeKommo,
+    zoho_fake: &FakeZoho,
+    store: Arc<dyn TokenStore>,
+    pacer: Arc<dyn crm::Pacer>,
+    timeout: Duration,
+    zoho_concurrency: usize,
+) -> Result<Targets, SetupError> {
+    let kommo = KommoClient::new(
+        KommoConfig {
+            base_url: kommo_fake.base_url(),
+            auth: KommoAuth::LongLived(SecretString::from(
+                kommo_fake.long_lived_token().to_string(),
+            )),
+            external_id_field_id: kommo_fake.config().external_id_field_id,
+            lead_external_id_field_id: None,
+            timeout,
+        },
+        pacer,
+    )
+    .map_err(|e| SetupError::Config(e.to_string()))?;
+    let mut zc = ZohoConfig::new(
+        zoho_fake.base_url(),
+        zoho_fake.base_url(),
+        zoho_fake.config().client_id.clone(),
+        SecretString::from(zoho_fake.config().client_secret.clone()),
+        Some(SecretString::from(zoho_fake.refresh_token().to_string())),
+        store,
+    );
+    zc.timeout = timeout;
+    zc.max_concurrency = zoho_concurrency;
+    let zoho = ZohoClient::new(zc).map_err(|e| SetupError::Config(e.to_string()))?;
+    Ok(Targets {
+        kommo: Arc::new(kommo),
+        zoho: Arc::new(zoho),
+    })
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn required(name: &'static str, with: &'static str) -> Result<String, SetupError> {
+    var(name).ok_or(SetupError::Missing(name, with))
+}
+
+/// Clients for the configured CRMs; with no `KOMMO_BASE_URL` and no `ZOHO_ACCOUNTS_URL`, the
+/// built-in sandbox (fake Kommo and Zoho on loopback), said loudly.
+pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
+    let key = EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
+    let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(pool.clone(), key));
+    let rps: u32 = match var("KOMMO_RPS") {
+        Some(v) => v.parse().map_err(|_| SetupError::NotNumber("KOMMO_RPS"))?,
+        None => crm::DEFAULT_KOMMO_RPS,
+    };
+    let timeout = Duration::from_secs(15);
+
+    if var("KOMMO_BASE_URL").is_none() && var("ZOHO_ACCOUNTS_URL").is_none() {
+        let kommo_fake = FakeKommo::start().await.map_err(SetupError::Sandbox)?;
+        let zoho_fake = FakeZoho::start().await.map_err(SetupError::Sandbox)?;
+        tracing::warn!(
+            kommo = %kommo_fake.base_url(),
+            zoho = %zoho_fake.base_url(),
+            "no Kommo/Zoho settings: syncing to the built-in sandbox CRMs (nothing leaves this machine)"
+        );
+        let targets = for_fakes(
+            &kommo_fake,
+            &zoho_fake,
+            store,
+            Arc::new(LocalPacer::from_rps(rps)),
+            timeout,
+            crm::DEFAULT_MAX_CONCURRENCY,
+        )?;
+        return Ok(Crms {
+            targets,
+            sandbox: Some((kommo_fake, zoho_fake)),
+        });
+    }
+
+    let base_url = required("KOMMO_BASE_URL", "Kommo sync")?;
+    let auth = match var("KOMMO_ACCESS_TOKEN") {
+        Some(t) => KommoAuth::LongLived(SecretString::from(t)),
+        None => KommoAuth::OAuth(KommoOAuth {
+            client_id: required("KOMMO_CLIENT_ID", "Kommo OAuth")?,
+            client_secret: SecretString::from(required("KOMMO_CLIENT_SECRET", "Kommo OAuth")?),
+            redirect_uri: required("KOMMO_REDIRECT_URI", "Kommo OAuth")?,
+            initial_refresh_token: var("KOMMO_REFRESH_TOKEN").map(SecretString::from),
+            store: store.clone(),
+        }),
+    };
+    let field: i64 = required("KOMMO_EXTERNAL_ID_FIELD_ID", "Kommo sync")?
+        .parse()
+        .map_err(|_| SetupError::NotNumber("KOMMO_EXTERNAL_ID_FIELD_ID"))?;
+    let kommo = KommoClient::new(
+        KommoConfig {
+            base_url,
+            auth,
+            external_id_field_id: field,
+            lead_external_id_field_id: None,
+            timeout,
+        },
+        Arc::new(PgPacer::new(pool.clone(), "kommo", rps)),
+    )
+    .map_err(|e| SetupError::Config(e.to_string()))?;
+    let mut zc = ZohoConfig::new(
+        required("ZOHO_ACCOUNTS_URL", "Zoho sync")?,
+        var("ZOHO_API_DOMAIN").unwrap_or_else(|| "https://www.zohoapis.com".into()),
+        required("ZOHO_CLIENT_ID", "Zoho sync")?,
+        SecretString::from(required("ZOHO_CLIENT_SECRET", "Zoho sync")?),
+        var("ZOHO_REFRESH_TOKEN").map(SecretString::from),
+        store,
+    );
+    if let Some(f) = var("ZOHO_CONTACT_EXTERNAL_FIELD") {
+        zc.contact_external_field = f;
+    }
+    if let Some(f) = var("ZOHO_SALES_ORDER_EXTERNAL_FIELD") {
+        zc.sales_order_external_field = f;
+    }
+    if let Some(n) = var("ZOHO_MAX_CONCURRENCY") {
+        zc.max_concurrency = n
+            .parse()
+            .map_err(|_| SetupError::NotNumber("ZOHO_MAX_CONCURRENCY"))?;
+    }
+    zc.timeout = timeout;
+    let zoho = ZohoClient::new(zc).map_err(|e| SetupError::Config(e.to_string()))?;
+    Ok(Crms {
+        targets: Targets {
+            kommo: Arc::new(kommo),
+            zoho: Arc::new(zoho),
+        },
+        sandbox: None,
+    })
+}

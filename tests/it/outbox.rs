@@ -1,0 +1,524 @@
+//! The outbox against fake Kommo and Zoho servers: the fault matrix, dead letters and requeue,
+//! and three workers draining a large backlog in order, within Kommo's pacing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use commands::CommandBus;
+use commands::codes::{self, CodeKind};
+use crm::{LocalPacer, Pacer, TokenStore};
+use crm_fakes::{FakeKommo, FakeZoho, Fault, FaultRule, Method};
+use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority};
+use domain::client::ClientCommand;
+use domain::{Actor, CommandMetadata, Role};
+use outbox_worker::backoff::Backoff;
+use outbox_worker::pg::{EncryptionKey, PgPacer, PgTokenStore};
+use outbox_worker::projector::OutboxProjector;
+use outbox_worker::worker::{Worker, WorkerConfig};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use store::testing::TestDb;
+use uuid::Uuid;
+
+const SALES: Uuid = Uuid::from_u128(0x00000000_0000_4000_a000_000000000003);
+const GHOST: Uuid = Uuid::from_u128(0x00000000_0000_4000_c000_000000000001);
+
+fn meta() -> CommandMetadata {
+    CommandMetadata::new(Actor::staff(SALES, Role::Sales), "outbox-test")
+}
+
+fn key() -> EncryptionKey {
+    EncryptionKey::from_hex(&"ab".repeat(32)).unwrap()
+}
+
+struct Harness {
+    db: TestDb,
+    bus: Arc<CommandBus>,
+    kommo: FakeKommo,
+    zoho: FakeZoho,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let db = TestDb::new().await;
+        let bus = Arc::new(CommandBus::new(db.pool.clone()));
+        Self {
+            db,
+            bus,
+            kommo: FakeKommo::start().await.unwrap(),
+            zoho: FakeZoho::start().await.unwrap(),
+        }
+    }
+
+    fn worker(&self, pacer: Arc<dyn Pacer>, max_attempts: i32) -> Worker {
+        self.worker_with(pacer, max_attempts, 10)
+    }
+
+    /// `zoho_concurrency`: this worker's share of Zoho's concurrency limit (10 on the fake).
+    fn worker_with(
+        &self,
+        pacer: Arc<dyn Pacer>,
+        max_attempts: i32,
+        zoho_concurrency: usize,
+    ) -> Worker {
+        let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(self.db.pool.clone(), key()));
+        let targets = outbox_worker::setup::for_fakes(
+            &self.kommo,
+            &self.zoho,
+            store,
+            pacer,
+            Duration::from_millis(500),
+            zoho_concurrency,
+        )
+        .unwrap();
+        let config = WorkerConfig {
+            max_attempts,
+            lease: Duration::from_secs(2),
+            batch: 16,
+            backoff: Backoff {
+                base: Duration::from_millis(10),
+                cap: Duration::from_millis(200),
+            },
+            owner: format!("test-{}", Uuid::now_v7()),
+            idle: Duration::from_millis(20),
+        };
+        Worker::new(self.db.pool.clone(), self.bus.clone(), targets, config)
+    }
+
+    async fn client(&self, name: &str) -> Uuid {
+        let id = Uuid::now_v7();
+        self.bus
+            .clients
+            .execute(
+                id,
+                ClientCommand::Register {
+                    name: name.into(),
+                    phone: Some("+971501234567".into()),
+                    email: Some("guest@example.com".into()),
+                    residency_country: Some("AE".into()),
+                    preferred_language: None,
+                    preferred_channels: vec![],
+                    timezone: None,
+                    gender: None,
+                    date_of_birth: None,
+                    passport_number: None,
+                    emirates_id: None,
+                    kommo_contact_id: None,
+                },
+                &meta(),
+                None,
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn confirmed_booking(&self, client: Uuid, day: i64) -> (Uuid, String) {
+        let id = Uuid::now_v7();
+        let code = codes::allocate(&self.db.pool, CodeKind::Booking)
+            .await
+            .unwrap();
+        let start = Utc::now() + chrono::Duration::days(day);
+        let create = CreateBooking {
+            external_code: code.clone(),
+            client_id: client,
+            owner_id: SALES,
+            booking_type: BookingType::Rental,
+            priority: Priority::High,
+            channel: "Website".into(),
+            start_at: start,
+            end_at: start + chrono::Duration::days(2),
+            vehicle_id: Some(GHOST),
+            driver_id: None,
+            price_daily: Decimal::from(6500),
+            deposit_amount: Decimal::ZERO,
+            advance_payment: Decimal::ZERO,
+            full_insurance_fee: Decimal::ZERO,
+            currency: None,
+            pickup_location: None,
+            dropoff_location: None,
+            services: vec![],
+            lead_id: None,
+        };
+        self.bus
+            .bookings
+            .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
+            .await
+            .unwrap();
+        self.bus
+            .bookings
+            .execute(id, BookingCommand::Confirm, &meta(), None)
+            .await
+            .unwrap();
+        (id, code)
+    }
+
+    /// Derives outbox rows from everything in the log so far.
+    async fn derive(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            projections::runner::catch_up(&self.db.pool, &OutboxProjector, 500)
+                .await
+                .unwrap();
+            let at = store::checkpoints::load(&self.db.pool, "projection:outbox")
+                .await
+                .unwrap();
+            if !store::global_log::has_pending_after(&self.db.pool, at)
+                .await
+                .unwrap()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs the worker until no row is pending or processing (derives write-back follow-ups too).
+    async fn drain(&self, worker: &Worker, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            self.derive().await;
+            worker.try_execute_task().await.unwrap();
+            if open_rows(&self.db.pool).await == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the outbox did not drain: {:?}",
+                statuses(&self.db.pool).await
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn open_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM integrations_outbox WHERE status IN ('pending', 'processing')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn statuses(pool: &PgPool) -> Vec<(String, String, String, i32, Option<String>)> {
+    sqlx::query_as("SELECT target_system, event_type, status, attempts, last_error FROM integrations_outbox ORDER BY source_position")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Kommo's pacing as configured by default (6 requests/s, under the fake's limit of 7).
+fn paced() -> Arc<dyn Pacer> {
+    Arc::new(LocalPacer::from_rps(6))
+}
+
+#[tokio::test]
+async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_back() {
+    let h = Harness::new().await;
+    let client = h.client("Layla Hassan").await;
+    let (booking, code) = h.confirmed_booking(client, 1).await;
+    let worker = h.worker(paced(), 5);
+    h.drain(&worker, Duration::from_secs(20)).await;
+
+    assert_eq!(h.kommo.contacts().len(), 1);
+    assert_eq!(h.zoho.contacts().len(), 1);
+    let order = h
+        .zoho
+        .sales_order_by_external(&code)
+        .expect("the sales order exists");
+    assert_eq!(h.zoho.sales_orders().len(), 1);
+    let (c, _) = h.bus.clients.replay(client, None).await.unwrap();
+    assert!(c.kommo_contact_id.is_some() && c.zoho_contact_id.is_some());
+    let (b, _) = h.bus.bookings.replay(booking, None).await.unwrap();
+    assert_eq!(b.zoho_sync_status.as_deref(), Some("synced"));
+    assert_eq!(
+        Some(order["id"].as_str().unwrap_or_default()),
+        b.zoho_sales_order_id.as_deref()
+    );
+    // Write-backs are events of the outbox worker and derive nothing more.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM integrations_outbox")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 4, "{:?}", statuses(&h.db.pool).await);
+    let actors: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE metadata::jsonb ->> 'actor_type' = 'outbox-worker'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(actors, 3, "kommo id, zoho id, sales order id");
+}
+
+#[tokio::test]
+async fn the_fault_matrix_ends_with_exactly_one_record_per_entity() {
+    let h = Harness::new().await;
+    // Each fault hits the first matching request(s).
+    h.kommo.inject(
+        FaultRule::new(Fault::Status500)
+            .times(2)
+            .on(Method::POST, "/api/v4/contacts"),
+    );
+    h.kommo.inject(
+        FaultRule::new(Fault::TooManyRequests {
+            retry_after: None,
+            json_body: false,
+        })
+        .times(1)
+        .on(Method::GET, "/api/v4/contacts"),
+    );
+    h.kommo.inject(
+        FaultRule::new(Fault::ResetConnection { apply: true })
+            .times(1)
+            .on(Method::POST, "/api/v4/contacts"),
+    );
+    h.zoho.inject(
+        FaultRule::new(Fault::Delay(Duration::from_millis(1500)))
+            .times(1)
+            .path("/crm/v6/Contacts"),
+    );
+    h.zoho.inject(
+        FaultRule::new(Fault::TooManyRequests {
+            retry_after: Some(1),
+            json_body: true,
+        })
+        .times(1)
+        .path("/crm/v6/Contacts"),
+    );
+    h.zoho.inject(
+        FaultRule::new(Fault::ExpiredToken)
+            .times(1)
+            .path("/crm/v6/Sales_Orders"),
+    );
+
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(h.client(&format!("Guest Number{i}")).await);
+    }
+    let mut codes = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        codes.push(h.confirmed_booking(*c, 3 * i as i64).await.1);
+    }
+    let worker = h.worker(paced(), 8);
+    h.drain(&worker, Duration::from_secs(40)).await;
+
+    let failed: Vec<_> = statuses(&h.db.pool)
+        .await
+        .into_iter()
+        .filter(|s| s.2 != "processed")
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        h.kommo.pending_faults() + h.zoho.pending_faults(),
+        0,
+        "every fault was exercised"
+    );
+    assert_eq!(
+        h.kommo.contacts().len(),
+        3,
+        "no duplicate after a reset after apply"
+    );
+    assert_eq!(
+        h.zoho.contacts().len(),
+        3,
+        "no duplicate after a timeout after apply"
+    );
+    assert_eq!(h.zoho.sales_orders().len(), 3);
+    for code in &codes {
+        assert!(h.zoho.sales_order_by_external(code).is_some());
+    }
+    assert!(h.zoho.refreshes() >= 2, "the expired token was refreshed");
+    // 429s snoozed without burning attempts; 500s and timeouts used attempts.
+    let attempts: Vec<i32> = statuses(&h.db.pool).await.iter().map(|s| s.3).collect();
+    assert!(attempts.iter().any(|a| *a > 1));
+}
+
+#[tokio::test]
+async fn permanent_errors_and_exhausted_attempts_dead_letter_and_a_requeue_delivers() {
+    let h = Harness::new().await;
+    h.kommo.inject(
+        FaultRule::new(Fault::Validation400)
+            .times(1)
+            .on(Method::POST, "/api/v4/contacts"),
+    );
+    h.zoho.inject(
+        FaultRule::new(Fault::Status500)
+            .times(50)
+            .path("/crm/v6/Contacts"),
+    );
+    let client = h.client("Omar Farouk").await;
+    let worker = h.worker(paced(), 3);
+    h.drain(&worker, Duration::from_secs(20)).await;
+
+    let rows = statuses(&h.db.pool).await;
+    let kommo = rows.iter().find(|r| r.0 == "kommo").unwrap();
+    assert_eq!(
+        (kommo.2.as_str(), kommo.3),
+        ("failed", 1),
+        "a validation error fails at once"
+    );
+    let zoho = rows.iter().find(|r| r.0 == "zoho").unwrap();
+    assert_eq!(
+        (zoho.2.as_str(), zoho.3),
+        ("failed", 3),
+        "after the configured attempts"
+    );
+    assert!(zoho.4.as_deref().unwrap_or_default().contains("500"));
+    assert!(h.kommo.contacts().is_empty() && h.zoho.contacts().is_empty());
+
+    // The operator fixes things and requeues the dead letters.
+    h.zoho.clear_faults();
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM integrations_outbox WHERE status = 'failed'")
+            .fetch_all(&h.db.pool)
+            .await
+            .unwrap();
+    for id in ids {
+        assert!(
+            outbox_worker::worker::requeue(&h.db.pool, id)
+                .await
+                .unwrap()
+        );
+    }
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(h.kommo.contacts().len(), 1);
+    assert_eq!(h.zoho.contacts().len(), 1);
+    let (c, _) = h.bus.clients.replay(client, None).await.unwrap();
+    assert!(c.zoho_contact_id.is_some());
+}
+
+#[tokio::test]
+async fn a_sales_order_waits_for_its_contact_and_updates_instead_of_duplicating() {
+    let h = Harness::new().await;
+    // The contact's first upsert fails a few times; the sales order must wait for it.
+    h.zoho.inject(
+        FaultRule::new(Fault::Status500)
+            .times(2)
+            .path("/crm/v6/Contacts"),
+    );
+    let client = h.client("Nadia Karim").await;
+    let (booking, code) = h.confirmed_booking(client, 5).await;
+    let worker = h.worker(paced(), 8);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(h.zoho.sales_orders().len(), 1);
+    // A change after confirmation updates the same sales order.
+    h.bus
+        .bookings
+        .execute(
+            booking,
+            BookingCommand::Cancel {
+                reason: "client cancelled".into(),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(h.zoho.sales_orders().len(), 1);
+    let order = h.zoho.sales_order_by_external(&code).unwrap();
+    assert_eq!(order["Status"], "Cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_drain_a_large_backlog_once_each_in_order_within_kommo_pacing() {
+    let h = Harness::new().await;
+    const CLIENTS: usize = 40;
+    const ROWS_PER_CLIENT: usize = 250; // 10,000 rows
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        clients.push(h.client(&format!("Backlog Client{i}")).await);
+    }
+    h.derive().await;
+    // The derived rows (one Kommo and one Zoho upsert per client) plus a synthetic backlog of
+    // Zoho contact upserts, in order per client.
+    sqlx::query(
+        "INSERT INTO integrations_outbox (id, entity_type, entity_id, target_system, event_type, payload, dedupe_key, source_position) \
+         SELECT gen_random_uuid(), 'client', c.id, 'zoho', 'contact.upsert', jsonb_build_object('n', n), \
+                'backlog:' || c.id || ':' || n, 1000000 + n * 1000 + c.i \
+         FROM unnest($1::uuid[]) WITH ORDINALITY AS c(id, i), generate_series(1, $2) AS n",
+    )
+    .bind(&clients)
+    .bind((ROWS_PER_CLIENT - 1) as i32)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM integrations_outbox")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(total, (CLIENTS * (ROWS_PER_CLIENT + 1)) as i64);
+
+    // Kommo pacing is shared through the database by the three workers.
+    let workers: Vec<Arc<Worker>> = (0..3)
+        .map(|_| {
+            Arc::new(h.worker_with(Arc::new(PgPacer::new(h.db.pool.clone(), "kommo", 6)), 5, 3))
+        })
+        .collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = workers
+        .iter()
+        .map(|w| {
+            let w = w.clone();
+            let s = stopped.clone();
+            tokio::spawn(async move { w.run(s).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while open_rows(&h.db.pool).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backlog not drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    let processed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM integrations_outbox WHERE status = 'processed'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        processed,
+        total,
+        "{:?}",
+        statuses(&h.db.pool)
+            .await
+            .iter()
+            .filter(|s| s.2 != "processed")
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(h.zoho.contacts().len(), CLIENTS, "one record per client");
+    assert_eq!(h.kommo.contacts().len(), CLIENTS);
+    assert!(
+        h.kommo.max_rps_observed() <= 7,
+        "Kommo saw {} requests in one second",
+        h.kommo.max_rps_observed()
+    );
+    assert_eq!(h.kommo.rate_limited(), 0, "never throttled by Kommo");
+    // Per entity and target, rows were completed in log order.
+    let rows: Vec<(Uuid, String, i64, chrono::DateTime<Utc>)> = sqlx::query_as(
+        "SELECT entity_id, target_system, source_position, processed_at FROM integrations_outbox ORDER BY source_position",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    let mut last: HashMap<(Uuid, String), chrono::DateTime<Utc>> = HashMap::new();
+    for (entity, target, pos, at) in rows {
+        if let Some(prev) = last.insert((entity, target), at) {
+            assert!(
+                prev <= at,
+                "row at {pos} completed before an earlier row of its entity"
+            );
+        }
+    }
+}
