@@ -212,8 +212,11 @@ impl TokenStore for PgTokenStore {
     }
 }
 
-/// Spaces requests `1/rps` apart across every process sharing the database: each request takes
-/// the next slot of a single row (`rate_limits`) and sleeps until it.
+/// Spaces requests at least `1/rps` apart across every process sharing the database. A request
+/// takes the single slot of a `rate_limits` row only when that slot is due, moving it one
+/// interval ahead; otherwise it sleeps until the slot is due and competes again. Nothing is
+/// reserved in advance, so waiting callers never build a queue of future slots, and late
+/// wake-ups (a busy machine) cannot turn into a burst.
 pub struct PgPacer {
     pool: PgPool,
     name: String,
@@ -228,29 +231,55 @@ impl PgPacer {
             interval: Duration::from_secs_f64(1.0 / f64::from(rps.max(1))),
         }
     }
+
+    /// Takes the slot if it is due: `Ok(None)`; else how long until it is due.
+    async fn try_take(&self) -> Result<Option<Duration>, sqlx::Error> {
+        let secs = self.interval.as_secs_f64();
+        sqlx::query("INSERT INTO rate_limits (name, next_slot) VALUES ($1, '-infinity') ON CONFLICT DO NOTHING")
+            .bind(&self.name)
+            .execute(&self.pool)
+            .await?;
+        let taken = sqlx::query(
+            "UPDATE rate_limits SET next_slot = clock_timestamp() + make_interval(secs => $2) \
+             WHERE name = $1 AND next_slot <= clock_timestamp()",
+        )
+        .bind(&self.name)
+        .bind(secs)
+        .execute(&self.pool)
+        .await?;
+        if taken.rows_affected() == 1 {
+            return Ok(None);
+        }
+        let wait_us: i64 = sqlx::query_scalar(
+            "SELECT greatest(0, (extract(epoch FROM (next_slot - clock_timestamp())) * 1e6)::bigint) \
+             FROM rate_limits WHERE name = $1",
+        )
+        .bind(&self.name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(Duration::from_micros(wait_us.max(1000) as u64)))
+    }
 }
 
 #[async_trait]
 impl Pacer for PgPacer {
     async fn acquire(&self) {
-        let micros = self.interval.as_micros() as i64;
-        let wait: Result<i64, sqlx::Error> = sqlx::query_scalar(
-            "WITH slot AS ( \
-               INSERT INTO rate_limits (name, next_slot) VALUES ($1, clock_timestamp() + make_interval(secs => $2 / 1e6)) \
-               ON CONFLICT (name) DO UPDATE \
-                 SET next_slot = greatest(rate_limits.next_slot, clock_timestamp()) + make_interval(secs => $2 / 1e6) \
-               RETURNING next_slot) \
-             SELECT greatest(0, (extract(epoch FROM (next_slot - clock_timestamp())) * 1e6)::bigint - $2) FROM slot",
-        )
-        .bind(&self.name)
-        .bind(micros as f64)
-        .fetch_one(&self.pool)
-        .await;
-        match wait {
-            Ok(us) if us > 0 => tokio::time::sleep(Duration::from_micros(us as u64)).await,
-            Ok(_) => {}
-            // Without the database, pace locally (never faster than one interval).
-            Err(_) => tokio::time::sleep(self.interval).await,
+        loop {
+            match self.try_take().await {
+                Ok(None) => return,
+                // Wake a little after the slot, with jitter so waiters do not stampede.
+                Ok(Some(wait)) => {
+                    let jitter = Duration::from_micros(fastrand::u64(
+                        0..=self.interval.as_micros() as u64 / 4,
+                    ));
+                    tokio::time::sleep(wait + jitter).await;
+                }
+                // Without the database, pace locally (never faster than one interval).
+                Err(_) => {
+                    tokio::time::sleep(self.interval).await;
+                    return;
+                }
+            }
         }
     }
 }

@@ -197,7 +197,20 @@ impl Worker {
     }
 
     async fn handle(&self, row: &Claimed) -> Result<Settled, sqlx::Error> {
-        let outcome = self.deliver(row).await;
+        // Keep the lease while the delivery runs (pacing may make it wait): a live worker never
+        // loses its row to another; a dead one stops renewing and its lease runs out.
+        let outcome = {
+            let delivery = self.deliver(row);
+            tokio::pin!(delivery);
+            let mut renew = tokio::time::interval(self.config.lease / 3);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    d = &mut delivery => break d,
+                    _ = renew.tick() => self.renew_lease(row).await,
+                }
+            }
+        };
         match outcome {
             Delivery::Done(response) => self.finish(row, response).await,
             Delivery::Wait(after, why) => self.reschedule(row, after, &why, false).await,
@@ -218,6 +231,18 @@ impl Worker {
                 self.dead_letter(row, &e.to_string()).await
             }
         }
+    }
+
+    async fn renew_lease(&self, row: &Claimed) {
+        let _ = sqlx::query(
+            "UPDATE integrations_outbox SET lease_expires_at = now() + make_interval(secs => $3) \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+        )
+        .bind(row.id)
+        .bind(&self.config.owner)
+        .bind(self.config.lease.as_secs_f64())
+        .execute(&self.pool)
+        .await;
     }
 
     /// Marks a row processed, if this worker still holds its lease.
