@@ -180,7 +180,8 @@ mod tests {
 
     #[test]
     fn derivation_table() {
-        let cases: &[(&str, &str, &str, bool, &[(&str, &str)])] = &[
+        type Case<'a> = (&'a str, &'a str, &'a str, bool, &'a [(&'a str, &'a str)]);
+        let cases: &[Case] = &[
             (
                 "Client",
                 "ClientRegistered",

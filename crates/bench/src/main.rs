@@ -1,0 +1,614 @@
+//! `bench`: measures and prints figures (a table on stdout, JSON in `target/bench/`); it asserts
+//! nothing. Each run uses a database of its own on the server the service would use, dropped at
+//! the end. Run it in release mode: `cargo run --release -p bench -- all`.
+//!
+//! Sections: `rebuild` (all read models from N events generated through the domain), `outbox`
+//! (draining a backlog against fake CRMs with latency, 1 and 3 workers, and Kommo's 7 rps limit),
+//! `streams` (command latency on a long stream with and without snapshots).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use commands::CommandBus;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use domain::booking::{
+    Booking, BookingCommand, BookingType, CreateBooking, Priority, ServiceInput,
+};
+use domain::client::{Client, ClientCommand};
+use domain::{Actor, CommandMetadata};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "bench", about = "SkyLuxse benchmarks (figures only)")]
+struct Cli {
+    #[command(subcommand)]
+    section: Section,
+}
+
+#[derive(Subcommand, Clone)]
+enum Section {
+    /// Rebuild every read model from `events` generated through the domain.
+    Rebuild {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+    },
+    /// Drain `rows` outbox rows against fake CRMs answering after `latency_ms`.
+    Outbox {
+        #[arg(long, default_value_t = 10_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+    },
+    /// Command latency on a stream of `events` events, with and without snapshots.
+    Streams {
+        #[arg(long, default_value_t = 5_000)]
+        events: usize,
+    },
+    /// Every section with its defaults.
+    All,
+}
+
+/// A database of the bench's own, dropped when done.
+struct BenchDb {
+    pool: PgPool,
+    name: String,
+    server: sqlx::postgres::PgConnectOptions,
+}
+
+impl BenchDb {
+    async fn create() -> anyhow::Result<Self> {
+        let base = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+            Some(u) => u,
+            None => store::db::server_url().await?,
+        };
+        let server = store::db::parse_url(&base)?.database("postgres");
+        let name = format!("skx_bench_{}", std::process::id());
+        let mut admin = store::db::connect_one(&server).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(40)
+            .connect_with(server.clone().database(&name))
+            .await?;
+        store::MIGRATOR.run(&pool).await?;
+        Ok(Self { pool, name, server })
+    }
+
+    async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let mut admin = self.server.connect().await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+}
+
+/// One figure of the report.
+#[derive(serde::Serialize)]
+struct Figure {
+    section: &'static str,
+    name: String,
+    value: f64,
+    unit: &'static str,
+}
+
+struct Report(Vec<Figure>);
+
+impl Report {
+    fn add(
+        &mut self,
+        section: &'static str,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) {
+        let name = name.into();
+        println!("{section:<8} {name:<58} {value:>14.2} {unit}");
+        self.0.push(Figure {
+            section,
+            name,
+            value,
+            unit,
+        });
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let sections = match cli.section {
+        Section::All => vec![
+            Section::Streams { events: 5_000 },
+            Section::Outbox {
+                rows: 10_000,
+                latency_ms: 20,
+            },
+            Section::Rebuild { events: 1_000_000 },
+        ],
+        s => vec![s],
+    };
+    let mut report = Report(Vec::new());
+    println!("{:<8} {:<58} {:>14} unit", "section", "figure", "value");
+    for s in sections {
+        let db = BenchDb::create().await?;
+        let result = match s {
+            Section::Rebuild { events } => rebuild(&db.pool, events, &mut report).await,
+            Section::Outbox { rows, latency_ms } => {
+                outbox(&db.pool, rows, latency_ms, &mut report).await
+            }
+            Section::Streams { events } => streams(&db.pool, events, &mut report).await,
+            Section::All => Ok(()),
+        };
+        db.drop_db().await?;
+        result?;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!(
+        "results-{}.json",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S")
+    ));
+    std::fs::write(&path, serde_json::to_vec_pretty(&report.0)?)?;
+    println!("figures written to {}", path.display());
+    Ok(())
+}
+
+fn meta_json(request: &str) -> Value {
+    json!({"actor_type": "system", "correlation_id": request, "causation_id": request, "request_id": request})
+}
+
+/// Decides `commands` on a fresh aggregate in memory and returns its events (the domain's rules
+/// apply; nothing is stored).
+async fn decide<A: Aggregate<Services = ()>>(
+    commands: Vec<A::Command>,
+) -> anyhow::Result<Vec<A::Event>>
+where
+    A::Error: std::fmt::Debug,
+{
+    let mut aggregate = A::default();
+    let mut events = Vec::new();
+    for c in commands {
+        let sink = EventSink::default();
+        aggregate
+            .handle(c, &(), &sink)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        events.extend(sink.collect().await);
+    }
+    Ok(events)
+}
+
+/// Generates bookings (and their clients) through the domain and stores their events in bulk.
+async fn generate(pool: &PgPool, target_events: usize) -> anyhow::Result<usize> {
+    let mut rows: Vec<(String, String, i64, String, String, Value)> = Vec::new();
+    let mut total = 0;
+    let start = chrono::Utc::now() - chrono::Duration::days(400);
+    let mut i = 0u64;
+    while total < target_events {
+        let client = Uuid::now_v7();
+        let client_events = decide::<Client>(vec![ClientCommand::Register {
+            name: format!("Bench Client {i}"),
+            phone: Some("+971501234567".into()),
+            email: Some(format!("c{i}@example.com")),
+            residency_country: Some("AE".into()),
+            preferred_language: None,
+            preferred_channels: vec![],
+            timezone: None,
+            gender: None,
+            date_of_birth: None,
+            passport_number: None,
+            emirates_id: None,
+            kommo_contact_id: None,
+        }])
+        .await?;
+        for (n, e) in client_events.iter().enumerate() {
+            rows.push((
+                "Client".into(),
+                client.to_string(),
+                n as i64 + 1,
+                e.event_type(),
+                e.event_version(),
+                serde_json::to_value(e)?,
+            ));
+        }
+        for b in 0..4 {
+            let id = Uuid::now_v7();
+            let from = start + chrono::Duration::hours(((i * 4 + b) % 9000) as i64);
+            let events = decide::<Booking>(vec![
+                BookingCommand::Create(Box::new(CreateBooking {
+                    external_code: format!("BK-B{i}-{b}"),
+                    client_id: client,
+                    owner_id: Uuid::from_u128(2),
+                    booking_type: BookingType::Rental,
+                    priority: Priority::Medium,
+                    channel: "Website".into(),
+                    start_at: from,
+                    end_at: from + chrono::Duration::days(2),
+                    vehicle_id: None,
+                    driver_id: None,
+                    price_daily: Decimal::from(2500),
+                    deposit_amount: Decimal::from(1000),
+                    advance_payment: Decimal::ZERO,
+                    full_insurance_fee: Decimal::from(300),
+                    currency: None,
+                    pickup_location: None,
+                    dropoff_location: None,
+                    services: vec![],
+                    lead_id: None,
+                })),
+                BookingCommand::AssignDriver {
+                    driver_id: Uuid::from_u128(4),
+                },
+                BookingCommand::AddService(ServiceInput {
+                    line_id: Uuid::now_v7(),
+                    service_id: Uuid::from_u128(5),
+                    price: Decimal::from(150),
+                    quantity: 1,
+                    description: None,
+                }),
+                BookingCommand::RecordPayment {
+                    payment_id: Uuid::now_v7(),
+                    amount: Decimal::from(1000),
+                    method: "card".into(),
+                    paid_at: from,
+                },
+                if b == 3 {
+                    BookingCommand::Cancel {
+                        reason: "bench".into(),
+                    }
+                } else {
+                    BookingCommand::ChangeOwner {
+                        owner_id: Uuid::from_u128(3),
+                    }
+                },
+            ])
+            .await?;
+            for (n, e) in events.iter().enumerate() {
+                rows.push((
+                    "Booking".into(),
+                    id.to_string(),
+                    n as i64 + 1,
+                    e.event_type(),
+                    e.event_version(),
+                    serde_json::to_value(e)?,
+                ));
+            }
+        }
+        total = rows.len();
+        i += 1;
+    }
+    for chunk in rows.chunks(5_000) {
+        let (types, ids, seqs, names, versions, payloads): (
+            Vec<_>,
+            Vec<_>,
+            Vec<_>,
+            Vec<_>,
+            Vec<_>,
+            Vec<_>,
+        ) = chunk
+            .iter()
+            .cloned()
+            .fold(Default::default(), |mut acc, r| {
+                acc.0.push(r.0);
+                acc.1.push(r.1);
+                acc.2.push(r.2);
+                acc.3.push(r.3);
+                acc.4.push(r.4);
+                acc.5.push(r.5);
+                acc
+            });
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+             SELECT t, i, s, n, v, p::json, $7::json FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[]) AS u(t, i, s, n, v, p)",
+        )
+        .bind(types)
+        .bind(ids)
+        .bind(seqs)
+        .bind(names)
+        .bind(versions)
+        .bind(payloads)
+        .bind(meta_json("bench"))
+        .execute(pool)
+        .await?;
+    }
+    Ok(total)
+}
+
+async fn rebuild(pool: &PgPool, events: usize, report: &mut Report) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let n = generate(pool, events).await.context("generating events")?;
+    report.add(
+        "rebuild",
+        format!("events generated through the domain and stored ({n})"),
+        started.elapsed().as_secs_f64(),
+        "s",
+    );
+    let all = Instant::now();
+    for p in projections::all() {
+        let r = projections::rebuild::rebuild(pool, p.as_ref(), true, |_| {}).await?;
+        report.add(
+            "rebuild",
+            format!("{} ({} events)", r.projection, r.events),
+            r.events_per_second,
+            "events/s",
+        );
+    }
+    let secs = all.elapsed().as_secs_f64();
+    report.add(
+        "rebuild",
+        "all read models: log events per second of total rebuild time",
+        n as f64 / secs,
+        "events/s",
+    );
+    Ok(())
+}
+
+async fn register_clients(pool: &PgPool, bus: &CommandBus, n: usize) -> anyhow::Result<()> {
+    let meta = CommandMetadata::new(Actor::system(), "bench");
+    for i in 0..n {
+        bus.clients
+            .execute(
+                Uuid::now_v7(),
+                ClientCommand::Register {
+                    name: format!("Outbox Client{i}"),
+                    phone: None,
+                    email: Some(format!("o{i}@example.com")),
+                    residency_country: Some("AE".into()),
+                    preferred_language: None,
+                    preferred_channels: vec![],
+                    timezone: None,
+                    gender: None,
+                    date_of_birth: None,
+                    passport_number: None,
+                    emirates_id: None,
+                    kommo_contact_id: None,
+                },
+                &meta,
+                None,
+            )
+            .await?;
+    }
+    let projector = outbox_worker::projector::OutboxProjector;
+    loop {
+        projections::runner::catch_up(pool, &projector, 1000).await?;
+        let at = store::checkpoints::load(pool, "projection:outbox").await?;
+        if !store::global_log::has_pending_after(pool, at).await? {
+            return Ok(());
+        }
+    }
+}
+
+async fn drain(
+    pool: &PgPool,
+    bus: &Arc<CommandBus>,
+    kommo: &crm_fakes::FakeKommo,
+    zoho: &crm_fakes::FakeZoho,
+    workers: usize,
+    pacer: impl Fn() -> Arc<dyn crm::Pacer>,
+) -> anyhow::Result<(usize, f64)> {
+    let key = outbox_worker::pg::EncryptionKey::from_hex(&"ef".repeat(32))?;
+    let store: Arc<dyn crm::TokenStore> =
+        Arc::new(outbox_worker::pg::PgTokenStore::new(pool.clone(), key));
+    let open = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM integrations_outbox WHERE status IN ('pending', 'processing')",
+        )
+        .fetch_one(pool)
+        .await
+    };
+    let todo = open().await? as usize;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for _ in 0..workers {
+        let targets = outbox_worker::setup::for_fakes(
+            kommo,
+            zoho,
+            store.clone(),
+            pacer(),
+            Duration::from_secs(10),
+            10 / workers,
+        )?;
+        let mut config = outbox_worker::worker::WorkerConfig::from_env();
+        config.batch = 32;
+        let w = outbox_worker::worker::Worker::new(pool.clone(), bus.clone(), targets, config);
+        let s = stopped.clone();
+        tasks.push(tokio::spawn(async move { w.run(s).await }));
+    }
+    while open().await? > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop.send(true)?;
+    for t in tasks {
+        t.await?;
+    }
+    Ok((todo, secs))
+}
+
+async fn outbox(
+    pool: &PgPool,
+    rows: usize,
+    latency_ms: u64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let bus = Arc::new(CommandBus::new(pool.clone()));
+    let latency = Some(Duration::from_millis(latency_ms));
+    let kommo = crm_fakes::FakeKommo::start_with(crm_fakes::FakeKommoConfig {
+        latency,
+        rate_limit: None,
+        ..Default::default()
+    })
+    .await?;
+    let zoho = crm_fakes::FakeZoho::start_with(crm_fakes::FakeZohoConfig {
+        latency,
+        max_concurrency: None,
+        ..Default::default()
+    })
+    .await?;
+    // Each client derives a Kommo and a Zoho row.
+    register_clients(pool, &bus, rows / 2).await?;
+    for workers in [1, 3] {
+        sqlx::query("UPDATE integrations_outbox SET status = 'pending', attempts = 0, next_run_at = now(), lease_owner = NULL")
+            .execute(pool)
+            .await?;
+        let (n, secs) = drain(pool, &bus, &kommo, &zoho, workers, || {
+            Arc::new(crm::Unpaced)
+        })
+        .await?;
+        report.add(
+            "outbox",
+            format!("{n} rows, {latency_ms} ms CRM latency, no rate limit, {workers} worker(s)"),
+            n as f64 / secs,
+            "deliveries/s",
+        );
+    }
+
+    // Against Kommo's limit of 7 requests in any second, paced through the database at 7/s.
+    let limited = crm_fakes::FakeKommo::start_with(crm_fakes::FakeKommoConfig {
+        latency,
+        rate_limit: Some(7),
+        ..Default::default()
+    })
+    .await?;
+    sqlx::query("DELETE FROM integrations_outbox")
+        .execute(pool)
+        .await?;
+    register_clients(pool, &bus, 60).await?;
+    sqlx::query("UPDATE integrations_outbox SET status = 'processed' WHERE target_system = 'zoho'")
+        .execute(pool)
+        .await?;
+    let started = Instant::now();
+    let (_, _) = drain(pool, &bus, &limited, &zoho, 3, || {
+        Arc::new(outbox_worker::pg::PgPacer::new(
+            pool.clone(),
+            "kommo-bench",
+            7,
+        ))
+    })
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    let requests = limited.requests().len();
+    report.add(
+        "outbox",
+        "Kommo at its 7 rps limit: achieved request rate",
+        requests as f64 / secs,
+        "requests/s",
+    );
+    report.add(
+        "outbox",
+        "Kommo at its 7 rps limit: most requests seen in any 1 s window",
+        limited.max_rps_observed() as f64,
+        "requests",
+    );
+    report.add(
+        "outbox",
+        "Kommo at its 7 rps limit: 429 answers",
+        limited.rate_limited() as f64,
+        "answers",
+    );
+    Ok(())
+}
+
+async fn streams(pool: &PgPool, events: usize, report: &mut Report) -> anyhow::Result<()> {
+    let meta = CommandMetadata::new(Actor::system(), "bench");
+    let with = CommandBus::new(pool.clone());
+    let without = CommandBus::with_snapshots(pool.clone(), None);
+    let create = |code: String| {
+        BookingCommand::Create(Box::new(CreateBooking {
+            external_code: code,
+            client_id: Uuid::now_v7(),
+            owner_id: Uuid::from_u128(2),
+            booking_type: BookingType::Rental,
+            priority: Priority::Medium,
+            channel: "Website".into(),
+            start_at: chrono::Utc::now(),
+            end_at: chrono::Utc::now() + chrono::Duration::days(3),
+            vehicle_id: None,
+            driver_id: None,
+            price_daily: Decimal::from(2500),
+            deposit_amount: Decimal::ZERO,
+            advance_payment: Decimal::ZERO,
+            full_insurance_fee: Decimal::ZERO,
+            currency: None,
+            pickup_location: None,
+            dropoff_location: None,
+            services: vec![],
+            lead_id: None,
+        }))
+    };
+    let long = Uuid::now_v7();
+    with.bookings
+        .execute(long, create("BK-LONG".into()), &meta, None)
+        .await?;
+    for i in 0..events {
+        let owner = Uuid::from_u128(10 + (i % 2) as u128);
+        with.bookings
+            .execute(
+                long,
+                BookingCommand::ChangeOwner { owner_id: owner },
+                &meta,
+                None,
+            )
+            .await?;
+    }
+    let fresh = Uuid::now_v7();
+    with.bookings
+        .execute(fresh, create("BK-FRESH".into()), &meta, None)
+        .await?;
+    for (label, bus, id) in [
+        ("fresh stream", &with, fresh),
+        ("long stream with snapshots", &with, long),
+        ("long stream without snapshots", &without, long),
+    ] {
+        let mut times = Vec::new();
+        for i in 0..50 {
+            let owner = Uuid::from_u128(100 + (i % 2) as u128);
+            let t = Instant::now();
+            bus.bookings
+                .execute(
+                    id,
+                    BookingCommand::ChangeOwner { owner_id: owner },
+                    &meta,
+                    None,
+                )
+                .await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        report.add(
+            "streams",
+            format!("{label}: p50 command latency ({events} events)"),
+            times[times.len() / 2],
+            "ms",
+        );
+        report.add(
+            "streams",
+            format!("{label}: p99 command latency"),
+            times[times.len() * 99 / 100],
+            "ms",
+        );
+    }
+    Ok(())
+}
