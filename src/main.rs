@@ -38,6 +38,9 @@ enum Command {
     /// Run the projections and the process managers (one active instance per projection;
     /// more processes stand by).
     Project,
+    /// Run the outbox: derive rows from events (one active instance) and deliver them to Kommo
+    /// and Zoho (as many workers as processes). With no CRM settings: the built-in sandbox.
+    Worker,
     /// Rebuild read models from the whole log, compare them with the live ones, swap them in.
     Rebuild {
         /// A projection name (`bookings`, `clients`, `fleet`, `sales`, `kpis`) or `all`.
@@ -48,10 +51,40 @@ enum Command {
     },
     /// Apply the database migrations and exit.
     Migrate,
+    /// Issue API keys for staff accounts.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Print a booking's audit trail from the event store (events with actors) and its state,
+    /// now or as of a time or version, as JSON.
+    Audit {
+        /// The booking's id or code (`BK-1052`).
+        booking: String,
+        /// The state as of this time (RFC 3339).
+        #[arg(long)]
+        as_of: Option<String>,
+        /// The state after this version.
+        #[arg(long)]
+        version: Option<i64>,
+    },
     /// Manage the project-local PostgreSQL cluster (used when DATABASE_URL is unset).
     LocalDb {
         #[command(subcommand)]
         action: LocalDbAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key for an existing staff account and print it once (only its digest is kept).
+    Create {
+        /// The account's role: operations, sales, ceo, driver or integration.
+        #[arg(long)]
+        role: String,
+        /// The staff account's e-mail.
+        #[arg(long)]
+        staff: String,
     },
 }
 
@@ -88,6 +121,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve { bind_addr } => serve(bind_addr).await,
         Command::Project => project().await,
+        Command::Worker => worker().await,
         Command::Rebuild {
             projection,
             dry_run,
@@ -100,14 +134,39 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::LocalDb { action } => local_db(action).await,
+        Command::Keys {
+            action: KeysAction::Create { role, staff },
+        } => {
+            let role = api::auth::parse_role(&role)?;
+            let pool = open_pool(2).await?;
+            let key = api::auth::create_key(&pool, &staff, role).await?;
+            pool.close().await;
+            println!("{key}");
+            eprintln!("the key is shown once: store it now (only its digest is kept)");
+            Ok(())
+        }
+        Command::Audit {
+            booking,
+            as_of,
+            version,
+        } => {
+            let pool = open_pool(2).await?;
+            let state = api::AppState::new(pool.clone(), api::ApiConfig::default());
+            let report = api::audit::report(&state, &booking, as_of.as_deref(), version).await?;
+            pool.close().await;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
     }
 }
 
 async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
     let pool = open_pool(30).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = spawn_background_roles(pool.clone(), stopped);
-    let app = api::router(api::AppState { pool: pool.clone() });
+    let background = spawn_background_roles(pool.clone(), stopped.clone(), true);
+    let state = api::AppState::new(pool.clone(), api::ApiConfig::from_env());
+    let api_background = tokio::spawn(api::run_background(state.clone(), stopped));
+    let app = api::router(state);
     let listener = tokio::net::TcpListener::bind(bind_addr)
         .await
         .with_context(|| format!("cannot listen on {bind_addr} (BIND_ADDR)"))?;
@@ -118,6 +177,7 @@ async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
         .context("the HTTP server failed")?;
     let _ = stop.send(true);
     let _ = background.await;
+    let _ = api_background.await;
     pool.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -129,12 +189,15 @@ async fn open_pool(max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
     Ok(db::open(&config).await?)
 }
 
-/// The projections and the process managers, until `stopped` turns true.
+/// The projections and the process managers (and the outbox when asked), until `stopped`
+/// turns true.
 fn spawn_background_roles(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
+    with_outbox: bool,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let pool_for_outbox = pool.clone();
         let bus = commands::CommandBus::new(pool.clone());
         let mut config = projections::runner::RunnerConfig::default();
         // Tuning knob for operators and the crash tests (not part of the public settings).
@@ -145,15 +208,66 @@ fn spawn_background_roles(
             config.batch_size = n;
         }
         let runner = projections::runner::run(pool, projections::all(), config, stopped.clone());
-        let process = commands::process::run(&bus, stopped);
-        tokio::join!(runner, process);
+        let process = commands::process::run(&bus, stopped.clone());
+        let outbox = async move {
+            if with_outbox {
+                run_outbox(pool_for_outbox, stopped).await
+            } else {
+                Ok(())
+            }
+        };
+        let ((), (), outbox) = tokio::join!(runner, process, outbox);
+        if let Err(e) = outbox {
+            tracing::error!(error = %format!("{e:#}"), "the outbox worker could not start");
+        }
     })
+}
+
+/// The outbox projector (one active instance per database) and a delivery worker, until
+/// `stopped` turns true.
+async fn run_outbox(
+    pool: sqlx::PgPool,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let crms = outbox_worker::setup::from_env(&pool)
+        .await
+        .context("configuring the CRM clients")?;
+    let bus = std::sync::Arc::new(commands::CommandBus::new(pool.clone()));
+    let worker = outbox_worker::worker::Worker::new(
+        pool.clone(),
+        bus,
+        crms.targets,
+        outbox_worker::worker::WorkerConfig::from_env(),
+    );
+    let projector = projections::runner::run(
+        pool,
+        vec![std::sync::Arc::new(
+            outbox_worker::projector::OutboxProjector,
+        )],
+        projections::runner::RunnerConfig::default(),
+        stopped.clone(),
+    );
+    tokio::join!(projector, worker.run(stopped));
+    // The sandbox servers, if any, live until here.
+    drop(crms.sandbox);
+    Ok(())
+}
+
+async fn worker() -> anyhow::Result<()> {
+    let pool = open_pool(12).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let outbox = tokio::spawn(run_outbox(pool.clone(), stopped));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    outbox.await??;
+    pool.close().await;
+    Ok(())
 }
 
 async fn project() -> anyhow::Result<()> {
     let pool = open_pool(12).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = spawn_background_roles(pool.clone(), stopped);
+    let background = spawn_background_roles(pool.clone(), stopped, false);
     shutdown_signal().await;
     let _ = stop.send(true);
     let _ = background.await;

@@ -2,3 +2,13 @@
 
 // Test helpers may unwrap: a failure there is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
+
+mod auth;
+mod commands;
+mod concurrency;
+mod errors;
+mod helpers;
+mod openapi;
+mod operations;
+mod story;
+mod webhooks;

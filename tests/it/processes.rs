@@ -228,3 +228,102 @@ async fn two_projectors_keep_one_active_per_projection_and_fail_over_on_kill() {
     a.start_kill().ok();
     b.start_kill().ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_the_crm_call_and_its_commit_neither_loses_nor_duplicates() {
+    use crm_fakes::{FakeKommo, FakeZoho, Fault, FaultRule};
+    let db = TestDb::new().await;
+    let kommo = FakeKommo::start().await.unwrap();
+    let zoho = FakeZoho::start().await.unwrap();
+    // Zoho applies the first contact upsert, then takes its time answering.
+    zoho.inject(
+        FaultRule::new(Fault::Delay(Duration::from_secs(60)))
+            .times(1)
+            .path("/crm/v6/Contacts"),
+    );
+    let worker = || {
+        Command::new(env!("CARGO_BIN_EXE_skyluxse"))
+            .arg("worker")
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .env("KOMMO_BASE_URL", kommo.base_url())
+            .env("KOMMO_ACCESS_TOKEN", kommo.long_lived_token())
+            .env(
+                "KOMMO_EXTERNAL_ID_FIELD_ID",
+                kommo.config().external_id_field_id.to_string(),
+            )
+            .env("ZOHO_ACCOUNTS_URL", zoho.base_url())
+            .env("ZOHO_API_DOMAIN", zoho.base_url())
+            .env("ZOHO_CLIENT_ID", &zoho.config().client_id)
+            .env("ZOHO_CLIENT_SECRET", &zoho.config().client_secret)
+            .env("ZOHO_REFRESH_TOKEN", zoho.refresh_token())
+            .env("SKYLUXSE_ENCRYPTION_KEY", "cd".repeat(32))
+            .env("OUTBOX_LEASE_SECONDS", "2")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the worker starts")
+    };
+    let bus = CommandBus::new(db.pool.clone());
+    let client = Uuid::now_v7();
+    bus.clients
+        .execute(
+            client,
+            domain::client::ClientCommand::Register {
+                name: "Sara Lind".into(),
+                phone: None,
+                email: Some("sara@example.com".into()),
+                residency_country: Some("SE".into()),
+                preferred_language: None,
+                preferred_channels: vec![],
+                timezone: None,
+                gender: None,
+                date_of_birth: None,
+                passport_number: None,
+                emirates_id: None,
+                kommo_contact_id: None,
+            },
+            &CommandMetadata::new(Actor::system(), "kill-test"),
+            None,
+        )
+        .await
+        .unwrap();
+
+    let mut first = worker();
+    wait_until(Duration::from_secs(30), || async {
+        !zoho.contacts().is_empty()
+    })
+    .await;
+    // The CRM did the work; the worker has not committed its result. Kill it now.
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM integrations_outbox WHERE target_system = 'zoho'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "processing", "killed before its commit");
+
+    let mut second = worker();
+    wait_until(Duration::from_secs(30), || async {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM integrations_outbox WHERE status <> 'processed'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM integrations_outbox")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        rows == 2 && open == 0
+    })
+    .await;
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+
+    assert_eq!(zoho.contacts().len(), 1, "no duplicate record");
+    assert_eq!(zoho.creates(), 1);
+    assert_eq!(kommo.contacts().len(), 1);
+    let (state, _) = bus.clients.replay(client, None).await.unwrap();
+    assert!(state.zoho_contact_id.is_some(), "the id was written back");
+}

@@ -1,0 +1,170 @@
+//! Deal commands (financing and leasing contracts): `POST /v1/deals` and
+//! `POST /v1/deals/{id}/{action}`.
+
+use axum::extract::State;
+use chrono::{DateTime, NaiveDate, Utc};
+use commands::codes::{self, CodeKind};
+use domain::deal::DealCommand;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{Answer, Empty, Extra, action, execute};
+use crate::AppState;
+use crate::error::ApiResult;
+use crate::extract::{ApiJson, CommandContext};
+use crate::refs::{self, Kind, Ref, now};
+
+/// `POST /v1/deals`: a draft contract.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DraftDeal {
+    pub client_id: Uuid,
+    pub vehicle_id: Option<Uuid>,
+    pub application_id: Option<Uuid>,
+    #[schema(value_type = String, example = "450000.00")]
+    pub principal_amount: Decimal,
+    #[schema(value_type = String, example = "14500.00")]
+    pub monthly_payment: Decimal,
+    /// Yearly, in percent.
+    #[schema(value_type = String, example = "4.5")]
+    pub interest_rate: Decimal,
+    #[schema(value_type = Option<String>)]
+    pub security_deposit: Option<Decimal>,
+    pub term_months: i32,
+    pub contract_start_date: NaiveDate,
+    pub contract_end_date: NaiveDate,
+    pub first_payment_date: NaiveDate,
+    /// A JSON object of free-form terms.
+    #[schema(value_type = Option<Object>)]
+    pub contract_terms: Option<serde_json::Value>,
+}
+
+/// Drafts a deal; allocates its `DL-` number.
+#[utoipa::path(
+    post,
+    path = "/v1/deals",
+    tag = "deals",
+    request_body = DraftDeal,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retry return the first answer")),
+    responses(
+        (status = 201, description = "Drafted", body = super::CommandAnswer),
+        (status = "4XX", description = "Refused", body = crate::error::ProblemDocument, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    ctx: CommandContext,
+    ApiJson(req): ApiJson<DraftDeal>,
+) -> ApiResult<Answer> {
+    refs::require(&state.pool, "client_id", Ref::Client, req.client_id).await?;
+    if let Some(v) = req.vehicle_id {
+        refs::require(&state.pool, "vehicle_id", Ref::Vehicle, v).await?;
+    }
+    let code = codes::allocate(&state.pool, CodeKind::Deal).await?;
+    let id = Uuid::now_v7();
+    let command = DealCommand::Draft {
+        deal_number: code.clone(),
+        client_id: req.client_id,
+        vehicle_id: req.vehicle_id,
+        application_id: req.application_id,
+        principal_amount: req.principal_amount,
+        monthly_payment: req.monthly_payment,
+        interest_rate: req.interest_rate,
+        security_deposit: req.security_deposit.unwrap_or_default(),
+        term_months: req.term_months,
+        contract_start_date: req.contract_start_date,
+        contract_end_date: req.contract_end_date,
+        first_payment_date: req.first_payment_date,
+        contract_terms: req.contract_terms,
+    };
+    let outcome = execute(&state.bus.deals, &ctx, id, command).await?;
+    Ok(Answer::created(
+        &outcome,
+        format!("/v1/deals/{id}"),
+        Some(code),
+    ))
+}
+
+action!(
+    /// Activates a draft deal.
+    activate, "/v1/deals/{id}/activate", "deals", Kind::Deal, deals,
+    Empty, |state, ctx, id, req| {
+        let Empty {} = req;
+        (DealCommand::Activate, None)
+    }
+);
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DealPayment {
+    #[schema(value_type = String, example = "14500.00")]
+    pub amount: Decimal,
+    /// Now when absent.
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+action!(
+    /// Records a payment on an active deal (its id is returned as `payment_id`).
+    record_payment, "/v1/deals/{id}/record-payment", "deals", Kind::Deal, deals,
+    DealPayment, |state, ctx, id, req| {
+        let payment_id = Uuid::now_v7();
+        (
+            DealCommand::RecordPayment {
+                payment_id,
+                amount: req.amount,
+                paid_at: req.paid_at.unwrap_or_else(now),
+            },
+            Some(Extra::Payment(payment_id)),
+        )
+    }
+);
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MissedPayment {
+    pub due_date: NaiveDate,
+    #[schema(value_type = String, example = "14500.00")]
+    pub amount: Decimal,
+}
+
+action!(
+    /// Records a missed payment (once per due date).
+    record_missed_payment, "/v1/deals/{id}/record-missed-payment", "deals", Kind::Deal, deals,
+    MissedPayment, |state, ctx, id, req| {
+        (DealCommand::RecordMissedPayment { due_date: req.due_date, amount: req.amount }, None)
+    }
+);
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DealReason {
+    pub reason: String,
+}
+
+action!(
+    /// Marks an active deal as defaulted.
+    mark_defaulted, "/v1/deals/{id}/mark-defaulted", "deals", Kind::Deal, deals,
+    DealReason, |state, ctx, id, req| {
+        (DealCommand::MarkDefaulted { reason: req.reason }, None)
+    }
+);
+
+action!(
+    /// Completes an active deal.
+    complete, "/v1/deals/{id}/complete", "deals", Kind::Deal, deals,
+    Empty, |state, ctx, id, req| {
+        let Empty {} = req;
+        (DealCommand::Complete, None)
+    }
+);
+
+action!(
+    /// Cancels a draft deal.
+    cancel, "/v1/deals/{id}/cancel", "deals", Kind::Deal, deals,
+    DealReason, |state, ctx, id, req| {
+        (DealCommand::Cancel { reason: req.reason }, None)
+    }
+);

@@ -1,0 +1,204 @@
+//! Every refusal is problem+json with a stable type, and changes nothing.
+
+use serde_json::json;
+
+use crate::helpers::{GHOST, TestApp, WEBHOOK_SECRET};
+
+fn booking_body(client: &str) -> serde_json::Value {
+    json!({
+        "client_id": client,
+        "start_at": "2026-06-01T10:00:00Z",
+        "end_at": "2026-06-04T10:00:00Z",
+        "price_daily": "6500.00",
+    })
+}
+
+#[tokio::test]
+async fn malformed_wrong_unknown_and_huge_bodies_are_refused_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Malformed Case").await;
+    let before = app.event_count().await;
+    let raw = |body: &str| {
+        app.request(reqwest::Method::POST, "sales", "/v1/bookings")
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+
+    let r = app.send(raw("{\"client_id\": ")).await;
+    r.assert_problem(422, "validation");
+    assert_eq!(r.body["code"], "request.malformed_json");
+
+    let mut wrong = booking_body(&client);
+    wrong["price_daily"] = json!(true);
+    let r = app.post("sales", "/v1/bookings", wrong).await;
+    r.assert_problem(422, "validation");
+    assert_eq!(r.body["code"], "request.invalid_body");
+
+    let mut unknown = booking_body(&client);
+    unknown["tier"] = json!("vip");
+    let r = app.post("sales", "/v1/bookings", unknown).await;
+    r.assert_problem(422, "validation");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `tier`")
+    );
+
+    let r = app
+        .post("sales", "/v1/bookings", json!({ "client_id": client }))
+        .await;
+    r.assert_problem(422, "validation");
+    assert!(r.body["detail"].as_str().unwrap().contains("start_at"));
+
+    let r = app
+        .send(
+            app.request(reqwest::Method::POST, "sales", "/v1/bookings")
+                .header("content-type", "text/plain")
+                .body("hello"),
+        )
+        .await;
+    r.assert_problem(415, "unsupported-media-type");
+
+    let huge = format!(
+        "{{\"client_id\": \"{client}\", \"pickup_location\": \"{}\"}}",
+        "x".repeat(100 * 1024)
+    );
+    let r = app.send(raw(&huge)).await;
+    r.assert_problem(413, "payload-too-large");
+
+    // A domain rule broken: the period ends before it starts.
+    let mut backwards = booking_body(&client);
+    backwards["end_at"] = json!("2026-05-01T10:00:00Z");
+    let r = app.post("sales", "/v1/bookings", backwards).await;
+    r.assert_problem(422, "validation");
+    assert_eq!(r.body["code"], "booking.validation");
+
+    // A reference that does not exist.
+    let r = app
+        .post(
+            "sales",
+            "/v1/bookings",
+            booking_body("0196a1b2-0000-7000-8000-0000000000ff"),
+        )
+        .await;
+    r.assert_problem(422, "validation");
+    assert_eq!(r.body["code"], "request.unknown_reference");
+
+    assert_eq!(
+        app.event_count().await,
+        before,
+        "a refused request wrote events"
+    );
+}
+
+#[tokio::test]
+async fn domain_refusals_map_to_404_409_and_vehicle_unavailable() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Refusal Case").await;
+
+    let r = app
+        .post("operations", "/v1/bookings/BK-999999/confirm", json!({}))
+        .await;
+    r.assert_problem(404, "not-found");
+    let r = app
+        .post(
+            "operations",
+            "/v1/bookings/0196a1b2-0000-7000-8000-000000000001/confirm",
+            json!({}),
+        )
+        .await;
+    r.assert_problem(404, "not-found");
+    assert_eq!(r.body["code"], "booking.not_found");
+
+    // Confirming without a vehicle is an invalid transition.
+    let first = app.ok("sales", "/v1/bookings", booking_body(&client)).await;
+    let code = first["code"].as_str().unwrap();
+    assert!(code.starts_with("BK-"));
+    let r = app
+        .post("sales", &format!("/v1/bookings/{code}/confirm"), json!({}))
+        .await;
+    r.assert_problem(409, "invalid-transition");
+    assert_eq!(r.body["code"], "booking.vehicle_required");
+    let r = app
+        .post(
+            "operations",
+            &format!("/v1/bookings/{code}/start-rental"),
+            json!({"pickup_mileage_km": 1, "fuel_level_pct": 100}),
+        )
+        .await;
+    r.assert_problem(409, "invalid-transition");
+    assert_eq!(r.body["code"], "booking.invalid_transition");
+
+    // Two confirmed bookings of one vehicle may not overlap.
+    let mut with_vehicle = booking_body(&client);
+    with_vehicle["vehicle_id"] = json!(GHOST);
+    let a = app.ok("sales", "/v1/bookings", with_vehicle.clone()).await;
+    let b = app.ok("sales", "/v1/bookings", with_vehicle).await;
+    app.ok(
+        "sales",
+        &format!("/v1/bookings/{}/confirm", a["id"].as_str().unwrap()),
+        json!({}),
+    )
+    .await;
+    let before = app.event_count().await;
+    let r = app
+        .post(
+            "sales",
+            &format!("/v1/bookings/{}/confirm", b["id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+    r.assert_problem(409, "vehicle-unavailable");
+    assert_eq!(app.event_count().await, before);
+
+    // And a block over a confirmed booking is refused too.
+    let r = app
+        .post(
+            "operations",
+            &format!("/v1/vehicles/{GHOST}/blocks"),
+            json!({
+                "job_type": "repair",
+                "scheduled_start": "2026-06-02T00:00:00Z",
+                "scheduled_end": "2026-06-03T00:00:00Z",
+            }),
+        )
+        .await;
+    r.assert_problem(409, "vehicle-unavailable");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_problems_too() {
+    let app = TestApp::spawn().await;
+    let r = app.get("ceo", "/v1/nothing-here").await;
+    r.assert_problem(404, "not-found");
+    assert_eq!(r.body["code"], "route.not_found");
+    let r = app
+        .send(app.request(reqwest::Method::PUT, "sales", "/v1/clients"))
+        .await;
+    r.assert_problem(405, "method-not-allowed");
+    let r = app.get("ceo", "/v1/bookings?status=flying").await;
+    r.assert_problem(422, "validation");
+    let r = app.get("ceo", "/v1/bookings?colour=red").await;
+    r.assert_problem(422, "validation");
+}
+
+#[tokio::test]
+async fn a_bad_webhook_secret_or_signature_is_refused_and_nothing_is_stored() {
+    let app = TestApp::spawn().await;
+    let before = app.event_count().await;
+    let body = "leads[add][0][id]=4242&leads[add][0][name]=Nope&leads[add][0][status_id]=47873530";
+    let r = app.webhook("wrong-secret", body, None).await;
+    r.assert_problem(401, "unauthorized");
+    assert_eq!(r.body["code"], "webhook.bad_secret");
+    let r = app.webhook(WEBHOOK_SECRET, body, Some("00ff")).await;
+    r.assert_problem(401, "unauthorized");
+    assert_eq!(r.body["code"], "webhook.bad_signature");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM kommo_webhook_events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.event_count().await, before);
+}

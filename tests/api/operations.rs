@@ -1,0 +1,189 @@
+//! Operations and audit: projection status and rebuild, outbox dead letters, the global feed,
+//! and reading one's own writes with `min_position`.
+
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn projections_show_their_lag_and_rebuild_in_the_background() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Rebuild Case").await;
+    let created = app
+        .ok("sales", "/v1/clients", json!({ "name": "Second Client" }))
+        .await;
+    let position = created["position"].as_i64().unwrap();
+    app.eventually(
+        "operations",
+        &format!("/v1/clients/{client}?min_position={position}"),
+        |_| true,
+    )
+    .await;
+
+    let status = app.get("integration", "/v1/projections").await;
+    assert_eq!(status.status, 200);
+    let names: Vec<&str> = status.body["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bookings", "clients", "fleet", "sales", "kpis"]);
+
+    let r = app
+        .post("operations", "/v1/projections/clients/rebuild", json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{:#}", r.body);
+    app.post("operations", "/v1/projections/nope/rebuild", json!({}))
+        .await
+        .assert_problem(404, "not-found");
+    // The rebuild finishes and the read model still answers the same.
+    app.eventually("operations", "/v1/projections", |b| {
+        b["rebuilding"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    let row = app
+        .get("operations", &format!("/v1/clients/{client}"))
+        .await;
+    assert_eq!(row.status, 200);
+    assert_eq!(row.body["name"], "Rebuild Case");
+    assert!(
+        row.body.get("passport_number").is_none(),
+        "no PII in read models"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_requeued_once() {
+    let app = TestApp::spawn().await;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO integrations_outbox \
+           (id, entity_type, entity_id, target_system, event_type, payload, status, attempts, \
+            last_error, dedupe_key, source_position) \
+         VALUES ($1, 'client', $2, 'zoho', 'ClientRegistered', '{}', 'failed', 12, \
+                 'INVALID_DATA', $3, 1)",
+    )
+    .bind(id)
+    .bind(Uuid::now_v7())
+    .bind(format!("test:{id}"))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let failed = app.get("integration", "/v1/outbox?status=failed").await;
+    assert_eq!(failed.status, 200);
+    assert_eq!(failed.body["items"][0]["id"], id.to_string());
+    app.get("integration", "/v1/outbox?status=lost")
+        .await
+        .assert_problem(422, "validation");
+
+    let r = app
+        .post(
+            "integration",
+            &format!("/v1/outbox/{id}/requeue"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["status"], "pending");
+    assert_eq!(r.body["attempts"], 0);
+    app.post("operations", &format!("/v1/outbox/{id}/requeue"), json!({}))
+        .await
+        .assert_problem(409, "invalid-transition");
+    app.post(
+        "operations",
+        &format!("/v1/outbox/{}/requeue", Uuid::now_v7()),
+        json!({}),
+    )
+    .await
+    .assert_problem(404, "not-found");
+}
+
+#[tokio::test]
+async fn the_global_feed_pages_in_log_order_and_hides_personal_data() {
+    let app = TestApp::spawn().await;
+    for n in 0..3 {
+        app.client(&format!("Feed Client {n}")).await;
+    }
+    let mut after = 0;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < 3 {
+        let r = app
+            .get("integration", &format!("/v1/events?after={after}&limit=2"))
+            .await;
+        assert_eq!(r.status, 200, "{:#}", r.body);
+        for e in r.body["events"].as_array().unwrap() {
+            let text = e.to_string();
+            assert!(
+                !text.contains("P7654321"),
+                "the passport number leaked: {text}"
+            );
+            seen.push(e["global_position"].as_i64().unwrap());
+        }
+        after = r.body["next_after"].as_i64().unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the feed did not deliver"
+        );
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(seen, sorted);
+    app.get("integration", "/v1/events?after=999999")
+        .await
+        .assert_problem(422, "validation");
+}
+
+#[tokio::test]
+async fn min_position_waits_for_the_read_model_or_says_it_is_not_there_yet() {
+    // A database where no projection runs: the write is there, the read model is not.
+    let db = store::testing::TestDb::new().await;
+    let bus = commands::CommandBus::new(db.pool.clone());
+    let outcome = bus
+        .clients
+        .execute(
+            Uuid::now_v7(),
+            domain::client::ClientCommand::Register {
+                name: "Lagging".into(),
+                phone: None,
+                email: None,
+                residency_country: None,
+                preferred_language: None,
+                preferred_channels: vec![],
+                timezone: None,
+                gender: None,
+                date_of_birth: None,
+                passport_number: None,
+                emirates_id: None,
+                kommo_contact_id: None,
+            },
+            &domain::CommandMetadata::new(domain::Actor::system(), "test"),
+            None,
+        )
+        .await
+        .unwrap();
+    let wait =
+        |max| api::consistency::wait_for(&db.pool, &["clients"], Some(outcome.position), max);
+    let err = wait(Duration::from_millis(200)).await.unwrap_err();
+    assert_eq!(err.kind, api::error::ProblemKind::NotYetProjected);
+    assert_eq!(err.kind.status().as_u16(), 503);
+    assert!(err.to_string().contains("not there yet"), "{err}");
+
+    let clients = projections::by_name("clients").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        projections::runner::catch_up(&db.pool, clients.as_ref(), 100)
+            .await
+            .unwrap();
+        if wait(Duration::from_millis(50)).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

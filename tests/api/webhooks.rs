@@ -1,0 +1,79 @@
+//! Kommo webhook intake: stored once, processed in the background, idempotent.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::{TestApp, WEBHOOK_SECRET};
+
+/// Waits until every stored delivery is processed; returns their `fetched_data`.
+async fn processed(app: &TestApp, n: i64) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let rows: Vec<(String, Option<Value>)> = sqlx::query_as(
+            "SELECT status, fetched_data FROM kommo_webhook_events ORDER BY created_at",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        if rows.len() as i64 == n && rows.iter().all(|(s, _)| s == "processed") {
+            return rows.into_iter().filter_map(|(_, d)| d).collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not processed: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_kommo_lead_delivered_twice_in_different_bodies_becomes_one_lead() {
+    let app = TestApp::spawn().await;
+    let first = "leads[add][0][id]=777&leads[add][0][name]=Urus&leads[add][0][status_id]=999";
+    let second =
+        "leads[add][0][id]=777&leads[add][0][name]=Urus&leads[add][0][status_id]=999&account[id]=1";
+    assert_eq!(app.webhook(WEBHOOK_SECRET, first, None).await.status, 200);
+    assert_eq!(app.webhook(WEBHOOK_SECRET, second, None).await.status, 200);
+    let results = processed(&app, 2).await;
+    let outcomes: Vec<&str> = results
+        .iter()
+        .map(|r| r[0]["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["ok", "already_created"]);
+    let leads: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT e.aggregate_id, e.event_type, (e.payload->'LeadCreated'->>'kommo_lead_id')::bigint \
+         FROM events e WHERE e.aggregate_type = 'Lead'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(leads.len(), 1, "{leads:?}");
+    assert_eq!(leads[0].2, Some(777));
+    // An unknown Kommo status puts the lead in `new`; the actor is Kommo.
+    let (stage, actor): (String, String) = sqlx::query_as(
+        "SELECT payload->'LeadCreated'->>'stage_id', metadata->>'actor_type' FROM events \
+         WHERE aggregate_type = 'Lead'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((stage.as_str(), actor.as_str()), ("new", "kommo"));
+}
+
+#[tokio::test]
+async fn a_status_change_for_an_unknown_lead_is_recorded_and_skipped() {
+    let app = TestApp::spawn().await;
+    let body = "leads[status][0][id]=31337&leads[status][0][status_id]=142&leads[status][0][pipeline_id]=5389528";
+    let r = app.webhook(WEBHOOK_SECRET, body, None).await;
+    assert_eq!(r.status, 200);
+    let results = processed(&app, 1).await;
+    assert_eq!(results[0][0]["result"], "skipped");
+    let label: Option<String> =
+        sqlx::query_scalar("SELECT kommo_status_label FROM kommo_webhook_events")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(label.as_deref(), Some("Closed - won"));
+    assert_eq!(app.event_count().await, 0);
+}
