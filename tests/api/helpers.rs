@@ -69,6 +69,9 @@ pub struct TestApp {
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub keys: HashMap<&'static str, String>,
+    /// The fake CRMs the outbox worker delivers to.
+    pub kommo: crm_fakes::FakeKommo,
+    pub zoho: crm_fakes::FakeZoho,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     _db: TestDb,
@@ -111,6 +114,9 @@ impl TestApp {
             stopped.clone(),
         )));
 
+        let kommo = crm_fakes::FakeKommo::start().await.unwrap();
+        let zoho = crm_fakes::FakeZoho::start().await.unwrap();
+
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = api::router(state);
@@ -136,10 +142,55 @@ impl TestApp {
             pool,
             client: reqwest::Client::new(),
             keys,
+            kommo,
+            zoho,
             stop,
             tasks,
             _db: db,
         }
+    }
+
+    /// Starts the outbox (its projector and one worker) delivering to the fake Kommo and Zoho.
+    /// Separate from `spawn` so that tests asserting exact stream versions are not interleaved
+    /// with the worker's write-backs.
+    pub async fn start_outbox(&mut self) {
+        let pool = self.pool.clone();
+        let stopped = self.stop.subscribe();
+        let key = outbox_worker::pg::EncryptionKey::from_hex(&"ab".repeat(32)).unwrap();
+        let tokens: std::sync::Arc<dyn crm::TokenStore> =
+            std::sync::Arc::new(outbox_worker::pg::PgTokenStore::new(pool.clone(), key));
+        let targets = outbox_worker::setup::for_fakes(
+            &self.kommo,
+            &self.zoho,
+            tokens,
+            std::sync::Arc::new(crm::LocalPacer::from_rps(6)),
+            Duration::from_secs(5),
+            10,
+        )
+        .unwrap();
+        let mut worker_config = outbox_worker::worker::WorkerConfig::from_env();
+        worker_config.idle = Duration::from_millis(50);
+        let worker = outbox_worker::worker::Worker::new(
+            pool.clone(),
+            std::sync::Arc::new(commands::CommandBus::new(pool.clone())),
+            targets,
+            worker_config,
+        );
+        let worker_stop = stopped.clone();
+        self.tasks
+            .push(tokio::spawn(async move { worker.run(worker_stop).await }));
+        self.tasks.push(tokio::spawn(projections::runner::run(
+            pool,
+            vec![std::sync::Arc::new(
+                outbox_worker::projector::OutboxProjector,
+            )],
+            projections::runner::RunnerConfig {
+                batch_size: 500,
+                tick_every: Duration::from_secs(3600),
+                retry_after: Duration::from_millis(200),
+            },
+            stopped,
+        )));
     }
 
     pub fn url(&self, path: &str) -> String {

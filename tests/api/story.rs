@@ -13,7 +13,7 @@ fn ts(t: DateTime<Utc>) -> String {
 
 #[tokio::test]
 async fn a_kommo_lead_becomes_a_paid_rental_that_every_read_model_and_the_audit_show() {
-    let app = TestApp::spawn().await;
+    let mut app = TestApp::spawn().await;
     let client = app.client("Layla Al Mansouri").await;
 
     // Kommo announces a new lead in "Offer sent", then moves it to "Negotiation".
@@ -309,6 +309,30 @@ async fn a_kommo_lead_becomes_a_paid_rental_that_every_read_model_and_the_audit_
         )
         .await;
     before.assert_problem(404, "not-found");
+
+    // The outbox delivers the client and the sales order to the CRMs, once each, and the ids
+    // come back through commands.
+    app.start_outbox().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let b = app.get("ceo", &format!("/v1/bookings/{booking_id}")).await;
+        if b.body["zoho_sync_status"] == "synced" {
+            assert!(b.body["zoho_sales_order_id"].is_string(), "{:#}", b.body);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sales order never synced: {:#}",
+            b.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.zoho.contacts().len(), 1, "one Zoho contact");
+    assert_eq!(app.zoho.sales_orders().len(), 1, "one Zoho sales order");
+    assert!(app.zoho.sales_order_by_external(&code).is_some());
+    assert_eq!(app.kommo.contacts().len(), 1, "one Kommo contact");
+    let c = app.get("ceo", &format!("/v1/clients/{client}")).await;
+    assert!(c.body["zoho_contact_id"].is_string(), "{:#}", c.body);
 }
 
 fn ts_precise(t: DateTime<Utc>) -> String {
