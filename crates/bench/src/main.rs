@@ -50,6 +50,15 @@ enum Section {
         #[arg(long, default_value_t = 5_000)]
         events: usize,
     },
+    /// The HTTP command workload against `skyluxse serve` (release binary, built first), with a
+    /// minimal-SQL baseline of the same size and concurrency in the same run.
+    Commands {
+        #[arg(long, default_value_t = 2_000)]
+        bookings: usize,
+        /// Concurrent clients; one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        clients: Vec<usize>,
+    },
     /// Every section with its defaults.
     All,
 }
@@ -139,6 +148,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let sections = match cli.section {
         Section::All => vec![
+            Section::Commands {
+                bookings: 2_000,
+                clients: vec![1, 16],
+            },
             Section::Streams { events: 5_000 },
             Section::Outbox {
                 rows: 10_000,
@@ -151,6 +164,15 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report(Vec::new());
     println!("{:<8} {:<58} {:>14} unit", "section", "figure", "value");
     for s in sections {
+        if let Section::Commands { bookings, clients } = &s {
+            for c in clients {
+                let db = BenchDb::create().await?;
+                let result = http_commands(&db, *bookings, *c, &mut report).await;
+                db.drop_db().await?;
+                result?;
+            }
+            continue;
+        }
         let db = BenchDb::create().await?;
         let result = match s {
             Section::Rebuild { events } => rebuild(&db.pool, events, &mut report).await,
@@ -158,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
                 outbox(&db.pool, rows, latency_ms, &mut report).await
             }
             Section::Streams { events } => streams(&db.pool, events, &mut report).await,
-            Section::All => Ok(()),
+            Section::All | Section::Commands { .. } => Ok(()),
         };
         db.drop_db().await?;
         result?;
@@ -610,5 +632,333 @@ async fn streams(pool: &PgPool, events: usize, report: &mut Report) -> anyhow::R
             "ms",
         );
     }
+    Ok(())
+}
+
+/// A running `skyluxse serve`, killed on drop.
+struct Served {
+    child: tokio::process::Child,
+    base: String,
+}
+
+fn skyluxse_binary() -> anyhow::Result<std::path::PathBuf> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/skyluxse");
+    anyhow::ensure!(
+        path.exists(),
+        "build the service first: cargo build --release (looked for {})",
+        path.display()
+    );
+    Ok(path)
+}
+
+async fn serve(db_url: &str) -> anyhow::Result<Served> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = tokio::process::Command::new(skyluxse_binary()?)
+        .arg("serve")
+        .env("DATABASE_URL", db_url)
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "error")
+        .env("SKYLUXSE_ENCRYPTION_KEY", "ab".repeat(32))
+        .kill_on_drop(true)
+        .spawn()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest_client();
+    for _ in 0..300 {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(Served { child, base });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("skyluxse serve did not become ready")
+}
+
+fn reqwest_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap_or_default()
+}
+
+async fn api_key(db_url: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(skyluxse_binary()?)
+        .args([
+            "keys",
+            "create",
+            "--role",
+            "operations",
+            "--staff",
+            "ops@skyluxse.ae",
+        ])
+        .env("DATABASE_URL", db_url)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The worst lag over projections: how old the oldest unapplied event is, in ms (0 = caught up).
+async fn worst_lag_ms(pool: &PgPool) -> anyhow::Result<f64> {
+    let mut worst = 0.0f64;
+    for p in projections::all() {
+        let at = store::checkpoints::load(pool, &projections::runner::checkpoint_name(p.as_ref()))
+            .await?;
+        let next = store::global_log::read_after(pool, at, 1).await?;
+        if let Some(e) = next.first() {
+            worst = worst.max(
+                (chrono::Utc::now() - e.recorded_at)
+                    .num_milliseconds()
+                    .max(0) as f64,
+            );
+        } else if store::global_log::has_pending_after(pool, at).await? {
+            worst = worst.max(1.0);
+        }
+    }
+    Ok(worst)
+}
+
+async fn http_commands(
+    db: &BenchDb,
+    bookings: usize,
+    clients: usize,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let url = format!(
+        "postgres://{}@{}:{}/{}",
+        db.server.get_username(),
+        db.server.get_host(),
+        db.server.get_port(),
+        db.name
+    );
+    let mut served = serve(&url).await?;
+    let key = api_key(&url).await?;
+    let http = reqwest_client();
+    let auth = format!("Bearer {key}");
+    // The bookings' clients.
+    let mut client_ids = Vec::new();
+    for i in 0..20 {
+        let r: Value = http
+            .post(format!("{}/v1/clients", served.base))
+            .header("authorization", &auth)
+            .json(
+                &json!({"name": format!("Bench Guest {i}"), "email": format!("g{i}@example.com")}),
+            )
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        client_ids.push(r["id"].as_str().unwrap_or_default().to_string());
+    }
+    let vehicles: Vec<String> = (1..=6)
+        .map(|v| format!("00000000-0000-4000-c000-00000000000{v}"))
+        .collect();
+    let base_day = chrono::Utc::now() + chrono::Duration::days(30);
+
+    // Lag sampler.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let sampler_pool = db.pool.clone();
+    let sampler = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while !*stopped.borrow() {
+            if let Ok(l) = worst_lag_ms(&sampler_pool).await {
+                samples.push(l);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        samples
+    });
+
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let http = http.clone();
+        let base = served.base.clone();
+        let auth = auth.clone();
+        let next = next.clone();
+        let client_ids = client_ids.clone();
+        let vehicles = vehicles.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= bookings {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let start = base_day + chrono::Duration::days(2 * (i / 6) as i64);
+                let create = json!({
+                    "client_id": client_ids[i % client_ids.len()],
+                    "vehicle_id": vehicles[i % 6],
+                    "start_at": start, "end_at": start + chrono::Duration::days(1),
+                    "price_daily": "2500.00",
+                });
+                let t = Instant::now();
+                let r: Value = http.post(format!("{base}/v1/bookings")).header("authorization", &auth).json(&create)
+                    .send().await?.error_for_status()?.json().await?;
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                let id = r["id"].as_str().unwrap_or_default().to_string();
+                for (action, body) in [
+                    ("confirm", json!({})),
+                    ("start-delivery", json!({"promised_at": start})),
+                    ("start-rental", json!({"started_at": start, "pickup_mileage_km": 100, "fuel_level_pct": 100})),
+                    ("complete", json!({"returned_at": start + chrono::Duration::days(1), "return_mileage_km": 200, "fuel_level_pct": 90})),
+                ] {
+                    let t = Instant::now();
+                    http.post(format!("{base}/v1/bookings/{id}/{action}")).header("authorization", &auth).json(&body)
+                        .send().await?.error_for_status()?;
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let done = Instant::now();
+    while worst_lag_ms(&db.pool).await? > 0.0 {
+        anyhow::ensure!(
+            done.elapsed() < Duration::from_secs(300),
+            "projections never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let catch_up = done.elapsed().as_secs_f64();
+    stop.send(true)?;
+    let mut lags = sampler.await?;
+    lags.sort_by(f64::total_cmp);
+    let rss_kb =
+        std::fs::read_to_string(format!("/proc/{}/status", served.child.id().unwrap_or(0)))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0);
+    served.child.start_kill()?;
+    let _ = served.child.wait().await;
+
+    latencies.sort_by(f64::total_cmp);
+    let commands = latencies.len();
+    let rate = commands as f64 / elapsed;
+    let tag = format!("{clients} client(s), {bookings} bookings");
+    report.add(
+        "commands",
+        format!("{tag}: commands/s over HTTP"),
+        rate,
+        "commands/s",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: p50 latency"),
+        percentile(&latencies, 0.5),
+        "ms",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: p99 latency"),
+        percentile(&latencies, 0.99),
+        "ms",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: max latency"),
+        latencies.last().copied().unwrap_or(0.0),
+        "ms",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: projection lag p50 during the run"),
+        percentile(&lags, 0.5),
+        "ms",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: projection lag p99 during the run"),
+        percentile(&lags, 0.99),
+        "ms",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: catch-up after the run"),
+        catch_up * 1000.0,
+        "ms",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: peak RSS of serve"),
+        rss_kb / 1024.0,
+        "MB",
+    );
+
+    // The ceiling: the same number of transactions at the same concurrency doing only the
+    // minimal SQL of a command (read the stream, append one event, upsert one read-model row).
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_baseline (id text PRIMARY KEY, n bigint NOT NULL)",
+    )
+    .execute(&db.pool)
+    .await?;
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let pool = db.pool.clone();
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= commands {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let stream = format!("b{}", i / 5);
+                let mut tx = pool.begin().await?;
+                let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(sequence), 0) FROM events WHERE aggregate_type = 'Baseline' AND aggregate_id = $1")
+                    .bind(&stream).fetch_one(&mut *tx).await?;
+                sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ('Baseline', $1, $2, 'Noted', '1.0', '{\"Noted\":{}}', '{}')")
+                    .bind(&stream).bind(seq + 1).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO bench_baseline (id, n) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n")
+                    .bind(&stream).bind(seq + 1).execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let baseline = commands as f64 / started.elapsed().as_secs_f64();
+    report.add(
+        "commands",
+        format!("{tag}: SQL baseline transactions/s"),
+        baseline,
+        "tx/s",
+    );
+    report.add(
+        "commands",
+        format!("{tag}: commands/s as a share of the baseline"),
+        100.0 * rate / baseline,
+        "%",
+    );
     Ok(())
 }
