@@ -191,6 +191,7 @@ impl Projection for Bookings {
         let mut states: HashMap<Uuid, Tracked<Booking>> =
             load_states(conn, "booking_states", &ids).await?;
         let mut touched = BTreeMap::new();
+        let mut timeline: Vec<TimelineRow> = Vec::new();
 
         for e in events {
             match e.aggregate_type.as_str() {
@@ -204,22 +205,17 @@ impl Projection for Bookings {
                     if status_before != (t.state.created, t.state.status) {
                         t.status_changed_at = Some(e.recorded_at);
                     }
-                    sqlx::query(
-                        "INSERT INTO booking_timeline_events \
-                         (id, booking_id, sequence, event_type, message, payload, actor, occurred_at, last_position) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    )
-                    .bind(event_row_id(e))
-                    .bind(id)
-                    .bind(e.sequence)
-                    .bind(&e.event_type)
-                    .bind(message(&ev, &t.state))
-                    .bind(serde_json::to_value(&ev).unwrap_or_default())
-                    .bind(actor(e))
-                    .bind(e.recorded_at)
-                    .bind(e.position.global_position)
-                    .execute(&mut *conn)
-                    .await?;
+                    timeline.push(TimelineRow {
+                        id: event_row_id(e),
+                        booking_id: id,
+                        sequence: e.sequence,
+                        event_type: e.event_type.clone(),
+                        message: message(&ev, &t.state),
+                        payload: serde_json::to_value(&ev).unwrap_or_default(),
+                        actor: actor(e),
+                        occurred_at: e.recorded_at,
+                        position: e.position.global_position,
+                    });
                     if let BookingEvent::BookingInvoiceIssued {
                         invoice_id,
                         label,
@@ -256,6 +252,7 @@ impl Projection for Bookings {
             }
         }
 
+        insert_timeline(conn, timeline).await?;
         for id in touched.keys() {
             if let Some(t) = states.get(id) {
                 save_state(conn, "booking_states", *id, t).await?;
@@ -264,6 +261,70 @@ impl Projection for Bookings {
         }
         Ok(())
     }
+}
+
+/// One `booking_timeline_events` row.
+struct TimelineRow {
+    id: Uuid,
+    booking_id: Uuid,
+    sequence: i64,
+    event_type: String,
+    message: String,
+    payload: serde_json::Value,
+    actor: serde_json::Value,
+    occurred_at: DateTime<Utc>,
+    position: i64,
+}
+
+/// Inserts a batch's timeline rows in one statement.
+async fn insert_timeline(
+    conn: &mut PgConnection,
+    rows: Vec<TimelineRow>,
+) -> Result<(), ProjectionError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    #[allow(clippy::type_complexity)] // one vector per column, bound as arrays
+    let mut cols: (
+        Vec<Uuid>,
+        Vec<Uuid>,
+        Vec<i64>,
+        Vec<String>,
+        Vec<String>,
+        Vec<serde_json::Value>,
+        Vec<serde_json::Value>,
+        Vec<DateTime<Utc>>,
+        Vec<i64>,
+    ) = Default::default();
+    for r in rows {
+        cols.0.push(r.id);
+        cols.1.push(r.booking_id);
+        cols.2.push(r.sequence);
+        cols.3.push(r.event_type);
+        cols.4.push(r.message);
+        cols.5.push(r.payload);
+        cols.6.push(r.actor);
+        cols.7.push(r.occurred_at);
+        cols.8.push(r.position);
+    }
+    sqlx::query(
+        "INSERT INTO booking_timeline_events \
+         (id, booking_id, sequence, event_type, message, payload, actor, occurred_at, last_position) \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], \
+           $6::jsonb[], $7::jsonb[], $8::timestamptz[], $9::bigint[])",
+    )
+    .bind(cols.0)
+    .bind(cols.1)
+    .bind(cols.2)
+    .bind(cols.3)
+    .bind(cols.4)
+    .bind(cols.5)
+    .bind(cols.6)
+    .bind(cols.7)
+    .bind(cols.8)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 async fn apply_block(
