@@ -161,7 +161,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
-    let pool = open_pool(30).await?;
+    let pool = open_pool(16).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let background = spawn_background_roles(pool.clone(), stopped.clone(), true);
     let state = api::AppState::new(pool.clone(), api::ApiConfig::from_env());
@@ -183,9 +183,12 @@ async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the pool of a role: `max_connections` unless `DATABASE_MAX_CONNECTIONS` says otherwise.
+/// Budget per process: this pool, plus while leading one connection per projection for its
+/// leadership and one for its LISTEN.
 async fn open_pool(max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
     let mut config = DbConfig::from_env();
-    config.max_connections = max_connections;
+    config.max_connections = DbConfig::max_connections_override().unwrap_or(max_connections);
     Ok(db::open(&config).await?)
 }
 
@@ -254,7 +257,7 @@ async fn run_outbox(
 }
 
 async fn worker() -> anyhow::Result<()> {
-    let pool = open_pool(12).await?;
+    let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let outbox = tokio::spawn(run_outbox(pool.clone(), stopped));
     shutdown_signal().await;
@@ -265,7 +268,7 @@ async fn worker() -> anyhow::Result<()> {
 }
 
 async fn project() -> anyhow::Result<()> {
-    let pool = open_pool(12).await?;
+    let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let background = spawn_background_roles(pool.clone(), stopped, false);
     shutdown_signal().await;

@@ -10,6 +10,7 @@ mod global_log;
 mod outbox;
 mod processes;
 mod read_models;
+mod scaleout;
 
 use std::time::Duration;
 

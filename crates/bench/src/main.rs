@@ -932,7 +932,7 @@ async fn http_commands(
                 if i >= commands {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let stream = format!("b{}", i / 5);
+                let stream = format!("b{i}");
                 let mut tx = pool.begin().await?;
                 let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(sequence), 0) FROM events WHERE aggregate_type = 'Baseline' AND aggregate_id = $1")
                     .bind(&stream).fetch_one(&mut *tx).await?;

@@ -75,13 +75,12 @@ pub fn derive(event: &RecordedEvent, booking_was_confirmed: bool) -> Vec<Derived
     }
 }
 
-/// A stable row id for the `index`th row of the event at `position`.
+/// A stable row id for the `index`th row of the event at `position` (name-based UUID).
 fn row_id(position: i64, index: usize) -> Uuid {
-    let mut b = [0u8; 16];
-    b[..4].copy_from_slice(b"obx:");
-    b[4..12].copy_from_slice(&position.to_be_bytes());
-    b[12..].copy_from_slice(&(index as u32).to_be_bytes());
-    uuid::Builder::from_custom_bytes(b).into_uuid()
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("outbox:{position}:{index}").as_bytes(),
+    )
 }
 
 async fn was_confirmed(conn: &mut PgConnection, e: &RecordedEvent) -> Result<bool, sqlx::Error> {

@@ -7,7 +7,7 @@
 //! the tick (or when the next day's first event arrives), with the state carried over. So a row
 //! depends only on the events, never on when it was computed: a rebuild reproduces it exactly.
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use domain::booking::BookingEvent;
 use domain::deal::DealEvent;
 use domain::lead::LeadEvent;
@@ -462,13 +462,7 @@ async fn snapshot(
         "outstanding_amount": outstanding.unwrap_or_default(),
     });
     let start_of_day = end_of_day - Duration::days(1);
-    let id = uuid::Builder::from_custom_bytes({
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(b"kpi:");
-        b[4..12].copy_from_slice(&i64::from(day.num_days_from_ce()).to_be_bytes());
-        b
-    })
-    .into_uuid();
+    let id = crate::util::stable_id(&format!("kpi:{day}"));
     sqlx::query(
         "INSERT INTO kpi_snapshots (id, snapshot_date, metrics, created_at, last_position) \
          VALUES ($1, $2, $3, $4, $5) \

@@ -46,11 +46,19 @@ pub struct DbConfig {
 }
 
 impl DbConfig {
+    /// `DATABASE_MAX_CONNECTIONS` (per process) overrides the pool size a role asks for.
+    pub fn max_connections_override() -> Option<u32> {
+        std::env::var("DATABASE_MAX_CONNECTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+    }
+
     pub fn from_env() -> Self {
         Self {
             url: std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()),
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
+            max_connections: Self::max_connections_override().unwrap_or(10),
+            acquire_timeout: Duration::from_secs(10),
             application_name: format!("skyluxse-{}", std::process::id()),
         }
     }
@@ -79,6 +87,8 @@ pub async fn connect(url: &str, config: &DbConfig) -> Result<PgPool, DbError> {
         PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
+            // Give connections back to the server when a burst is over.
+            .idle_timeout(Duration::from_secs(60))
     };
     let mut first = pool_options().connect_with(options.clone()).await;
     // A server that is starting up (57P03) answers but refuses sessions for a few seconds.
