@@ -231,7 +231,9 @@ pub async fn recompute(
          FROM clients c \
          LEFT JOIN (SELECT client_id, sum(total_amount) AS ltv, max(start_at) AS last_start, \
                       sum(outstanding_amount) AS outstanding \
-                    FROM client_booking_facts WHERE NOT cancelled GROUP BY client_id) f \
+                    FROM client_booking_facts \
+                    WHERE NOT cancelled AND ($1::uuid IS NULL OR client_id = $1) \
+                    GROUP BY client_id) f \
            ON f.client_id = c.id \
          WHERE $1::uuid IS NULL OR c.id = $1",
     )
