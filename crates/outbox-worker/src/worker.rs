@@ -358,16 +358,27 @@ impl Worker {
         }
     }
 
-    async fn kommo_contact(&self, row: &Claimed) -> Result<Delivery, CrmError> {
-        let (client, _) = self
-            .bus
-            .clients
-            .replay(row.entity_id, None)
-            .await
-            .map_err(internal)?;
+    /// The current state of a client that must exist.
+    async fn existing_client(&self, id: Uuid) -> Result<domain::client::Client, CrmError> {
+        let (client, _) = self.bus.clients.replay(id, None).await.map_err(internal)?;
         if !client.created {
             return Err(permanent("the client does not exist".into()));
         }
+        Ok(client)
+    }
+
+    /// Records an external id on the row's client, as the outbox worker.
+    async fn write_back_client(&self, row: &Claimed, link: ClientCommand) -> Result<(), CrmError> {
+        self.bus
+            .clients
+            .execute(row.entity_id, link, &self.meta(row), None)
+            .await
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    async fn kommo_contact(&self, row: &Claimed) -> Result<Delivery, CrmError> {
+        let client = self.existing_client(row.entity_id).await?;
         let known = client
             .kommo_contact_id
             .as_deref()
@@ -383,32 +394,16 @@ impl Worker {
         };
         let id = self.targets.kommo.upsert_contact(&input, known).await?;
         if known != Some(id) {
-            self.bus
-                .clients
-                .execute(
-                    row.entity_id,
-                    ClientCommand::LinkKommoContact {
-                        kommo_contact_id: id.to_string(),
-                    },
-                    &self.meta(row),
-                    None,
-                )
-                .await
-                .map_err(internal)?;
+            let link = ClientCommand::LinkKommoContact {
+                kommo_contact_id: id.to_string(),
+            };
+            self.write_back_client(row, link).await?;
         }
         Ok(Delivery::Done(json!({ "kommo_contact_id": id })))
     }
 
     async fn zoho_contact(&self, row: &Claimed) -> Result<Delivery, CrmError> {
-        let (client, _) = self
-            .bus
-            .clients
-            .replay(row.entity_id, None)
-            .await
-            .map_err(internal)?;
-        if !client.created {
-            return Err(permanent("the client does not exist".into()));
-        }
+        let client = self.existing_client(row.entity_id).await?;
         let (first, last) = split_name(&client.name);
         let contact = ZohoContact {
             external_key: row.entity_id,
@@ -423,18 +418,10 @@ impl Worker {
         };
         let id = self.targets.zoho.upsert_contact(&contact).await?;
         if client.zoho_contact_id.as_deref() != Some(id.as_str()) {
-            self.bus
-                .clients
-                .execute(
-                    row.entity_id,
-                    ClientCommand::LinkZohoContact {
-                        zoho_contact_id: id.clone(),
-                    },
-                    &self.meta(row),
-                    None,
-                )
-                .await
-                .map_err(internal)?;
+            let link = ClientCommand::LinkZohoContact {
+                zoho_contact_id: id.clone(),
+            };
+            self.write_back_client(row, link).await?;
         }
         Ok(Delivery::Done(json!({ "zoho_contact_id": id })))
     }
