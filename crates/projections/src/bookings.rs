@@ -4,19 +4,19 @@
 //! A booking's row is derived from its state folded by the domain's own `apply`, kept in
 //! `booking_states`, so totals and statuses are computed in exactly one place.
 
-use std::collections::{BTreeMap, HashMap};
-
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::booking::{Booking, BookingEvent, BookingStatus};
 use domain::vehicle_block::VehicleBlockEvent;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sqlx::PgConnection;
 use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::util::{actor, aggregate_uuid, decode, event_row_id};
-use crate::{Projection, ProjectionError};
+use crate::write::{States, Table, delete_where};
+use crate::{Projection, ProjectionError, Session};
 
 pub struct Bookings;
 
@@ -38,55 +38,6 @@ impl<A> Tracked<A> {
         self.version = event.sequence;
         self.last_position = event.position.global_position;
     }
-}
-
-/// Loads folded states of `ids` from `table`.
-pub async fn load_states<A: serde::de::DeserializeOwned + Default>(
-    conn: &mut PgConnection,
-    table: &str,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, Tracked<A>>, ProjectionError> {
-    let rows: Vec<(Uuid, serde_json::Value)> =
-        sqlx::query_as(&format!("SELECT id, state FROM {table} WHERE id = ANY($1)"))
-            .bind(ids)
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut out = HashMap::new();
-    for (id, state) in rows {
-        let tracked: Tracked<A> =
-            serde_json::from_value(state).map_err(|e| ProjectionError::Unhandleable {
-                position: 0,
-                event_type: table.into(),
-                event_version: String::new(),
-                reason: format!("stored state of {id} is unreadable: {e}"),
-            })?;
-        out.insert(id, tracked);
-    }
-    Ok(out)
-}
-
-/// Saves folded states.
-pub async fn save_state<A: Serialize>(
-    conn: &mut PgConnection,
-    table: &str,
-    id: Uuid,
-    tracked: &Tracked<A>,
-) -> Result<(), ProjectionError> {
-    let json = serde_json::to_value(tracked).map_err(|e| ProjectionError::Unhandleable {
-        position: tracked.last_position,
-        event_type: table.into(),
-        event_version: String::new(),
-        reason: e.to_string(),
-    })?;
-    sqlx::query(&format!(
-        "INSERT INTO {table} (id, state) VALUES ($1, $2) \
-         ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state"
-    ))
-    .bind(id)
-    .bind(json)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// Calendar status of a booking status (SPEC §3).
@@ -177,8 +128,172 @@ impl Projection for Bookings {
         ]
     }
 
+    fn session(&self, fresh: bool) -> Option<Box<dyn Session>> {
+        Some(Box::new(BookingsSession {
+            states: States::new("booking_states", fresh),
+        }))
+    }
+}
+
+struct BookingsSession {
+    states: States<Booking>,
+}
+
+const INVOICES: Table = Table {
+    name: "booking_invoices",
+    columns: &[
+        "id",
+        "booking_id",
+        "label",
+        "invoice_type",
+        "amount",
+        "status",
+        "issued_at",
+        "due_at",
+        "last_position",
+    ],
+    key: &[],
+    update: &[],
+};
+
+const CALENDAR: Table = Table {
+    name: "calendar_events",
+    columns: &[
+        "id",
+        "vehicle_id",
+        "booking_id",
+        "maintenance_job_id",
+        "event_type",
+        "title",
+        "start_at",
+        "end_at",
+        "status",
+        "last_position",
+    ],
+    key: &["id"],
+    update: &[
+        "vehicle_id",
+        "title",
+        "start_at",
+        "end_at",
+        "status",
+        "last_position",
+    ],
+};
+
+const SERVICES: Table = Table {
+    name: "booking_additional_services",
+    columns: &[
+        "id",
+        "booking_id",
+        "service_id",
+        "price",
+        "quantity",
+        "description",
+        "last_position",
+    ],
+    key: &[],
+    update: &[],
+};
+
+/// Every column but `id` and `created_at` is overwritten on update.
+const BOOKING_UPDATE: &[&str] = &[
+    "external_code",
+    "client_id",
+    "vehicle_id",
+    "driver_id",
+    "owner_id",
+    "lead_id",
+    "status",
+    "booking_type",
+    "priority",
+    "channel",
+    "start_at",
+    "end_at",
+    "rental_duration_days",
+    "currency",
+    "price_daily",
+    "total_amount",
+    "paid_amount",
+    "outstanding_amount",
+    "deposit_amount",
+    "advance_payment",
+    "full_insurance_fee",
+    "pickup_location",
+    "dropoff_location",
+    "kommo_status_id",
+    "zoho_sales_order_id",
+    "zoho_sync_status",
+    "zoho_sync_error",
+    "sales_service_rating",
+    "sales_service_feedback",
+    "delivery_promised_at",
+    "delivery_actual_at",
+    "delivered_on_time",
+    "pickup_mileage_km",
+    "return_mileage_km",
+    "returned_at",
+    "cancel_reason",
+    "status_changed_at",
+    "updated_at",
+    "version",
+    "last_position",
+];
+
+const BOOKINGS: Table = Table {
+    name: "bookings",
+    columns: &[
+        "id",
+        "external_code",
+        "client_id",
+        "vehicle_id",
+        "driver_id",
+        "owner_id",
+        "lead_id",
+        "status",
+        "booking_type",
+        "priority",
+        "channel",
+        "start_at",
+        "end_at",
+        "rental_duration_days",
+        "currency",
+        "price_daily",
+        "total_amount",
+        "paid_amount",
+        "outstanding_amount",
+        "deposit_amount",
+        "advance_payment",
+        "full_insurance_fee",
+        "pickup_location",
+        "dropoff_location",
+        "kommo_status_id",
+        "zoho_sales_order_id",
+        "zoho_sync_status",
+        "zoho_sync_error",
+        "sales_service_rating",
+        "sales_service_feedback",
+        "delivery_promised_at",
+        "delivery_actual_at",
+        "delivered_on_time",
+        "pickup_mileage_km",
+        "return_mileage_km",
+        "returned_at",
+        "cancel_reason",
+        "status_changed_at",
+        "created_at",
+        "updated_at",
+        "version",
+        "last_position",
+    ],
+    key: &["id"],
+    update: BOOKING_UPDATE,
+};
+
+#[async_trait::async_trait]
+impl Session for BookingsSession {
     async fn apply(
-        &self,
+        &mut self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
@@ -186,36 +301,25 @@ impl Projection for Bookings {
         for e in events.iter().filter(|e| e.aggregate_type == Booking::TYPE) {
             ids.push(aggregate_uuid(e)?);
         }
-        ids.sort_unstable();
-        ids.dedup();
-        let mut states: HashMap<Uuid, Tracked<Booking>> =
-            load_states(conn, "booking_states", &ids).await?;
-        let mut touched = BTreeMap::new();
+        self.states.load(conn, ids).await?;
         let mut timeline: Vec<TimelineRow> = Vec::new();
+        let mut invoices = Vec::new();
+        let mut blocks = Vec::new();
+        let mut unblocked: (Vec<Uuid>, Vec<i64>) = Default::default();
 
         for e in events {
             match e.aggregate_type.as_str() {
                 "Booking" => {
                     let ev: BookingEvent = decode(e)?;
                     let id = aggregate_uuid(e)?;
-                    let t = states.entry(id).or_default();
+                    let t = self.states.change(id);
                     let status_before = (t.state.created, t.state.status);
                     t.state.apply(ev.clone());
                     t.touch(e);
                     if status_before != (t.state.created, t.state.status) {
                         t.status_changed_at = Some(e.recorded_at);
                     }
-                    timeline.push(TimelineRow {
-                        id: event_row_id(e),
-                        booking_id: id,
-                        sequence: e.sequence,
-                        event_type: e.event_type.clone(),
-                        message: message(&ev, &t.state),
-                        payload: serde_json::to_value(&ev).unwrap_or_default(),
-                        actor: actor(e),
-                        occurred_at: e.recorded_at,
-                        position: e.position.global_position,
-                    });
+                    let message = message(&ev, &t.state);
                     if let BookingEvent::BookingInvoiceIssued {
                         invoice_id,
                         label,
@@ -225,40 +329,107 @@ impl Projection for Bookings {
                         due_at,
                     } = &ev
                     {
-                        sqlx::query(
-                            "INSERT INTO booking_invoices \
-                             (id, booking_id, label, invoice_type, amount, status, issued_at, due_at, last_position) \
-                             VALUES ($1, $2, $3, $4, $5, 'issued', $6, $7, $8)",
-                        )
-                        .bind(invoice_id)
-                        .bind(id)
-                        .bind(label)
-                        .bind(invoice_type)
-                        .bind(amount.amount())
-                        .bind(issued_at)
-                        .bind(due_at)
-                        .bind(e.position.global_position)
-                        .execute(&mut *conn)
-                        .await?;
+                        invoices.push(json!({
+                            "id": invoice_id,
+                            "booking_id": id,
+                            "label": label,
+                            "invoice_type": invoice_type,
+                            "amount": amount.amount(),
+                            "status": "issued",
+                            "issued_at": issued_at,
+                            "due_at": due_at,
+                            "last_position": e.position.global_position,
+                        }));
                     }
-                    touched.insert(id, ());
+                    timeline.push(TimelineRow {
+                        id: event_row_id(e),
+                        booking_id: id,
+                        sequence: e.sequence,
+                        event_type: e.event_type.clone(),
+                        message,
+                        payload: serde_json::to_value(&ev).unwrap_or_default(),
+                        actor: actor(e),
+                        occurred_at: e.recorded_at,
+                        position: e.position.global_position,
+                    });
                 }
                 "VehicleBlock" => {
                     let ev: VehicleBlockEvent = decode(e)?;
                     let id = aggregate_uuid(e)?;
-                    apply_block(conn, id, &ev, e).await?;
+                    match block_row(id, &ev, e) {
+                        Some(row) => blocks.push(row),
+                        None => {
+                            unblocked.0.push(id);
+                            unblocked.1.push(e.position.global_position);
+                        }
+                    }
                 }
                 _ => {}
             }
         }
 
         insert_timeline(conn, timeline).await?;
-        for id in touched.keys() {
-            if let Some(t) = states.get(id) {
-                save_state(conn, "booking_states", *id, t).await?;
-                write_booking(conn, *id, t).await?;
+        INVOICES.write(conn, invoices).await?;
+        CALENDAR.write(conn, blocks).await?;
+        if !unblocked.0.is_empty() {
+            sqlx::query(
+                "UPDATE calendar_events c SET status = 'cancelled', last_position = u.p \
+                 FROM unnest($1::uuid[], $2::bigint[]) AS u(id, p) WHERE c.id = u.id",
+            )
+            .bind(unblocked.0)
+            .bind(unblocked.1)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let ids = self.states.changed();
+        self.states.save(conn).await?;
+        let (mut rows, mut services, mut calendar, mut off_calendar) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for id in &ids {
+            let Some(t) = self.states.get(id) else {
+                continue;
+            };
+            let b = &t.state;
+            let (Some(start_at), Some(end_at)) = (b.start_at, b.end_at) else {
+                continue;
+            };
+            rows.push(booking_row(*id, t));
+            for s in &b.services {
+                services.push(json!({
+                    "id": s.line_id,
+                    "booking_id": id,
+                    "service_id": s.service_id,
+                    "price": s.price.amount(),
+                    "quantity": s.quantity,
+                    "description": s.description,
+                    "last_position": t.last_position,
+                }));
+            }
+            match b.vehicle_id {
+                Some(vehicle_id) => calendar.push(json!({
+                    "id": id,
+                    "vehicle_id": vehicle_id,
+                    "booking_id": id,
+                    "maintenance_job_id": null,
+                    "event_type": "booking",
+                    "title": b.external_code,
+                    "start_at": start_at,
+                    "end_at": end_at,
+                    "status": calendar_status(b.status),
+                    "last_position": t.last_position,
+                })),
+                None => off_calendar.push(*id),
             }
         }
+        BOOKINGS.write(conn, rows).await?;
+        delete_where(conn, "booking_additional_services", "booking_id", &ids).await?;
+        SERVICES.write(conn, services).await?;
+        CALENDAR.write(conn, calendar).await?;
+        delete_where(conn, "calendar_events", "id", &off_calendar).await?;
         Ok(())
     }
 }
@@ -327,12 +498,8 @@ async fn insert_timeline(
     Ok(())
 }
 
-async fn apply_block(
-    conn: &mut PgConnection,
-    id: Uuid,
-    ev: &VehicleBlockEvent,
-    e: &RecordedEvent,
-) -> Result<(), ProjectionError> {
+/// The calendar row of a new block; `None` for a removal.
+fn block_row(id: Uuid, ev: &VehicleBlockEvent, e: &RecordedEvent) -> Option<serde_json::Value> {
     match ev {
         VehicleBlockEvent::VehicleBlocked {
             vehicle_id,
@@ -349,176 +516,75 @@ async fn apply_block(
                 Some(d) => format!("{kind}: {d}"),
                 None => kind,
             };
-            sqlx::query(
-                "INSERT INTO calendar_events \
-                 (id, vehicle_id, booking_id, maintenance_job_id, event_type, title, start_at, end_at, status, last_position) \
-                 VALUES ($1, $2, NULL, $1, 'maintenance', $3, $4, $5, 'scheduled', $6)",
-            )
-            .bind(id)
-            .bind(vehicle_id)
-            .bind(title)
-            .bind(start_at)
-            .bind(end_at)
-            .bind(e.position.global_position)
-            .execute(&mut *conn)
-            .await?;
+            Some(json!({
+                "id": id,
+                "vehicle_id": vehicle_id,
+                "booking_id": null,
+                "maintenance_job_id": id,
+                "event_type": "maintenance",
+                "title": title,
+                "start_at": start_at,
+                "end_at": end_at,
+                "status": "scheduled",
+                "last_position": e.position.global_position,
+            }))
         }
-        VehicleBlockEvent::VehicleBlockRemoved { .. } => {
-            sqlx::query(
-                "UPDATE calendar_events SET status = 'cancelled', last_position = $2 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(e.position.global_position)
-            .execute(&mut *conn)
-            .await?;
-        }
+        VehicleBlockEvent::VehicleBlockRemoved { .. } => None,
     }
-    Ok(())
 }
 
-async fn write_booking(
-    conn: &mut PgConnection,
-    id: Uuid,
-    t: &Tracked<Booking>,
-) -> Result<(), ProjectionError> {
+/// The `bookings` row of a folded booking that has its dates.
+fn booking_row(id: Uuid, t: &Tracked<Booking>) -> serde_json::Value {
     let b = &t.state;
-    let (Some(start_at), Some(end_at)) = (b.start_at, b.end_at) else {
-        return Ok(());
-    };
     let on_time = match (b.delivered_at, b.promised_at) {
         (Some(d), Some(p)) => Some(d <= p),
         (Some(_), None) => Some(true),
         _ => None,
     };
-    sqlx::query(
-        "INSERT INTO bookings (id, external_code, client_id, vehicle_id, driver_id, owner_id, lead_id, \
-           status, booking_type, priority, channel, start_at, end_at, rental_duration_days, currency, \
-           price_daily, total_amount, paid_amount, outstanding_amount, deposit_amount, advance_payment, \
-           full_insurance_fee, pickup_location, dropoff_location, kommo_status_id, zoho_sales_order_id, \
-           zoho_sync_status, zoho_sync_error, sales_service_rating, sales_service_feedback, \
-           delivery_promised_at, delivery_actual_at, delivered_on_time, pickup_mileage_km, \
-           return_mileage_km, returned_at, cancel_reason, status_changed_at, created_at, updated_at, \
-           version, last_position) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::booking_status, $9::booking_type, $10::priority_level, \
-           $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, \
-           $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42) \
-         ON CONFLICT (id) DO UPDATE SET external_code = EXCLUDED.external_code, \
-           client_id = EXCLUDED.client_id, vehicle_id = EXCLUDED.vehicle_id, \
-           driver_id = EXCLUDED.driver_id, owner_id = EXCLUDED.owner_id, lead_id = EXCLUDED.lead_id, \
-           status = EXCLUDED.status, booking_type = EXCLUDED.booking_type, \
-           priority = EXCLUDED.priority, channel = EXCLUDED.channel, start_at = EXCLUDED.start_at, \
-           end_at = EXCLUDED.end_at, rental_duration_days = EXCLUDED.rental_duration_days, \
-           currency = EXCLUDED.currency, price_daily = EXCLUDED.price_daily, \
-           total_amount = EXCLUDED.total_amount, paid_amount = EXCLUDED.paid_amount, \
-           outstanding_amount = EXCLUDED.outstanding_amount, deposit_amount = EXCLUDED.deposit_amount, \
-           advance_payment = EXCLUDED.advance_payment, full_insurance_fee = EXCLUDED.full_insurance_fee, \
-           pickup_location = EXCLUDED.pickup_location, dropoff_location = EXCLUDED.dropoff_location, \
-           kommo_status_id = EXCLUDED.kommo_status_id, zoho_sales_order_id = EXCLUDED.zoho_sales_order_id, \
-           zoho_sync_status = EXCLUDED.zoho_sync_status, zoho_sync_error = EXCLUDED.zoho_sync_error, \
-           sales_service_rating = EXCLUDED.sales_service_rating, \
-           sales_service_feedback = EXCLUDED.sales_service_feedback, \
-           delivery_promised_at = EXCLUDED.delivery_promised_at, \
-           delivery_actual_at = EXCLUDED.delivery_actual_at, \
-           delivered_on_time = EXCLUDED.delivered_on_time, pickup_mileage_km = EXCLUDED.pickup_mileage_km, \
-           return_mileage_km = EXCLUDED.return_mileage_km, returned_at = EXCLUDED.returned_at, \
-           cancel_reason = EXCLUDED.cancel_reason, status_changed_at = EXCLUDED.status_changed_at, \
-           updated_at = EXCLUDED.updated_at, version = EXCLUDED.version, \
-           last_position = EXCLUDED.last_position",
-    )
-    .bind(id)
-    .bind(&b.external_code)
-    .bind(b.client_id)
-    .bind(b.vehicle_id)
-    .bind(b.driver_id)
-    .bind(b.owner_id)
-    .bind(b.lead_id)
-    .bind(b.status.as_str())
-    .bind(enum_str(&b.booking_type))
-    .bind(enum_str(&b.priority))
-    .bind(&b.channel)
-    .bind(start_at)
-    .bind(end_at)
-    .bind(b.rental_duration_days as i32)
-    .bind(&b.currency)
-    .bind(b.price_daily.amount())
-    .bind(b.total_amount.amount())
-    .bind(b.paid_amount.amount())
-    .bind(b.outstanding_amount().amount())
-    .bind(b.deposit_amount.amount())
-    .bind(b.advance_payment.amount())
-    .bind(b.full_insurance_fee.amount())
-    .bind(&b.pickup_location)
-    .bind(&b.dropoff_location)
-    .bind(b.kommo_status_id)
-    .bind(&b.zoho_sales_order_id)
-    .bind(&b.zoho_sync_status)
-    .bind(&b.zoho_sync_error)
-    .bind(b.sales_service_rating)
-    .bind(&b.sales_service_feedback)
-    .bind(b.promised_at)
-    .bind(b.delivered_at)
-    .bind(on_time)
-    .bind(b.pickup_mileage_km)
-    .bind(b.return_mileage_km)
-    .bind(b.returned_at)
-    .bind(&b.cancel_reason)
-    .bind(t.status_changed_at.or(t.created_at))
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .bind(t.version)
-    .bind(t.last_position)
-    .execute(&mut *conn)
-    .await?;
-
-    sqlx::query("DELETE FROM booking_additional_services WHERE booking_id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-    for s in &b.services {
-        sqlx::query(
-            "INSERT INTO booking_additional_services \
-             (id, booking_id, service_id, price, quantity, description, last_position) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(s.line_id)
-        .bind(id)
-        .bind(s.service_id)
-        .bind(s.price.amount())
-        .bind(s.quantity)
-        .bind(&s.description)
-        .bind(t.last_position)
-        .execute(&mut *conn)
-        .await?;
-    }
-
-    match b.vehicle_id {
-        Some(vehicle_id) => {
-            sqlx::query(
-                "INSERT INTO calendar_events \
-                 (id, vehicle_id, booking_id, maintenance_job_id, event_type, title, start_at, end_at, status, last_position) \
-                 VALUES ($1, $2, $1, NULL, 'booking', $3, $4, $5, $6::event_status, $7) \
-                 ON CONFLICT (id) DO UPDATE SET vehicle_id = EXCLUDED.vehicle_id, title = EXCLUDED.title, \
-                   start_at = EXCLUDED.start_at, end_at = EXCLUDED.end_at, status = EXCLUDED.status, \
-                   last_position = EXCLUDED.last_position",
-            )
-            .bind(id)
-            .bind(vehicle_id)
-            .bind(&b.external_code)
-            .bind(start_at)
-            .bind(end_at)
-            .bind(calendar_status(b.status))
-            .bind(t.last_position)
-            .execute(&mut *conn)
-            .await?;
-        }
-        None => {
-            sqlx::query("DELETE FROM calendar_events WHERE id = $1")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-        }
-    }
-    Ok(())
+    json!({
+        "id": id,
+        "external_code": b.external_code,
+        "client_id": b.client_id,
+        "vehicle_id": b.vehicle_id,
+        "driver_id": b.driver_id,
+        "owner_id": b.owner_id,
+        "lead_id": b.lead_id,
+        "status": b.status.as_str(),
+        "booking_type": enum_str(&b.booking_type),
+        "priority": enum_str(&b.priority),
+        "channel": b.channel,
+        "start_at": b.start_at,
+        "end_at": b.end_at,
+        "rental_duration_days": b.rental_duration_days,
+        "currency": b.currency,
+        "price_daily": b.price_daily.amount(),
+        "total_amount": b.total_amount.amount(),
+        "paid_amount": b.paid_amount.amount(),
+        "outstanding_amount": b.outstanding_amount().amount(),
+        "deposit_amount": b.deposit_amount.amount(),
+        "advance_payment": b.advance_payment.amount(),
+        "full_insurance_fee": b.full_insurance_fee.amount(),
+        "pickup_location": b.pickup_location,
+        "dropoff_location": b.dropoff_location,
+        "kommo_status_id": b.kommo_status_id,
+        "zoho_sales_order_id": b.zoho_sales_order_id,
+        "zoho_sync_status": b.zoho_sync_status,
+        "zoho_sync_error": b.zoho_sync_error,
+        "sales_service_rating": b.sales_service_rating,
+        "sales_service_feedback": b.sales_service_feedback,
+        "delivery_promised_at": b.promised_at,
+        "delivery_actual_at": b.delivered_at,
+        "delivered_on_time": on_time,
+        "pickup_mileage_km": b.pickup_mileage_km,
+        "return_mileage_km": b.return_mileage_km,
+        "returned_at": b.returned_at,
+        "cancel_reason": b.cancel_reason,
+        "status_changed_at": t.status_changed_at.or(t.created_at),
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+        "version": t.version,
+        "last_position": t.last_position,
+    })
 }
 
 /// The snake_case name of a serde enum value.

@@ -9,14 +9,16 @@ use cqrs_es::Aggregate;
 use domain::booking::BookingEvent;
 use domain::client::{Client, ClientEvent};
 use rust_decimal::Decimal;
+use serde_json::json;
 use sqlx::PgConnection;
 use store::RecordedEvent;
 use uuid::Uuid;
 
-use crate::bookings::{Tracked, load_states, save_state};
+use crate::bookings::Tracked;
 use crate::rules;
 use crate::util::{aggregate_uuid, decode};
-use crate::{Projection, ProjectionError};
+use crate::write::{States, Table};
+use crate::{Projection, ProjectionError, Session};
 
 pub struct Clients;
 
@@ -30,55 +32,14 @@ impl Projection for Clients {
         &["clients", "client_booking_facts", "client_states"]
     }
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        events: &[RecordedEvent],
-    ) -> Result<(), ProjectionError> {
-        let mut ids = Vec::new();
-        for e in events.iter().filter(|e| e.aggregate_type == Client::TYPE) {
-            ids.push(aggregate_uuid(e)?);
-        }
-        let mut states: HashMap<Uuid, Tracked<Client>> =
-            load_states(conn, "client_states", &ids).await?;
-        // Clients whose derived figures must be recomputed, with the time of the latest event.
-        let mut dirty: HashMap<Uuid, DateTime<Utc>> = HashMap::new();
-        let mut registered = BTreeSet::new();
-
-        for e in events {
-            match e.aggregate_type.as_str() {
-                "Client" => {
-                    let ev: ClientEvent = decode(e)?;
-                    let id = aggregate_uuid(e)?;
-                    let t = states.entry(id).or_default();
-                    t.state.apply(ev);
-                    // PII stays in the event store only.
-                    t.state.passport_number = None;
-                    t.state.emirates_id = None;
-                    t.touch(e);
-                    registered.insert(id);
-                    dirty.insert(id, e.recorded_at);
-                }
-                "Booking" => {
-                    let ev: BookingEvent = decode(e)?;
-                    let booking = aggregate_uuid(e)?;
-                    if let Some(client) = booking_fact(conn, booking, &ev).await? {
-                        dirty.insert(client, e.recorded_at);
-                    }
-                }
-                _ => {}
-            }
-        }
-        for id in &registered {
-            if let Some(t) = states.get(id) {
-                save_state(conn, "client_states", *id, t).await?;
-                write_client(conn, *id, t).await?;
-            }
-        }
-        for (client, at) in dirty {
-            recompute(conn, Some(client), at).await?;
-        }
-        Ok(())
+    fn session(&self, fresh: bool) -> Option<Box<dyn Session>> {
+        Some(Box::new(ClientsSession {
+            states: States::new("client_states", fresh),
+            facts: HashMap::new(),
+            changed_facts: BTreeSet::new(),
+            complete: fresh,
+            dirty: HashMap::new(),
+        }))
     }
 
     async fn tick(
@@ -86,133 +47,295 @@ impl Projection for Clients {
         conn: &mut PgConnection,
         now: DateTime<Utc>,
     ) -> Result<(), ProjectionError> {
-        recompute(conn, None, now).await
+        recompute(conn, Recompute::All(now)).await
     }
 }
 
-/// Updates the projection's record of a booking; returns the booking's client.
-async fn booking_fact(
-    conn: &mut PgConnection,
-    booking: Uuid,
-    ev: &BookingEvent,
-) -> Result<Option<Uuid>, ProjectionError> {
-    use BookingEvent as E;
-    let sql: (&str, Vec<Decimal>, Option<DateTime<Utc>>) = match ev {
-        E::BookingCreated {
+/// What the projection records of a booking (`client_booking_facts`).
+#[derive(Debug, Clone)]
+struct Fact {
+    client_id: Uuid,
+    start_at: DateTime<Utc>,
+    total_amount: Decimal,
+    outstanding_amount: Decimal,
+    cancelled: bool,
+}
+
+struct ClientsSession {
+    states: States<Client>,
+    /// Facts by booking; `None`: looked up, there is none.
+    facts: HashMap<Uuid, Option<Fact>>,
+    changed_facts: BTreeSet<Uuid>,
+    /// Every stored fact is in `facts` (a rebuild into empty tables).
+    complete: bool,
+    /// Clients whose derived figures must be recomputed, with the time of their latest event.
+    dirty: HashMap<Uuid, DateTime<Utc>>,
+}
+
+impl ClientsSession {
+    async fn load_facts(
+        &mut self,
+        conn: &mut PgConnection,
+        bookings: Vec<Uuid>,
+    ) -> Result<(), ProjectionError> {
+        let missing: Vec<Uuid> = bookings
+            .into_iter()
+            .filter(|b| !self.facts.contains_key(b))
+            .collect();
+        if self.complete || missing.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(Uuid, Uuid, DateTime<Utc>, Decimal, Decimal, bool)> = sqlx::query_as(
+            "SELECT booking_id, client_id, start_at, total_amount, outstanding_amount, cancelled \
+             FROM client_booking_facts WHERE booking_id = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *conn)
+        .await?;
+        for b in missing {
+            self.facts.insert(b, None);
+        }
+        for (booking, client_id, start_at, total_amount, outstanding_amount, cancelled) in rows {
+            self.facts.insert(
+                booking,
+                Some(Fact {
+                    client_id,
+                    start_at,
+                    total_amount,
+                    outstanding_amount,
+                    cancelled,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Updates the record of a booking; returns the booking's client when it has one.
+    fn booking_fact(&mut self, booking: Uuid, ev: &BookingEvent) -> Option<Uuid> {
+        use BookingEvent as E;
+        if let E::BookingCreated {
             client_id,
             start_at,
             total_amount,
             ..
-        } => {
-            sqlx::query(
-                "INSERT INTO client_booking_facts (booking_id, client_id, start_at, total_amount, outstanding_amount) \
-                 VALUES ($1, $2, $3, $4, $4)",
-            )
-            .bind(booking)
-            .bind(client_id)
-            .bind(start_at)
-            .bind(total_amount.amount())
-            .execute(&mut *conn)
-            .await?;
-            return Ok(Some(*client_id));
+        } = ev
+        {
+            self.facts.insert(
+                booking,
+                Some(Fact {
+                    client_id: *client_id,
+                    start_at: *start_at,
+                    total_amount: total_amount.amount(),
+                    outstanding_amount: total_amount.amount(),
+                    cancelled: false,
+                }),
+            );
+            self.changed_facts.insert(booking);
+            return Some(*client_id);
         }
-        E::BookingRescheduled {
-            start_at,
-            total_amount,
-            ..
-        } => (
-            "UPDATE client_booking_facts SET start_at = $3, \
-               outstanding_amount = greatest(outstanding_amount + $2 - total_amount, 0), total_amount = $2 \
-             WHERE booking_id = $1 RETURNING client_id",
-            vec![total_amount.amount()],
-            Some(*start_at),
-        ),
-        E::BookingServiceAdded { total_amount, .. }
-        | E::BookingServiceRemoved { total_amount, .. }
-        | E::BookingExtended { total_amount, .. } => (
-            "UPDATE client_booking_facts SET \
-               outstanding_amount = greatest(outstanding_amount + $2 - total_amount, 0), total_amount = $2 \
-             WHERE booking_id = $1 RETURNING client_id",
-            vec![total_amount.amount()],
-            None,
-        ),
-        E::BookingPaymentRecorded {
-            outstanding_amount, ..
-        } => (
-            "UPDATE client_booking_facts SET outstanding_amount = $2 \
-             WHERE booking_id = $1 RETURNING client_id",
-            vec![outstanding_amount.amount()],
-            None,
-        ),
-        E::BookingCancelled { .. } => (
-            "UPDATE client_booking_facts SET cancelled = true WHERE booking_id = $1 RETURNING client_id",
-            vec![],
-            None,
-        ),
-        _ => return Ok(None),
-    };
-    let (query, amounts, start) = sql;
-    let mut q = sqlx::query_scalar::<_, Uuid>(query).bind(booking);
-    for a in amounts {
-        q = q.bind(a);
+        let fact = self.facts.get_mut(&booking)?.as_mut()?;
+        let retotal = |f: &mut Fact, total: Decimal| {
+            f.outstanding_amount =
+                (f.outstanding_amount + total - f.total_amount).max(Decimal::ZERO);
+            f.total_amount = total;
+        };
+        match ev {
+            E::BookingRescheduled {
+                start_at,
+                total_amount,
+                ..
+            } => {
+                fact.start_at = *start_at;
+                retotal(fact, total_amount.amount());
+            }
+            E::BookingServiceAdded { total_amount, .. }
+            | E::BookingServiceRemoved { total_amount, .. }
+            | E::BookingExtended { total_amount, .. } => retotal(fact, total_amount.amount()),
+            E::BookingPaymentRecorded {
+                outstanding_amount, ..
+            } => fact.outstanding_amount = outstanding_amount.amount(),
+            E::BookingCancelled { .. } => fact.cancelled = true,
+            _ => return None,
+        }
+        let client = fact.client_id;
+        self.changed_facts.insert(booking);
+        Some(client)
     }
-    if let Some(s) = start {
-        q = q.bind(s);
-    }
-    Ok(q.fetch_optional(&mut *conn).await?)
 }
 
-async fn write_client(
-    conn: &mut PgConnection,
-    id: Uuid,
-    t: &Tracked<Client>,
-) -> Result<(), ProjectionError> {
+const CLIENTS: Table = Table {
+    name: "clients",
+    columns: &[
+        "id",
+        "kommo_contact_id",
+        "zoho_contact_id",
+        "name",
+        "phone",
+        "email",
+        "residency_country",
+        "preferred_language",
+        "preferred_channels",
+        "timezone",
+        "gender",
+        "date_of_birth",
+        "created_at",
+        "updated_at",
+        "last_position",
+    ],
+    key: &["id"],
+    // The derived figures (tier, segment, LTV, ...) belong to `recompute`.
+    update: &[
+        "kommo_contact_id",
+        "zoho_contact_id",
+        "name",
+        "phone",
+        "email",
+        "residency_country",
+        "preferred_language",
+        "preferred_channels",
+        "timezone",
+        "gender",
+        "date_of_birth",
+        "updated_at",
+        "last_position",
+    ],
+};
+
+const FACTS: Table = Table {
+    name: "client_booking_facts",
+    columns: &[
+        "booking_id",
+        "client_id",
+        "start_at",
+        "total_amount",
+        "outstanding_amount",
+        "cancelled",
+    ],
+    key: &["booking_id"],
+    update: &[
+        "start_at",
+        "total_amount",
+        "outstanding_amount",
+        "cancelled",
+    ],
+};
+
+#[async_trait::async_trait]
+impl Session for ClientsSession {
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        let (mut clients, mut bookings) = (Vec::new(), Vec::new());
+        for e in events {
+            match e.aggregate_type.as_str() {
+                "Client" => clients.push(aggregate_uuid(e)?),
+                "Booking" => bookings.push(aggregate_uuid(e)?),
+                _ => {}
+            }
+        }
+        self.states.load(conn, clients).await?;
+        self.load_facts(conn, bookings).await?;
+        for e in events {
+            match e.aggregate_type.as_str() {
+                "Client" => {
+                    let ev: ClientEvent = decode(e)?;
+                    let id = aggregate_uuid(e)?;
+                    let t = self.states.change(id);
+                    t.state.apply(ev);
+                    // PII stays in the event store only.
+                    t.state.passport_number = None;
+                    t.state.emirates_id = None;
+                    t.touch(e);
+                    self.dirty.insert(id, e.recorded_at);
+                }
+                "Booking" => {
+                    let ev: BookingEvent = decode(e)?;
+                    let booking = aggregate_uuid(e)?;
+                    if let Some(client) = self.booking_fact(booking, &ev) {
+                        self.dirty.insert(client, e.recorded_at);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let registered = self.states.changed();
+        self.states.save(conn).await?;
+        let rows: Vec<_> = registered
+            .iter()
+            .filter_map(|id| self.states.get(id).map(|t| client_row(*id, t)))
+            .collect();
+        CLIENTS.write(conn, rows).await?;
+        let facts: Vec<_> = std::mem::take(&mut self.changed_facts)
+            .into_iter()
+            .filter_map(|b| {
+                let f = self.facts.get(&b)?.as_ref()?;
+                Some(json!({
+                    "booking_id": b,
+                    "client_id": f.client_id,
+                    "start_at": f.start_at,
+                    "total_amount": f.total_amount,
+                    "outstanding_amount": f.outstanding_amount,
+                    "cancelled": f.cancelled,
+                }))
+            })
+            .collect();
+        FACTS.write(conn, facts).await?;
+        let dirty = std::mem::take(&mut self.dirty);
+        recompute(conn, Recompute::Clients(&dirty)).await
+    }
+}
+
+fn client_row(id: Uuid, t: &Tracked<Client>) -> serde_json::Value {
     let c = &t.state;
     let channels: Vec<String> = c
         .preferred_channels
         .iter()
         .map(crate::bookings::enum_str)
         .collect();
-    sqlx::query(
-        "INSERT INTO clients (id, kommo_contact_id, zoho_contact_id, name, phone, email, \
-           residency_country, preferred_language, preferred_channels, timezone, gender, date_of_birth, \
-           created_at, updated_at, last_position) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-         ON CONFLICT (id) DO UPDATE SET kommo_contact_id = EXCLUDED.kommo_contact_id, \
-           zoho_contact_id = EXCLUDED.zoho_contact_id, name = EXCLUDED.name, phone = EXCLUDED.phone, \
-           email = EXCLUDED.email, residency_country = EXCLUDED.residency_country, \
-           preferred_language = EXCLUDED.preferred_language, \
-           preferred_channels = EXCLUDED.preferred_channels, timezone = EXCLUDED.timezone, \
-           gender = EXCLUDED.gender, date_of_birth = EXCLUDED.date_of_birth, \
-           updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position",
-    )
-    .bind(id)
-    .bind(&c.kommo_contact_id)
-    .bind(&c.zoho_contact_id)
-    .bind(&c.name)
-    .bind(c.phone.as_ref().map(|p| p.as_str().to_string()))
-    .bind(c.email.as_ref().map(|p| p.as_str().to_string()))
-    .bind(c.residency_country.as_ref().map(|p| p.as_str().to_string()))
-    .bind(&c.preferred_language)
-    .bind(channels)
-    .bind(&c.timezone)
-    .bind(&c.gender)
-    .bind(c.date_of_birth)
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .bind(t.last_position)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    json!({
+        "id": id,
+        "kommo_contact_id": c.kommo_contact_id,
+        "zoho_contact_id": c.zoho_contact_id,
+        "name": c.name,
+        "phone": c.phone.as_ref().map(|p| p.as_str().to_string()),
+        "email": c.email.as_ref().map(|p| p.as_str().to_string()),
+        "residency_country": c.residency_country.as_ref().map(|p| p.as_str().to_string()),
+        "preferred_language": c.preferred_language,
+        "preferred_channels": channels,
+        "timezone": c.timezone,
+        "gender": c.gender,
+        "date_of_birth": c.date_of_birth,
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+        "last_position": t.last_position,
+    })
 }
 
-/// Recomputes LTV, last booking, outstanding, tier and segment of one client (or of all, for
-/// the tick) as of `now`. Writes only rows whose figures change.
+/// Whose figures to recompute, and as of when.
+pub enum Recompute<'a> {
+    /// Every client, as of one instant (the tick).
+    All(DateTime<Utc>),
+    /// These clients, each as of its latest event.
+    Clients(&'a HashMap<Uuid, DateTime<Utc>>),
+}
+
+/// Recomputes LTV, last booking, outstanding, tier and segment from the facts, in one query,
+/// and writes the rows whose figures change in one statement.
 pub async fn recompute(
     conn: &mut PgConnection,
-    client: Option<Uuid>,
-    now: DateTime<Utc>,
+    target: Recompute<'_>,
 ) -> Result<(), ProjectionError> {
+    let ids: Option<Vec<Uuid>> = match &target {
+        Recompute::All(_) => None,
+        Recompute::Clients(map) if map.is_empty() => return Ok(()),
+        Recompute::Clients(map) => Some(map.keys().copied().collect()),
+    };
     #[allow(clippy::type_complexity)]
     let rows: Vec<(
         Uuid,
@@ -232,15 +355,23 @@ pub async fn recompute(
          LEFT JOIN (SELECT client_id, sum(total_amount) AS ltv, max(start_at) AS last_start, \
                       sum(outstanding_amount) AS outstanding \
                     FROM client_booking_facts \
-                    WHERE NOT cancelled AND ($1::uuid IS NULL OR client_id = $1) \
+                    WHERE NOT cancelled AND ($1::uuid[] IS NULL OR client_id = ANY($1)) \
                     GROUP BY client_id) f \
            ON f.client_id = c.id \
-         WHERE $1::uuid IS NULL OR c.id = $1",
+         WHERE $1::uuid[] IS NULL OR c.id = ANY($1)",
     )
-    .bind(client)
+    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
+    let mut changed = Vec::new();
     for (id, ltv, last_start, outstanding, tier0, segment0, ltv0, last0, days0, out0) in rows {
+        let now = match &target {
+            Recompute::All(now) => *now,
+            Recompute::Clients(map) => match map.get(&id) {
+                Some(at) => *at,
+                None => continue,
+            },
+        };
         let ltv = ltv.unwrap_or(Decimal::ZERO);
         let outstanding = outstanding.unwrap_or(Decimal::ZERO);
         let days = last_start.map(|s| rules::days_since(s, now));
@@ -256,21 +387,27 @@ pub async fn recompute(
         {
             continue;
         }
-        sqlx::query(
-            "UPDATE clients SET lifetime_value = $2, last_booking_at = $3, \
-               days_since_last_booking = $4, outstanding_amount = $5, \
-               tier = $6::client_tier, segment = $7::client_segment \
-             WHERE id = $1",
-        )
-        .bind(id)
-        .bind(ltv)
-        .bind(last_start)
-        .bind(days_i32)
-        .bind(outstanding)
-        .bind(tier)
-        .bind(segment)
-        .execute(&mut *conn)
-        .await?;
+        changed.push(json!({
+            "id": id,
+            "lifetime_value": ltv,
+            "last_booking_at": last_start,
+            "days_since_last_booking": days_i32,
+            "outstanding_amount": outstanding,
+            "tier": tier,
+            "segment": segment,
+        }));
     }
+    if changed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE clients c SET lifetime_value = r.lifetime_value, last_booking_at = r.last_booking_at, \
+           days_since_last_booking = r.days_since_last_booking, \
+           outstanding_amount = r.outstanding_amount, tier = r.tier, segment = r.segment \
+         FROM jsonb_populate_recordset(NULL::clients, $1) r WHERE c.id = r.id",
+    )
+    .bind(serde_json::Value::Array(changed))
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

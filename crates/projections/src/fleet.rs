@@ -2,15 +2,19 @@
 //! active or completed bookings. Kept in `vehicle_utilization` (the API shows it as the
 //! vehicle's `utilization_pct`); the tick recomputes it as time passes.
 
+use std::collections::{BTreeSet, HashMap};
+
 use chrono::{DateTime, Utc};
 use domain::booking::BookingEvent;
+use serde_json::json;
 use sqlx::PgConnection;
 use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::rules;
 use crate::util::{aggregate_uuid, decode};
-use crate::{Projection, ProjectionError};
+use crate::write::{Table, delete_where};
+use crate::{Projection, ProjectionError, Session};
 
 pub struct Fleet;
 
@@ -24,83 +28,13 @@ impl Projection for Fleet {
         &["vehicle_usage_periods", "vehicle_utilization"]
     }
 
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        events: &[RecordedEvent],
-    ) -> Result<(), ProjectionError> {
-        for e in events.iter().filter(|e| e.aggregate_type == "Booking") {
-            let ev: BookingEvent = decode(e)?;
-            let booking = aggregate_uuid(e)?;
-            let pos = e.position.global_position;
-            use BookingEvent as E;
-            let affected: Vec<Uuid> = match ev {
-                E::BookingConfirmed {
-                    vehicle_id,
-                    start_at,
-                    end_at,
-                } => {
-                    sqlx::query(
-                        "INSERT INTO vehicle_usage_periods (booking_id, vehicle_id, start_at, end_at, total_amount, last_position) \
-                         VALUES ($1, $2, $3, $4, 0, $5)",
-                    )
-                    .bind(booking)
-                    .bind(vehicle_id)
-                    .bind(start_at)
-                    .bind(end_at)
-                    .bind(pos)
-                    .execute(&mut *conn)
-                    .await?;
-                    vec![vehicle_id]
-                }
-                E::BookingVehicleAssigned {
-                    vehicle_id,
-                    holds_vehicle: true,
-                } => {
-                    let old: Option<Uuid> = sqlx::query_scalar(
-                        "SELECT vehicle_id FROM vehicle_usage_periods WHERE booking_id = $1",
-                    )
-                    .bind(booking)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    update(conn, booking, "vehicle_id = $2", vehicle_id, pos).await?;
-                    old.into_iter().chain([vehicle_id]).collect()
-                }
-                E::BookingRescheduled {
-                    start_at,
-                    end_at,
-                    holds_vehicle: true,
-                    ..
-                } => sqlx::query_scalar(
-                    "UPDATE vehicle_usage_periods SET start_at = $2, end_at = $3, last_position = $4 \
-                     WHERE booking_id = $1 RETURNING vehicle_id",
-                )
-                .bind(booking)
-                .bind(start_at)
-                .bind(end_at)
-                .bind(pos)
-                .fetch_all(&mut *conn)
-                .await?,
-                E::BookingExtended { new_end_at, .. } => {
-                    update(conn, booking, "end_at = $2", new_end_at, pos).await?
-                }
-                E::BookingCompleted { returned_at, .. } => {
-                    update(conn, booking, "end_at = greatest(start_at, $2), completed = true", returned_at, pos)
-                        .await?
-                }
-                E::BookingCancelled { .. } => sqlx::query_scalar(
-                    "DELETE FROM vehicle_usage_periods WHERE booking_id = $1 RETURNING vehicle_id",
-                )
-                .bind(booking)
-                .fetch_all(&mut *conn)
-                .await?,
-                _ => vec![],
-            };
-            for v in affected {
-                recompute(conn, Some(v), e.recorded_at).await?;
-            }
-        }
-        Ok(())
+    fn session(&self, fresh: bool) -> Option<Box<dyn Session>> {
+        Some(Box::new(FleetSession {
+            periods: HashMap::new(),
+            changed: BTreeSet::new(),
+            complete: fresh,
+            vehicles: HashMap::new(),
+        }))
     }
 
     async fn tick(
@@ -108,70 +42,243 @@ impl Projection for Fleet {
         conn: &mut PgConnection,
         now: DateTime<Utc>,
     ) -> Result<(), ProjectionError> {
-        recompute(conn, None, now).await
+        recompute(conn, now).await
     }
 }
 
-async fn update<T>(
-    conn: &mut PgConnection,
-    booking: Uuid,
-    set: &str,
-    value: T,
-    pos: i64,
-) -> Result<Vec<Uuid>, ProjectionError>
-where
-    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
-{
-    Ok(sqlx::query_scalar(&format!(
-        "UPDATE vehicle_usage_periods SET {set}, last_position = $3 WHERE booking_id = $1 RETURNING vehicle_id"
-    ))
-    .bind(booking)
-    .bind(value)
-    .bind(pos)
-    .fetch_all(&mut *conn)
-    .await?)
+/// A booking's use of a vehicle (`vehicle_usage_periods`).
+#[derive(Debug, Clone)]
+struct Period {
+    vehicle_id: Uuid,
+    start_at: DateTime<Utc>,
+    end_at: DateTime<Utc>,
+    completed: bool,
+    last_position: i64,
 }
 
-/// Recomputes the utilization of one vehicle (or of every vehicle of the fleet and every
-/// vehicle with usage, for the tick) as of `now`.
-pub async fn recompute(
-    conn: &mut PgConnection,
-    vehicle: Option<Uuid>,
-    now: DateTime<Utc>,
-) -> Result<(), ProjectionError> {
-    let vehicles: Vec<Uuid> = match vehicle {
-        Some(v) => vec![v],
-        None => {
-            sqlx::query_scalar(
-                "SELECT id FROM vehicles UNION SELECT vehicle_id FROM vehicle_usage_periods",
-            )
-            .fetch_all(&mut *conn)
-            .await?
+struct FleetSession {
+    /// Periods by booking; `None`: there is none (looked up, or deleted).
+    periods: HashMap<Uuid, Option<Period>>,
+    changed: BTreeSet<Uuid>,
+    /// Every stored period is in `periods` (a rebuild into empty tables).
+    complete: bool,
+    /// Vehicles whose utilization must be recomputed, as of their latest affecting event.
+    vehicles: HashMap<Uuid, DateTime<Utc>>,
+}
+
+const PERIODS: Table = Table {
+    name: "vehicle_usage_periods",
+    columns: &[
+        "booking_id",
+        "vehicle_id",
+        "start_at",
+        "end_at",
+        "total_amount",
+        "completed",
+        "last_position",
+    ],
+    key: &["booking_id"],
+    update: &[
+        "vehicle_id",
+        "start_at",
+        "end_at",
+        "completed",
+        "last_position",
+    ],
+};
+
+impl FleetSession {
+    async fn load(
+        &mut self,
+        conn: &mut PgConnection,
+        bookings: Vec<Uuid>,
+    ) -> Result<(), ProjectionError> {
+        let missing: Vec<Uuid> = bookings
+            .into_iter()
+            .filter(|b| !self.periods.contains_key(b))
+            .collect();
+        if self.complete || missing.is_empty() {
+            return Ok(());
         }
-    };
+        let rows: Vec<(Uuid, Uuid, DateTime<Utc>, DateTime<Utc>, bool, i64)> = sqlx::query_as(
+            "SELECT booking_id, vehicle_id, start_at, end_at, completed, last_position \
+             FROM vehicle_usage_periods WHERE booking_id = ANY($1)",
+        )
+        .bind(&missing)
+        .fetch_all(&mut *conn)
+        .await?;
+        for b in missing {
+            self.periods.insert(b, None);
+        }
+        for (booking, vehicle_id, start_at, end_at, completed, last_position) in rows {
+            self.periods.insert(
+                booking,
+                Some(Period {
+                    vehicle_id,
+                    start_at,
+                    end_at,
+                    completed,
+                    last_position,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Folds one event; returns the vehicles whose utilization it changes.
+    fn fold(&mut self, booking: Uuid, ev: BookingEvent, pos: i64) -> Vec<Uuid> {
+        use BookingEvent as E;
+        let slot = self.periods.entry(booking).or_insert(None);
+        let affected = match ev {
+            E::BookingConfirmed {
+                vehicle_id,
+                start_at,
+                end_at,
+            } => {
+                *slot = Some(Period {
+                    vehicle_id,
+                    start_at,
+                    end_at,
+                    completed: false,
+                    last_position: pos,
+                });
+                vec![vehicle_id]
+            }
+            E::BookingVehicleAssigned {
+                vehicle_id,
+                holds_vehicle: true,
+            } => {
+                let old = slot.as_mut().map(|p| {
+                    let old = p.vehicle_id;
+                    p.vehicle_id = vehicle_id;
+                    p.last_position = pos;
+                    old
+                });
+                old.into_iter().chain([vehicle_id]).collect()
+            }
+            E::BookingRescheduled {
+                start_at,
+                end_at,
+                holds_vehicle: true,
+                ..
+            } => slot.as_mut().map_or_else(Vec::new, |p| {
+                p.start_at = start_at;
+                p.end_at = end_at;
+                p.last_position = pos;
+                vec![p.vehicle_id]
+            }),
+            E::BookingExtended { new_end_at, .. } => slot.as_mut().map_or_else(Vec::new, |p| {
+                p.end_at = new_end_at;
+                p.last_position = pos;
+                vec![p.vehicle_id]
+            }),
+            E::BookingCompleted { returned_at, .. } => slot.as_mut().map_or_else(Vec::new, |p| {
+                p.end_at = p.start_at.max(returned_at);
+                p.completed = true;
+                p.last_position = pos;
+                vec![p.vehicle_id]
+            }),
+            E::BookingCancelled { .. } => slot.take().map(|p| p.vehicle_id).into_iter().collect(),
+            _ => return vec![],
+        };
+        self.changed.insert(booking);
+        affected
+    }
+}
+
+#[async_trait::async_trait]
+impl Session for FleetSession {
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut bookings = Vec::new();
+        for e in events.iter().filter(|e| e.aggregate_type == "Booking") {
+            bookings.push(aggregate_uuid(e)?);
+        }
+        self.load(conn, bookings).await?;
+        for e in events.iter().filter(|e| e.aggregate_type == "Booking") {
+            let ev: BookingEvent = decode(e)?;
+            let booking = aggregate_uuid(e)?;
+            for v in self.fold(booking, ev, e.position.global_position) {
+                self.vehicles.insert(v, e.recorded_at);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let (mut rows, mut gone) = (Vec::new(), Vec::new());
+        for b in std::mem::take(&mut self.changed) {
+            match self.periods.get(&b).and_then(Option::as_ref) {
+                Some(p) => rows.push(json!({
+                    "booking_id": b,
+                    "vehicle_id": p.vehicle_id,
+                    "start_at": p.start_at,
+                    "end_at": p.end_at,
+                    "total_amount": 0,
+                    "completed": p.completed,
+                    "last_position": p.last_position,
+                })),
+                None => gone.push(b),
+            }
+        }
+        delete_where(conn, "vehicle_usage_periods", "booking_id", &gone).await?;
+        PERIODS.write(conn, rows).await?;
+        let vehicles = std::mem::take(&mut self.vehicles);
+        let ids: Vec<Uuid> = vehicles.keys().copied().collect();
+        write_utilization(conn, &ids, |v| vehicles.get(v).copied()).await
+    }
+}
+
+/// Recomputes the utilization of every vehicle of the fleet and every vehicle with usage as of
+/// `now` (the tick).
+pub async fn recompute(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<(), ProjectionError> {
+    let vehicles: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM vehicles UNION SELECT vehicle_id FROM vehicle_usage_periods",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    write_utilization(conn, &vehicles, |_| Some(now)).await
+}
+
+/// Computes the utilization of `vehicles`, each as of the instant `at` gives, from their stored
+/// periods, and writes it in one statement.
+async fn write_utilization(
+    conn: &mut PgConnection,
+    vehicles: &[Uuid],
+    at: impl Fn(&Uuid) -> Option<DateTime<Utc>>,
+) -> Result<(), ProjectionError> {
+    if vehicles.is_empty() {
+        return Ok(());
+    }
     let periods: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "SELECT vehicle_id, start_at, end_at FROM vehicle_usage_periods WHERE vehicle_id = ANY($1)",
     )
-    .bind(&vehicles)
+    .bind(vehicles)
     .fetch_all(&mut *conn)
     .await?;
-    for v in vehicles {
-        let mine: Vec<_> = periods
-            .iter()
-            .filter(|(id, _, _)| *id == v)
-            .map(|&(_, s, e)| (s, e))
-            .collect();
-        let pct = rules::utilization(&mine, now);
-        sqlx::query(
-            "INSERT INTO vehicle_utilization (vehicle_id, utilization_pct, computed_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (vehicle_id) DO UPDATE SET utilization_pct = EXCLUDED.utilization_pct, \
-               computed_at = EXCLUDED.computed_at",
-        )
-        .bind(v)
-        .bind(pct)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
+    let mut by_vehicle: HashMap<Uuid, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    for (v, s, e) in periods {
+        by_vehicle.entry(v).or_default().push((s, e));
     }
-    Ok(())
+    let mut rows = Vec::with_capacity(vehicles.len());
+    for v in vehicles {
+        let Some(now) = at(v) else { continue };
+        let mine = by_vehicle.get(v).map_or(&[][..], Vec::as_slice);
+        rows.push(json!({
+            "vehicle_id": v,
+            "utilization_pct": rules::utilization(mine, now),
+            "computed_at": now,
+        }));
+    }
+    UTILIZATION.write(conn, rows).await
 }
+
+const UTILIZATION: Table = Table {
+    name: "vehicle_utilization",
+    columns: &["vehicle_id", "utilization_pct", "computed_at"],
+    key: &["vehicle_id"],
+    update: &["utilization_pct", "computed_at"],
+};

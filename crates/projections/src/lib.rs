@@ -9,6 +9,8 @@
 //! **Invariant:** read-model rows are deterministic functions of the events (and of the tick's
 //! clock), so a rebuild equals the incrementally maintained tables row for row.
 
+#![recursion_limit = "256"]
+
 pub mod bookings;
 pub mod clients;
 pub mod fleet;
@@ -19,6 +21,7 @@ pub mod runner;
 pub mod sales;
 pub mod status;
 mod util;
+pub mod write;
 
 use std::sync::Arc;
 
@@ -55,7 +58,26 @@ pub trait Projection: Send + Sync {
         &self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
-    ) -> Result<(), ProjectionError>;
+    ) -> Result<(), ProjectionError> {
+        match self.session(false) {
+            Some(mut session) => {
+                session.apply(conn, events).await?;
+                session.flush(conn).await
+            }
+            None => Err(ProjectionError::Unhandleable {
+                position: events.first().map_or(0, |e| e.position.global_position),
+                event_type: self.name().into(),
+                event_version: String::new(),
+                reason: "this projection implements neither apply nor session".into(),
+            }),
+        }
+    }
+    /// A fold over consecutive batches that keeps what it folded in memory and writes the rows
+    /// it derives set-based on [`Session::flush`]. The live runner uses one per batch; a rebuild
+    /// uses one for the whole log (`fresh`: its tables start empty, so nothing is ever loaded).
+    fn session(&self, _fresh: bool) -> Option<Box<dyn Session>> {
+        None
+    }
     /// Recomputes what changes with time alone.
     async fn tick(
         &self,
@@ -64,6 +86,20 @@ pub trait Projection: Send + Sync {
     ) -> Result<(), ProjectionError> {
         Ok(())
     }
+}
+
+/// See [`Projection::session`].
+#[async_trait::async_trait]
+pub trait Session: Send {
+    /// Folds a batch (after the ones before it). May write rows that never change again (a
+    /// timeline entry); everything derived from folded state waits for [`Session::flush`].
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<(), ProjectionError>;
+    /// Writes everything changed since the last flush.
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError>;
 }
 
 /// Every projection of the service.

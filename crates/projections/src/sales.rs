@@ -1,19 +1,19 @@
 //! `sales_leads` (stage, probability, value, weighted value, velocity against the stage SLA),
 //! `deals` and `deal_events` (the audit projection of deal events).
 
-use std::collections::{BTreeSet, HashMap};
-
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::deal::{Deal, DealEvent};
 use domain::lead::{Lead, LeadEvent};
+use serde_json::json;
 use sqlx::PgConnection;
 use store::RecordedEvent;
 use uuid::Uuid;
 
-use crate::bookings::{Tracked, enum_str, load_states, save_state};
+use crate::bookings::{Tracked, enum_str};
 use crate::util::{actor_staff_id, aggregate_uuid, decode, event_row_id};
-use crate::{Projection, ProjectionError};
+use crate::write::{States, Table};
+use crate::{Projection, ProjectionError, Session};
 
 pub struct Sales;
 
@@ -33,8 +33,139 @@ impl Projection for Sales {
         ]
     }
 
-    async fn apply(
+    fn session(&self, fresh: bool) -> Option<Box<dyn Session>> {
+        Some(Box::new(SalesSession {
+            leads: States::new("lead_states", fresh),
+            deals: States::new("deal_states", fresh),
+        }))
+    }
+
+    async fn tick(
         &self,
+        conn: &mut PgConnection,
+        now: DateTime<Utc>,
+    ) -> Result<(), ProjectionError> {
+        velocity(conn, now).await
+    }
+}
+
+struct SalesSession {
+    leads: States<Lead>,
+    deals: States<Deal>,
+}
+
+const DEAL_EVENTS: Table = Table {
+    name: "deal_events",
+    columns: &[
+        "id",
+        "deal_id",
+        "event_type",
+        "payload",
+        "created_by",
+        "created_at",
+        "last_position",
+    ],
+    key: &[],
+    update: &[],
+};
+
+const LEADS: Table = Table {
+    name: "sales_leads",
+    columns: &[
+        "id",
+        "lead_code",
+        "client_id",
+        "owner_id",
+        "stage_id",
+        "probability",
+        "sla_days",
+        "status",
+        "value_amount",
+        "weighted_value",
+        "source",
+        "title",
+        "requested_start_at",
+        "requested_end_at",
+        "fleet_size",
+        "next_action",
+        "next_action_at",
+        "expected_close_at",
+        "loss_reason",
+        "booking_id",
+        "kommo_lead_id",
+        "kommo_status_id",
+        "stage_entered_at",
+        "created_at",
+        "updated_at",
+        "last_position",
+    ],
+    key: &["id"],
+    update: &[
+        "client_id",
+        "owner_id",
+        "stage_id",
+        "probability",
+        "sla_days",
+        "status",
+        "value_amount",
+        "weighted_value",
+        "title",
+        "requested_start_at",
+        "requested_end_at",
+        "fleet_size",
+        "next_action",
+        "next_action_at",
+        "expected_close_at",
+        "loss_reason",
+        "booking_id",
+        "kommo_lead_id",
+        "kommo_status_id",
+        "stage_entered_at",
+        "updated_at",
+        "last_position",
+    ],
+};
+
+const DEALS: Table = Table {
+    name: "deals",
+    columns: &[
+        "id",
+        "deal_number",
+        "client_id",
+        "vehicle_id",
+        "application_id",
+        "status",
+        "principal_amount",
+        "monthly_payment",
+        "interest_rate",
+        "security_deposit",
+        "term_months",
+        "contract_start_date",
+        "contract_end_date",
+        "first_payment_date",
+        "contract_terms",
+        "total_paid",
+        "missed_payments",
+        "closing_reason",
+        "created_at",
+        "updated_at",
+        "last_position",
+    ],
+    key: &["id"],
+    update: &[
+        "status",
+        "total_paid",
+        "missed_payments",
+        "closing_reason",
+        "updated_at",
+        "last_position",
+    ],
+};
+
+#[async_trait::async_trait]
+impl Session for SalesSession {
+    async fn apply(
+        &mut self,
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
@@ -46,18 +177,14 @@ impl Projection for Sales {
                 _ => {}
             }
         }
-        let mut leads: HashMap<Uuid, Tracked<Lead>> =
-            load_states(conn, "lead_states", &lead_ids).await?;
-        let mut deals: HashMap<Uuid, Tracked<Deal>> =
-            load_states(conn, "deal_states", &deal_ids).await?;
-        let (mut touched_leads, mut touched_deals) = (BTreeSet::new(), BTreeSet::new());
-
+        self.leads.load(conn, lead_ids).await?;
+        self.deals.load(conn, deal_ids).await?;
+        let mut deal_events = Vec::new();
         for e in events {
             match e.aggregate_type.as_str() {
                 "Lead" => {
                     let ev: LeadEvent = decode(e)?;
-                    let id = aggregate_uuid(e)?;
-                    let t = leads.entry(id).or_default();
+                    let t = self.leads.change(aggregate_uuid(e)?);
                     let before = (t.state.created, t.state.status, t.state.stage_id.clone());
                     t.state.apply(ev);
                     t.touch(e);
@@ -65,182 +192,144 @@ impl Projection for Sales {
                         // For leads this is when the current stage (or status) was entered.
                         t.status_changed_at = Some(e.recorded_at);
                     }
-                    touched_leads.insert(id);
                 }
                 "Deal" => {
                     let ev: DealEvent = decode(e)?;
                     let id = aggregate_uuid(e)?;
-                    sqlx::query(
-                        "INSERT INTO deal_events (id, deal_id, event_type, payload, created_by, created_at, last_position) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    )
-                    .bind(event_row_id(e))
-                    .bind(id)
-                    .bind(&e.event_type)
-                    .bind(serde_json::to_value(&ev).unwrap_or_default())
-                    .bind(actor_staff_id(e))
-                    .bind(e.recorded_at)
-                    .bind(e.position.global_position)
-                    .execute(&mut *conn)
-                    .await?;
-                    let t = deals.entry(id).or_default();
+                    deal_events.push(json!({
+                        "id": event_row_id(e),
+                        "deal_id": id,
+                        "event_type": e.event_type,
+                        "payload": serde_json::to_value(&ev).unwrap_or_default(),
+                        "created_by": actor_staff_id(e),
+                        "created_at": e.recorded_at,
+                        "last_position": e.position.global_position,
+                    }));
+                    let t = self.deals.change(id);
                     t.state.apply(ev);
                     t.touch(e);
-                    touched_deals.insert(id);
                 }
                 _ => {}
             }
         }
-        for id in touched_leads {
-            if let Some(t) = leads.get(&id) {
-                save_state(conn, "lead_states", id, t).await?;
-                write_lead(conn, id, t).await?;
-            }
-        }
-        for id in touched_deals {
-            if let Some(t) = deals.get(&id) {
-                save_state(conn, "deal_states", id, t).await?;
-                write_deal(conn, id, t).await?;
-            }
-        }
-        Ok(())
+        DEAL_EVENTS.write(conn, deal_events).await
     }
 
-    async fn tick(
-        &self,
-        conn: &mut PgConnection,
-        now: DateTime<Utc>,
-    ) -> Result<(), ProjectionError> {
-        velocity(conn, None, now).await
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let leads = self.leads.changed();
+        self.leads.save(conn).await?;
+        let mut rows = Vec::new();
+        let (mut ids, mut ats) = (Vec::new(), Vec::new());
+        for id in leads {
+            if let Some(t) = self.leads.get(&id) {
+                rows.push(lead_row(id, t));
+                if let Some(at) = t.updated_at {
+                    ids.push(id);
+                    ats.push(at);
+                }
+            }
+        }
+        LEADS.write(conn, rows).await?;
+        // Velocity as of each lead's own latest event.
+        if !ids.is_empty() {
+            sqlx::query(&format!(
+                "UPDATE sales_leads l SET {VELOCITY_SET} \
+                 FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, now) WHERE l.id = u.id"
+            ))
+            .bind(ids)
+            .bind(ats)
+            .execute(&mut *conn)
+            .await?;
+        }
+        let deals = self.deals.changed();
+        self.deals.save(conn).await?;
+        let rows: Vec<_> = deals
+            .iter()
+            .filter_map(|id| self.deals.get(id).and_then(|t| deal_row(*id, t)))
+            .collect();
+        DEALS.write(conn, rows).await
     }
 }
 
-async fn write_lead(
-    conn: &mut PgConnection,
-    id: Uuid,
-    t: &Tracked<Lead>,
-) -> Result<(), ProjectionError> {
+fn lead_row(id: Uuid, t: &Tracked<Lead>) -> serde_json::Value {
     let l = &t.state;
-    let weighted = l.value_amount.amount() * l.probability;
-    sqlx::query(
-        "INSERT INTO sales_leads (id, lead_code, client_id, owner_id, stage_id, probability, sla_days, \
-           status, value_amount, weighted_value, source, title, requested_start_at, requested_end_at, \
-           fleet_size, next_action, next_action_at, expected_close_at, loss_reason, booking_id, \
-           kommo_lead_id, kommo_status_id, stage_entered_at, created_at, updated_at, last_position) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8::lead_status, $9, $10, $11, $12, $13, $14, $15, $16, \
-           $17, $18, $19, $20, $21, $22, $23, $24, $25, $26) \
-         ON CONFLICT (id) DO UPDATE SET client_id = EXCLUDED.client_id, owner_id = EXCLUDED.owner_id, \
-           stage_id = EXCLUDED.stage_id, probability = EXCLUDED.probability, \
-           sla_days = EXCLUDED.sla_days, status = EXCLUDED.status, \
-           value_amount = EXCLUDED.value_amount, weighted_value = EXCLUDED.weighted_value, \
-           title = EXCLUDED.title, requested_start_at = EXCLUDED.requested_start_at, \
-           requested_end_at = EXCLUDED.requested_end_at, fleet_size = EXCLUDED.fleet_size, \
-           next_action = EXCLUDED.next_action, next_action_at = EXCLUDED.next_action_at, \
-           expected_close_at = EXCLUDED.expected_close_at, loss_reason = EXCLUDED.loss_reason, \
-           booking_id = EXCLUDED.booking_id, kommo_lead_id = EXCLUDED.kommo_lead_id, \
-           kommo_status_id = EXCLUDED.kommo_status_id, stage_entered_at = EXCLUDED.stage_entered_at, \
-           updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position",
-    )
-    .bind(id)
-    .bind(&l.lead_code)
-    .bind(l.client_id)
-    .bind(l.owner_id)
-    .bind(&l.stage_id)
-    .bind(l.probability)
-    .bind(l.sla_days)
-    .bind(l.status.as_str())
-    .bind(l.value_amount.amount())
-    .bind(weighted)
-    .bind(&l.source)
-    .bind(&l.title)
-    .bind(l.requested_start_at)
-    .bind(l.requested_end_at)
-    .bind(l.fleet_size)
-    .bind(&l.next_action)
-    .bind(l.next_action_at)
-    .bind(l.expected_close_at)
-    .bind(&l.loss_reason)
-    .bind(l.booking_id.or(l.won_booking_id))
-    .bind(l.kommo_lead_id)
-    .bind(l.kommo_status_id)
-    .bind(t.status_changed_at.or(t.created_at))
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .bind(t.last_position)
-    .execute(&mut *conn)
-    .await?;
-    if let Some(at) = t.updated_at {
-        velocity(conn, Some(id), at).await?;
-    }
-    Ok(())
+    json!({
+        "id": id,
+        "lead_code": l.lead_code,
+        "client_id": l.client_id,
+        "owner_id": l.owner_id,
+        "stage_id": l.stage_id,
+        "probability": l.probability,
+        "sla_days": l.sla_days,
+        "status": l.status.as_str(),
+        "value_amount": l.value_amount.amount(),
+        "weighted_value": l.value_amount.amount() * l.probability,
+        "source": l.source,
+        "title": l.title,
+        "requested_start_at": l.requested_start_at,
+        "requested_end_at": l.requested_end_at,
+        "fleet_size": l.fleet_size,
+        "next_action": l.next_action,
+        "next_action_at": l.next_action_at,
+        "expected_close_at": l.expected_close_at,
+        "loss_reason": l.loss_reason,
+        "booking_id": l.booking_id.or(l.won_booking_id),
+        "kommo_lead_id": l.kommo_lead_id,
+        "kommo_status_id": l.kommo_status_id,
+        "stage_entered_at": t.status_changed_at.or(t.created_at),
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+        "last_position": t.last_position,
+    })
 }
 
-/// Days in the current stage and whether that exceeds the stage's SLA, as of `now`.
-async fn velocity(
-    conn: &mut PgConnection,
-    lead: Option<Uuid>,
-    now: DateTime<Utc>,
-) -> Result<(), ProjectionError> {
-    sqlx::query(
-        "UPDATE sales_leads SET \
-           velocity_days = greatest(0, floor(extract(epoch FROM ($2 - stage_entered_at)) / 86400))::int, \
-           is_overdue = status = 'active' \
-             AND greatest(0, floor(extract(epoch FROM ($2 - stage_entered_at)) / 86400)) > sla_days \
-         WHERE ($1::uuid IS NULL OR id = $1)",
-    )
-    .bind(lead)
+/// The velocity columns as of `now` (a column or a parameter of the statement).
+const VELOCITY_SET: &str = "velocity_days = greatest(0, floor(extract(epoch FROM (now - stage_entered_at)) / 86400))::int, \
+    is_overdue = status = 'active' \
+      AND greatest(0, floor(extract(epoch FROM (now - stage_entered_at)) / 86400)) > sla_days";
+
+/// Days in the current stage and whether that exceeds the stage's SLA, as of `now`, for every lead.
+async fn velocity(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<(), ProjectionError> {
+    sqlx::query(&format!(
+        "UPDATE sales_leads SET {} ",
+        VELOCITY_SET.replace("now", "$1::timestamptz")
+    ))
     .bind(now)
     .execute(&mut *conn)
     .await?;
     Ok(())
 }
 
-async fn write_deal(
-    conn: &mut PgConnection,
-    id: Uuid,
-    t: &Tracked<Deal>,
-) -> Result<(), ProjectionError> {
+fn deal_row(id: Uuid, t: &Tracked<Deal>) -> Option<serde_json::Value> {
     let d = &t.state;
     let (Some(start), Some(end), Some(first)) = (
         d.contract_start_date,
         d.contract_end_date,
         d.first_payment_date,
     ) else {
-        return Ok(());
+        return None;
     };
-    sqlx::query(
-        "INSERT INTO deals (id, deal_number, client_id, vehicle_id, application_id, status, \
-           principal_amount, monthly_payment, interest_rate, security_deposit, term_months, \
-           contract_start_date, contract_end_date, first_payment_date, contract_terms, total_paid, \
-           missed_payments, closing_reason, created_at, updated_at, last_position) \
-         VALUES ($1, $2, $3, $4, $5, $6::deal_status, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-           $17, $18, $19, $20, $21) \
-         ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, total_paid = EXCLUDED.total_paid, \
-           missed_payments = EXCLUDED.missed_payments, closing_reason = EXCLUDED.closing_reason, \
-           updated_at = EXCLUDED.updated_at, last_position = EXCLUDED.last_position",
-    )
-    .bind(id)
-    .bind(&d.deal_number)
-    .bind(d.client_id)
-    .bind(d.vehicle_id)
-    .bind(d.application_id)
-    .bind(enum_str(&d.status))
-    .bind(d.principal_amount.amount())
-    .bind(d.monthly_payment.amount())
-    .bind(d.interest_rate)
-    .bind(d.security_deposit.amount())
-    .bind(d.term_months)
-    .bind(start)
-    .bind(end)
-    .bind(first)
-    .bind(&d.contract_terms)
-    .bind(d.total_paid.amount())
-    .bind(d.missed_payments)
-    .bind(d.default_reason.clone().or_else(|| d.cancel_reason.clone()))
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .bind(t.last_position)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    Some(json!({
+        "id": id,
+        "deal_number": d.deal_number,
+        "client_id": d.client_id,
+        "vehicle_id": d.vehicle_id,
+        "application_id": d.application_id,
+        "status": enum_str(&d.status),
+        "principal_amount": d.principal_amount.amount(),
+        "monthly_payment": d.monthly_payment.amount(),
+        "interest_rate": d.interest_rate,
+        "security_deposit": d.security_deposit.amount(),
+        "term_months": d.term_months,
+        "contract_start_date": start,
+        "contract_end_date": end,
+        "first_payment_date": first,
+        "contract_terms": d.contract_terms,
+        "total_paid": d.total_paid.amount(),
+        "missed_payments": d.missed_payments,
+        "closing_reason": d.default_reason.clone().or_else(|| d.cancel_reason.clone()),
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+        "last_position": t.last_position,
+    }))
 }
