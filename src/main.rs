@@ -287,24 +287,22 @@ async fn rebuild(name: &str, dry_run: bool) -> anyhow::Result<()> {
             format!("no projection called {name:?}; choose one of {names:?} or all")
         })?]
     };
-    let pool = open_pool(4).await?;
+    let pool = open_pool(selected.len() as u32 + 3).await?;
     let mut failed = false;
-    for p in selected {
-        let mut last_report = std::time::Instant::now();
-        let report = projections::rebuild::rebuild(&pool, p.as_ref(), !dry_run, |progress| {
-            if last_report.elapsed().as_millis() >= 1000 {
-                last_report = std::time::Instant::now();
-                eprintln!(
-                    "{}: {} events replayed (position {} of {})",
-                    p.name(),
-                    progress.events,
-                    progress.position,
-                    progress.head
-                );
-            }
-        })
-        .await
-        .with_context(|| format!("rebuilding {}", p.name()))?;
+    let refs: Vec<&dyn projections::Projection> = selected.iter().map(|p| p.as_ref()).collect();
+    let mut last_report = std::time::Instant::now();
+    let reports = projections::rebuild::rebuild_many(&pool, &refs, !dry_run, |progress| {
+        if last_report.elapsed().as_millis() >= 1000 {
+            last_report = std::time::Instant::now();
+            eprintln!(
+                "{} events replayed (position {} of {})",
+                progress.events, progress.position, progress.head
+            );
+        }
+    })
+    .await
+    .with_context(|| format!("rebuilding {name}"))?;
+    for report in reports {
         println!(
             "{}: {} events in {:.1}s ({:.0} events/s), position {}, {}",
             report.projection,

@@ -130,12 +130,15 @@ impl Projection for Bookings {
 
     fn session(&self, fresh: bool) -> Option<Box<dyn Session>> {
         Some(Box::new(BookingsSession {
+            fresh,
             states: States::new("booking_states", fresh),
         }))
     }
 }
 
 struct BookingsSession {
+    /// A rebuild's session (see [`Table::write`]).
+    fresh: bool,
     states: States<Booking>,
 }
 
@@ -368,9 +371,14 @@ impl Session for BookingsSession {
             }
         }
 
+        let t0 = std::time::Instant::now();
         insert_timeline(conn, timeline).await?;
-        INVOICES.write(conn, invoices).await?;
-        CALENDAR.write(conn, blocks).await?;
+        crate::rebuild::T.fetch_add(
+            t0.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        INVOICES.write(conn, self.fresh, invoices).await?;
+        CALENDAR.write(conn, self.fresh, blocks).await?;
         if !unblocked.0.is_empty() {
             sqlx::query(
                 "UPDATE calendar_events c SET status = 'cancelled', last_position = u.p \
@@ -425,10 +433,10 @@ impl Session for BookingsSession {
                 None => off_calendar.push(*id),
             }
         }
-        BOOKINGS.write(conn, rows).await?;
+        BOOKINGS.write(conn, self.fresh, rows).await?;
         delete_where(conn, "booking_additional_services", "booking_id", &ids).await?;
-        SERVICES.write(conn, services).await?;
-        CALENDAR.write(conn, calendar).await?;
+        SERVICES.write(conn, self.fresh, services).await?;
+        CALENDAR.write(conn, self.fresh, calendar).await?;
         delete_where(conn, "calendar_events", "id", &off_calendar).await?;
         Ok(())
     }

@@ -270,7 +270,7 @@ impl Session for ClientsSession {
             .iter()
             .filter_map(|id| self.states.get(id).map(|t| client_row(*id, t)))
             .collect();
-        CLIENTS.write(conn, rows).await?;
+        CLIENTS.write(conn, self.complete, rows).await?;
         let facts: Vec<_> = std::mem::take(&mut self.changed_facts)
             .into_iter()
             .filter_map(|b| {
@@ -285,7 +285,7 @@ impl Session for ClientsSession {
                 }))
             })
             .collect();
-        FACTS.write(conn, facts).await?;
+        FACTS.write(conn, self.complete, facts).await?;
         let dirty = std::mem::take(&mut self.dirty);
         recompute(conn, Recompute::Clients(&dirty)).await
     }

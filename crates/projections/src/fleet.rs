@@ -47,7 +47,7 @@ impl Projection for Fleet {
 }
 
 /// A booking's use of a vehicle (`vehicle_usage_periods`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 struct Period {
     vehicle_id: Uuid,
     start_at: DateTime<Utc>,
@@ -100,7 +100,13 @@ impl FleetSession {
         if self.complete || missing.is_empty() {
             return Ok(());
         }
-        let rows: Vec<(Uuid, Uuid, DateTime<Utc>, DateTime<Utc>, bool, i64)> = sqlx::query_as(
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            booking_id: Uuid,
+            #[sqlx(flatten)]
+            period: Period,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT booking_id, vehicle_id, start_at, end_at, completed, last_position \
              FROM vehicle_usage_periods WHERE booking_id = ANY($1)",
         )
@@ -110,17 +116,8 @@ impl FleetSession {
         for b in missing {
             self.periods.insert(b, None);
         }
-        for (booking, vehicle_id, start_at, end_at, completed, last_position) in rows {
-            self.periods.insert(
-                booking,
-                Some(Period {
-                    vehicle_id,
-                    start_at,
-                    end_at,
-                    completed,
-                    last_position,
-                }),
-            );
+        for row in rows {
+            self.periods.insert(row.booking_id, Some(row.period));
         }
         Ok(())
     }
@@ -225,10 +222,10 @@ impl Session for FleetSession {
             }
         }
         delete_where(conn, "vehicle_usage_periods", "booking_id", &gone).await?;
-        PERIODS.write(conn, rows).await?;
+        PERIODS.write(conn, self.complete, rows).await?;
         let vehicles = std::mem::take(&mut self.vehicles);
         let ids: Vec<Uuid> = vehicles.keys().copied().collect();
-        write_utilization(conn, &ids, |v| vehicles.get(v).copied()).await
+        write_utilization(conn, self.complete, &ids, |v| vehicles.get(v).copied()).await
     }
 }
 
@@ -240,13 +237,14 @@ pub async fn recompute(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<()
     )
     .fetch_all(&mut *conn)
     .await?;
-    write_utilization(conn, &vehicles, |_| Some(now)).await
+    write_utilization(conn, false, &vehicles, |_| Some(now)).await
 }
 
 /// Computes the utilization of `vehicles`, each as of the instant `at` gives, from their stored
 /// periods, and writes it in one statement.
 async fn write_utilization(
     conn: &mut PgConnection,
+    fresh: bool,
     vehicles: &[Uuid],
     at: impl Fn(&Uuid) -> Option<DateTime<Utc>>,
 ) -> Result<(), ProjectionError> {
@@ -259,7 +257,7 @@ async fn write_utilization(
     .bind(vehicles)
     .fetch_all(&mut *conn)
     .await?;
-    let mut by_vehicle: HashMap<Uuid, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    let mut by_vehicle: HashMap<Uuid, Vec<rules::Span>> = HashMap::new();
     for (v, s, e) in periods {
         by_vehicle.entry(v).or_default().push((s, e));
     }
@@ -273,7 +271,7 @@ async fn write_utilization(
             "computed_at": now,
         }));
     }
-    UTILIZATION.write(conn, rows).await
+    UTILIZATION.write(conn, fresh, rows).await
 }
 
 const UTILIZATION: Table = Table {

@@ -4,16 +4,18 @@
 //! position, run the tick on both with one clock, compare them row for row, and swap the fresh
 //! tables in (`ALTER TABLE ... SET SCHEMA`). Readers see the old tables or the new ones, never a mix.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
+use store::RecordedEvent;
 use store::checkpoints;
 use store::global_log::{self, LogPosition};
 
 use crate::runner::{checkpoint_name, lock_checkpoint};
-use crate::{Projection, ProjectionError};
+use crate::{Projection, ProjectionError, Session};
 
 /// Differences between the live and the rebuilt copy of one table.
 #[derive(Debug, Clone, Serialize)]
@@ -90,53 +92,215 @@ pub async fn rebuild(
     pool: &PgPool,
     projection: &dyn Projection,
     swap: bool,
-    mut progress: impl FnMut(Progress) + Send,
+    progress: impl FnMut(Progress) + Send,
 ) -> Result<RebuildReport, ProjectionError> {
+    let mut reports = rebuild_many(pool, &[projection], swap, progress).await?;
+    reports.pop().ok_or_else(|| ProjectionError::Unhandleable {
+        position: 0,
+        event_type: projection.name().into(),
+        event_version: String::new(),
+        reason: "the rebuild produced no report".into(),
+    })
+}
+
+/// Events read from the log per round of a rebuild.
+const REPLAY_BATCH: i64 = 5_000;
+
+/// Rebuilds several projections from one reading of the log: each replays into its fresh tables
+/// on a connection of its own, concurrently, holding what it folds in memory ([`Session`]) and
+/// writing its rows set-based at the end. Then, one projection at a time: catch up, tick,
+/// compare and (if `swap`) swap in.
+pub async fn rebuild_many(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    swap: bool,
+    mut progress: impl FnMut(Progress) + Send,
+) -> Result<Vec<RebuildReport>, ProjectionError> {
     let started = Instant::now();
-    let shadow = shadow_schema(projection);
-    let retired = retired_schema(projection);
 
-    // Fresh, empty copies of the projection's tables.
-    let mut conn = pool.acquire().await?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {shadow} CASCADE"))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(&format!("CREATE SCHEMA {shadow}"))
-        .execute(&mut *conn)
-        .await?;
-    for t in projection.tables() {
-        sqlx::query(&format!(
-            "CREATE TABLE {shadow}.{t} (LIKE public.{t} INCLUDING ALL)"
-        ))
-        .execute(&mut *conn)
-        .await?;
+    // Fresh, empty copies of the projections' tables, and one replaying task each.
+    let mut feeds = Vec::new();
+    let mut tasks = Vec::new();
+    for projection in projections {
+        let shadow = shadow_schema(*projection);
+        let mut conn = pool.acquire().await?.detach();
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {shadow} CASCADE"))
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(&format!("CREATE SCHEMA {shadow}"))
+            .execute(&mut conn)
+            .await?;
+        for t in projection.tables() {
+            // Without indexes while loading (they are built once at the end, much faster
+            // than maintained row by row); the session writes each key once.
+            sqlx::query(&format!(
+                "CREATE TABLE {shadow}.{t} (LIKE public.{t} INCLUDING ALL EXCLUDING INDEXES)"
+            ))
+            .execute(&mut conn)
+            .await?;
+        }
+        // This connection only ever writes the fresh tables, statement by statement (no long
+        // transaction holds back the log's horizon for the live consumers); they are not
+        // visible to anyone until the swap, which commits durably and so after them.
+        for setting in [
+            format!("SET search_path TO {shadow}, public"),
+            "SET synchronous_commit TO off".to_string(),
+        ] {
+            sqlx::query(&setting).execute(&mut conn).await?;
+        }
+        let session = projection.session(true);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Vec<RecordedEvent>>>(4);
+        feeds.push(tx);
+        tasks.push(tokio::spawn(replay(conn, session, rx)));
     }
-    drop(conn);
 
-    // Replay from position zero in batches, without holding anything the live runner needs.
+    // Read the log once, from position zero, and hand every batch to every projection.
     let head = global_log::head(pool)
         .await?
         .map_or(0, |(p, _)| p.global_position);
     let mut position = LogPosition::START;
     let mut events = 0u64;
     loop {
-        let batch = global_log::read_after(pool, position, 2000).await?;
+        let batch = global_log::read_after(pool, position, REPLAY_BATCH).await?;
         let Some(last) = batch.last() else { break };
-        let mut tx = pool.begin().await?;
-        use_schema(&mut tx, &shadow).await?;
-        projection.apply(&mut tx, &batch).await?;
-        tx.commit().await?;
         position = last.position;
         events += batch.len() as u64;
+        let batch = Arc::new(batch);
+        let mut closed = false;
+        for feed in &feeds {
+            closed |= feed.send(batch.clone()).await.is_err();
+        }
+        if closed {
+            // A replay stopped on an error: its task reports it below.
+            break;
+        }
         progress(Progress {
             events,
             position: position.global_position,
             head,
         });
     }
+    drop(feeds);
+    eprintln!(
+        "TIMING timeline {}",
+        T.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    );
+    eprintln!(
+        "TIMING reading {reading:.2} total {:.2}",
+        started.elapsed().as_secs_f64()
+    );
+    for task in tasks {
+        task.await.map_err(|e| ProjectionError::Unhandleable {
+            position: 0,
+            event_type: "rebuild".into(),
+            event_version: String::new(),
+            reason: format!("a replay task failed: {e}"),
+        })??;
+    }
 
-    // Catch both copies up to one position under the checkpoint lock, tick both with one clock,
-    // compare, swap.
+    for projection in projections {
+        index(pool, *projection).await?;
+    }
+    let mut reports = Vec::new();
+    for projection in projections {
+        reports.push(finish(pool, *projection, position, events, swap, started).await?);
+    }
+    Ok(reports)
+}
+
+/// Gives a projection's fresh tables the live tables' keys, constraints and indexes, under the
+/// same names (names are per schema; the swap moves them along).
+async fn index(pool: &PgPool, projection: &dyn Projection) -> Result<(), ProjectionError> {
+    let shadow = shadow_schema(projection);
+    let mut conn = pool.acquire().await?;
+    for t in projection.tables() {
+        let constraints: Vec<(String, String)> = sqlx::query_as(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = to_regclass('public.' || $1) AND contype IN ('p', 'u', 'x') ORDER BY conname",
+        )
+        .bind(t)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (name, def) in &constraints {
+            sqlx::query(&format!(
+                "ALTER TABLE {shadow}.{t} ADD CONSTRAINT {name} {def}"
+            ))
+            .execute(&mut *conn)
+            .await?;
+        }
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT i.indexdef FROM pg_indexes i WHERE i.schemaname = 'public' AND i.tablename = $1 \
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint c \
+                               WHERE c.conrelid = to_regclass('public.' || $1) AND c.conname = i.indexname) \
+             ORDER BY i.indexname",
+        )
+        .bind(t)
+        .fetch_all(&mut *conn)
+        .await?;
+        for def in indexes {
+            let def = def.replacen(
+                &format!(" ON public.{t} "),
+                &format!(" ON {shadow}.{t} "),
+                1,
+            );
+            sqlx::query(&def).execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Folds every batch it is fed into one fresh session, writing as it goes, then flushes.
+async fn replay(
+    mut conn: PgConnection,
+    session: Option<Box<dyn Session>>,
+    mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
+) -> Result<(), ProjectionError> {
+    match session {
+        Some(mut session) => {
+            let (mut applying, mut waiting) = (0.0, 0.0);
+            let mut t = Instant::now();
+            while let Some(batch) = batches.recv().await {
+                waiting += t.elapsed().as_secs_f64();
+                t = Instant::now();
+                session.apply(&mut conn, &batch).await?;
+                applying += t.elapsed().as_secs_f64();
+                t = Instant::now();
+            }
+            let f = Instant::now();
+            session.flush(&mut conn).await?;
+            eprintln!(
+                "TIMING apply {applying:.2} wait {waiting:.2} flush {:.2}",
+                f.elapsed().as_secs_f64()
+            );
+        }
+        // Only projections that fold into a session can replay this way.
+        None => {
+            return Err(ProjectionError::Unhandleable {
+                position: 0,
+                event_type: "rebuild".into(),
+                event_version: String::new(),
+                reason: "this projection cannot be rebuilt (it has no session)".into(),
+            });
+        }
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Brings the live and the rebuilt tables to one position under the checkpoint lock, ticks both
+/// with one clock, compares them, and swaps the rebuilt ones in when `swap`.
+async fn finish(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    replayed_to: LogPosition,
+    replayed: u64,
+    swap: bool,
+    started: Instant,
+) -> Result<RebuildReport, ProjectionError> {
+    let shadow = shadow_schema(projection);
+    let retired = retired_schema(projection);
+    let mut position = replayed_to;
+    let mut events = replayed;
     let name = checkpoint_name(projection);
     let mut tx = pool.begin().await?;
     let live = lock_checkpoint(&mut tx, &name).await?;

@@ -85,6 +85,9 @@ pub fn segment(ltv: Decimal, days_since_last: Option<i64>) -> Segment {
     }
 }
 
+/// A stretch of time, start to end.
+pub type Span = (DateTime<Utc>, DateTime<Utc>);
+
 /// The window utilization looks at.
 pub const UTILIZATION_WINDOW_DAYS: i64 = 30;
 

@@ -35,6 +35,7 @@ impl Projection for Sales {
 
     fn session(&self, fresh: bool) -> Option<Box<dyn Session>> {
         Some(Box::new(SalesSession {
+            fresh,
             leads: States::new("lead_states", fresh),
             deals: States::new("deal_states", fresh),
         }))
@@ -50,6 +51,8 @@ impl Projection for Sales {
 }
 
 struct SalesSession {
+    /// A rebuild's session (see [`Table::write`]).
+    fresh: bool,
     leads: States<Lead>,
     deals: States<Deal>,
 }
@@ -212,7 +215,7 @@ impl Session for SalesSession {
                 _ => {}
             }
         }
-        DEAL_EVENTS.write(conn, deal_events).await
+        DEAL_EVENTS.write(conn, self.fresh, deal_events).await
     }
 
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
@@ -229,7 +232,7 @@ impl Session for SalesSession {
                 }
             }
         }
-        LEADS.write(conn, rows).await?;
+        LEADS.write(conn, self.fresh, rows).await?;
         // Velocity as of each lead's own latest event.
         if !ids.is_empty() {
             sqlx::query(&format!(
@@ -247,7 +250,7 @@ impl Session for SalesSession {
             .iter()
             .filter_map(|id| self.deals.get(id).and_then(|t| deal_row(*id, t)))
             .collect();
-        DEALS.write(conn, rows).await
+        DEALS.write(conn, self.fresh, rows).await
     }
 }
 

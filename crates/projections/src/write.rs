@@ -31,13 +31,13 @@ pub struct Table {
 }
 
 impl Table {
-    fn sql(&self) -> String {
+    fn sql(&self, fresh: bool) -> String {
         let cols = self.columns.join(", ");
         let mut sql = format!(
             "INSERT INTO {t} ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{t}, $1)",
             t = self.name
         );
-        if !self.key.is_empty() {
+        if !self.key.is_empty() && !fresh {
             sql.push_str(&format!(" ON CONFLICT ({}) DO ", self.key.join(", ")));
             if self.update.is_empty() {
                 sql.push_str("NOTHING");
@@ -53,16 +53,18 @@ impl Table {
         sql
     }
 
-    /// Writes `rows` (JSON objects) in as few statements as the chunk size allows.
+    /// Writes `rows` (JSON objects) in as few statements as the chunk size allows. `fresh`: the
+    /// table is a rebuild's copy, written once per key and indexed afterwards (plain inserts).
     pub async fn write(
         &self,
         conn: &mut PgConnection,
+        fresh: bool,
         rows: Vec<Value>,
     ) -> Result<(), ProjectionError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let sql = self.sql();
+        let sql = self.sql(fresh);
         let mut rows = rows;
         while !rows.is_empty() {
             let rest = rows.split_off(rows.len().min(CHUNK));
@@ -101,7 +103,7 @@ pub struct States<A> {
     table: &'static str,
     map: HashMap<Uuid, Tracked<A>>,
     dirty: BTreeSet<Uuid>,
-    /// Every stored state is in `map` (a rebuild into empty tables): never load.
+    /// A rebuild into empty tables: every state is in `map` (never load), each saved once.
     complete: bool,
 }
 
@@ -188,9 +190,13 @@ where
             }
         }
         for (ids, states) in ids.chunks(CHUNK).zip(states.chunks(CHUNK)) {
+            let upsert = if self.complete {
+                ""
+            } else {
+                " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state"
+            };
             sqlx::query(&format!(
-                "INSERT INTO {} (id, state) SELECT * FROM unnest($1::uuid[], $2::jsonb[]) \
-                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
+                "INSERT INTO {} (id, state) SELECT * FROM unnest($1::uuid[], $2::jsonb[]){upsert}",
                 self.table
             ))
             .bind(ids)

@@ -67,7 +67,7 @@ pub async fn read_after<'e, E: PgExecutor<'e>>(
         "SELECT {SELECT_COLUMNS} FROM events \
          WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY transaction_id, global_position \
+         ORDER BY events.transaction_id, events.global_position \
          LIMIT $3"
     );
     let rows = sqlx::query(&sql)
@@ -87,7 +87,7 @@ pub async fn head<'e, E: PgExecutor<'e>>(
         "SELECT transaction_id::text::bigint AS transaction_id, global_position, recorded_at \
          FROM events \
          WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
     )
     .fetch_optional(executor)
     .await?;
