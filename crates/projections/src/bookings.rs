@@ -371,12 +371,7 @@ impl Session for BookingsSession {
             }
         }
 
-        let t0 = std::time::Instant::now();
         insert_timeline(conn, timeline).await?;
-        crate::rebuild::T.fetch_add(
-            t0.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
         INVOICES.write(conn, self.fresh, invoices).await?;
         CALENDAR.write(conn, self.fresh, blocks).await?;
         if !unblocked.0.is_empty() {

@@ -181,14 +181,6 @@ pub async fn rebuild_many(
         });
     }
     drop(feeds);
-    eprintln!(
-        "TIMING timeline {}",
-        T.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
-    );
-    eprintln!(
-        "TIMING reading {reading:.2} total {:.2}",
-        started.elapsed().as_secs_f64()
-    );
     for task in tasks {
         task.await.map_err(|e| ProjectionError::Unhandleable {
             position: 0,
@@ -257,21 +249,10 @@ async fn replay(
 ) -> Result<(), ProjectionError> {
     match session {
         Some(mut session) => {
-            let (mut applying, mut waiting) = (0.0, 0.0);
-            let mut t = Instant::now();
             while let Some(batch) = batches.recv().await {
-                waiting += t.elapsed().as_secs_f64();
-                t = Instant::now();
                 session.apply(&mut conn, &batch).await?;
-                applying += t.elapsed().as_secs_f64();
-                t = Instant::now();
             }
-            let f = Instant::now();
             session.flush(&mut conn).await?;
-            eprintln!(
-                "TIMING apply {applying:.2} wait {waiting:.2} flush {:.2}",
-                f.elapsed().as_secs_f64()
-            );
         }
         // Only projections that fold into a session can replay this way.
         None => {
