@@ -429,10 +429,13 @@ impl Session for BookingsSession {
             }
         }
         BOOKINGS.write(conn, self.fresh, rows).await?;
-        delete_where(conn, "booking_additional_services", "booking_id", &ids).await?;
+        if !self.fresh {
+            // (A rebuild's one flush writes these bookings' rows for the first time.)
+            delete_where(conn, "booking_additional_services", "booking_id", &ids).await?;
+            delete_where(conn, "calendar_events", "id", &off_calendar).await?;
+        }
         SERVICES.write(conn, self.fresh, services).await?;
         CALENDAR.write(conn, self.fresh, calendar).await?;
-        delete_where(conn, "calendar_events", "id", &off_calendar).await?;
         Ok(())
     }
 }

@@ -331,9 +331,12 @@ pub async fn recompute(
     conn: &mut PgConnection,
     target: Recompute<'_>,
 ) -> Result<(), ProjectionError> {
+    // Many clients at once (a rebuild, a large batch): one pass over everything beats probing
+    // for each (`= ANY` compares every row with every element when there is no index).
     let ids: Option<Vec<Uuid>> = match &target {
         Recompute::All(_) => None,
         Recompute::Clients(map) if map.is_empty() => return Ok(()),
+        Recompute::Clients(map) if map.len() > 1_000 => None,
         Recompute::Clients(map) => Some(map.keys().copied().collect()),
     };
     #[allow(clippy::type_complexity)]

@@ -221,7 +221,9 @@ impl Session for FleetSession {
                 None => gone.push(b),
             }
         }
-        delete_where(conn, "vehicle_usage_periods", "booking_id", &gone).await?;
+        if !self.complete {
+            delete_where(conn, "vehicle_usage_periods", "booking_id", &gone).await?;
+        }
         PERIODS.write(conn, self.complete, rows).await?;
         let vehicles = std::mem::take(&mut self.vehicles);
         let ids: Vec<Uuid> = vehicles.keys().copied().collect();
