@@ -30,10 +30,19 @@ pub fn upcasters() -> Vec<Box<dyn EventUpcaster>> {
 
 /// Brings one stored payload to the current shape (for readers of the global log).
 pub fn upcast(event_type: &str, event_version: &str, payload: Value) -> Value {
-    match (event_type, major(event_version)) {
-        ("BookingCreated", Some(1)) => booking_created_v2(payload),
-        _ => payload,
+    if needs_upcast(event_type, event_version) {
+        booking_created_v2(payload)
+    } else {
+        payload
     }
+}
+
+/// Whether a stored payload of this type and version has an older shape than the code reads.
+pub fn needs_upcast(event_type: &str, event_version: &str) -> bool {
+    matches!(
+        (event_type, major(event_version)),
+        ("BookingCreated", Some(1))
+    )
 }
 
 fn major(version: &str) -> Option<u32> {

@@ -350,8 +350,8 @@ impl Session for BookingsSession {
                         sequence: e.sequence,
                         event_type: e.event_type.clone(),
                         message,
-                        payload: serde_json::to_value(&ev).unwrap_or_default(),
-                        actor: actor(e),
+                        payload: serde_json::to_string(&ev).unwrap_or_else(|_| "null".into()),
+                        actor: actor(e).to_string(),
                         occurred_at: e.recorded_at,
                         position: e.position.global_position,
                     });
@@ -447,8 +447,9 @@ struct TimelineRow {
     sequence: i64,
     event_type: String,
     message: String,
-    payload: serde_json::Value,
-    actor: serde_json::Value,
+    /// JSON text (parsed once, by PostgreSQL).
+    payload: String,
+    actor: String,
     occurred_at: DateTime<Utc>,
     position: i64,
 }
@@ -468,8 +469,8 @@ async fn insert_timeline(
         Vec<i64>,
         Vec<String>,
         Vec<String>,
-        Vec<serde_json::Value>,
-        Vec<serde_json::Value>,
+        Vec<String>,
+        Vec<String>,
         Vec<DateTime<Utc>>,
         Vec<i64>,
     ) = Default::default();
@@ -487,8 +488,9 @@ async fn insert_timeline(
     sqlx::query(
         "INSERT INTO booking_timeline_events \
          (id, booking_id, sequence, event_type, message, payload, actor, occurred_at, last_position) \
-         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], \
-           $6::jsonb[], $7::jsonb[], $8::timestamptz[], $9::bigint[])",
+         SELECT i, b, s, t, m, p::jsonb, a::jsonb, o, l FROM unnest($1::uuid[], $2::uuid[], \
+           $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], \
+           $9::bigint[]) AS u(i, b, s, t, m, p, a, o, l)",
     )
     .bind(cols.0)
     .bind(cols.1)

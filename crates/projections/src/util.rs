@@ -17,12 +17,17 @@ pub fn decode<E: DomainEvent + DeserializeOwned>(
         event_version: event.event_version.clone(),
         reason,
     };
-    let payload = domain::upcasting::upcast(
-        &event.event_type,
-        &event.event_version,
-        event.payload.clone(),
-    );
-    let decoded: E = serde_json::from_value(payload).map_err(|e| fail(e.to_string()))?;
+    // Only an old version needs its payload reshaped (and so copied); the rest is read in place.
+    let decoded: E = if !domain::upcasting::needs_upcast(&event.event_type, &event.event_version) {
+        E::deserialize(&event.payload)
+    } else {
+        serde_json::from_value(domain::upcasting::upcast(
+            &event.event_type,
+            &event.event_version,
+            event.payload.clone(),
+        ))
+    }
+    .map_err(|e| fail(e.to_string()))?;
     if decoded.event_type() != event.event_type {
         return Err(fail(format!(
             "the payload is a {}, the row says {}",

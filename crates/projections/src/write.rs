@@ -179,7 +179,8 @@ where
         let mut states = Vec::with_capacity(self.dirty.len());
         for id in std::mem::take(&mut self.dirty) {
             if let Some(t) = self.map.get(&id) {
-                let json = serde_json::to_value(t).map_err(|e| ProjectionError::Unhandleable {
+                // Straight to text (PostgreSQL parses it once), no intermediate JSON tree.
+                let json = serde_json::to_string(t).map_err(|e| ProjectionError::Unhandleable {
                     position: t.last_position,
                     event_type: self.table.into(),
                     event_version: String::new(),
@@ -196,7 +197,7 @@ where
                 " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state"
             };
             sqlx::query(&format!(
-                "INSERT INTO {} (id, state) SELECT * FROM unnest($1::uuid[], $2::jsonb[]){upsert}",
+                "INSERT INTO {} (id, state) SELECT i, s::jsonb FROM unnest($1::uuid[], $2::text[]) AS u(i, s){upsert}",
                 self.table
             ))
             .bind(ids)
