@@ -77,6 +77,7 @@ impl Harness {
             max_attempts,
             lease: Duration::from_secs(2),
             batch: 16,
+            max_in_flight: 64,
             backoff: Backoff {
                 base: Duration::from_millis(10),
                 cap: Duration::from_millis(200),

@@ -1,7 +1,7 @@
 //! `FakeKommo`: a stateful Kommo API v4 on loopback (contacts, leads, notes, OAuth with rotating
 //! refresh tokens, the 7 requests/s account limit), with scripted faults.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -71,6 +71,9 @@ struct Data {
     contacts: BTreeMap<i64, Value>,
     leads: BTreeMap<i64, Value>,
     notes: BTreeMap<i64, Value>,
+    /// What `query` searches in each contact and lead (see [`searchable`]), kept up to date by
+    /// every write so that a search does not rebuild it for every record.
+    search_texts: HashMap<(&'static str, i64), Vec<String>>,
     next_id: i64,
     creates: usize,
     refresh_token: String,
@@ -527,21 +530,31 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     })
 }
 
+/// Records what `query` finds in a stored record (after every write to it).
+fn reindex(data: &mut Data, kind: Kind, id: i64, record: &Value) {
+    let mut texts = Vec::new();
+    searchable(record, &mut texts);
+    data.search_texts.insert((kind.entity, id), texts);
+}
+
 fn search(data: &Data, kind: Kind, query: Option<&str>) -> Response {
     let needle = query_param(query, "query").map(|q| q.to_lowercase());
     let found: Vec<Value> = kind
         .table(data)
-        .values()
-        .filter(|record| match &needle {
+        .iter()
+        .filter(|(id, record)| match &needle {
             None => true,
             Some(n) if n.is_empty() => true,
-            Some(n) => {
-                let mut texts = Vec::new();
-                searchable(record, &mut texts);
-                texts.iter().any(|t| t.contains(n.as_str()))
-            }
+            Some(n) => match data.search_texts.get(&(kind.entity, **id)) {
+                Some(texts) => texts.iter().any(|t| t.contains(n.as_str())),
+                None => {
+                    let mut texts = Vec::new();
+                    searchable(record, &mut texts);
+                    texts.iter().any(|t| t.contains(n.as_str()))
+                }
+            },
         })
-        .cloned()
+        .map(|(_, record)| record.clone())
         .collect();
     if found.is_empty() {
         return no_content();
@@ -757,7 +770,9 @@ fn create(data: &mut Data, kind: Kind, body: Option<&Value>) -> Response {
             "_links".into(),
             json!({"self": {"href": format!("/api/v4/{}/{id}", kind.entity)}}),
         );
-        kind.table_mut(data).insert(id, Value::Object(record));
+        let record = Value::Object(record);
+        reindex(data, kind, id, &record);
+        kind.table_mut(data).insert(id, record);
         data.creates += 1;
         created.push(json!({"id": id, "request_id": request_id(item, i), "_links": {"self": {"href": format!("/api/v4/{}/{id}", kind.entity)}}}));
     }
@@ -818,6 +833,8 @@ fn patch_one(data: &mut Data, kind: Kind, id: i64, body: Option<&Value>) -> Resp
         return problem(404, "Not Found", "Entity not found");
     };
     merge(record, patch);
+    let record = record.clone();
+    reindex(data, kind, id, &record);
     answer(
         200,
         HAL,
@@ -856,6 +873,8 @@ fn patch_many(data: &mut Data, kind: Kind, body: Option<&Value>) -> Response {
         };
         if let Some(record) = kind.table_mut(data).get_mut(&id) {
             merge(record, item);
+            let record = record.clone();
+            reindex(data, kind, id, &record);
         }
         updated.push(json!({"id": id, "updated_at": now(), "request_id": request_id(item, i)}));
     }

@@ -1,9 +1,13 @@
 //! `ZohoClient`: contacts and sales orders in Zoho CRM v6, always as upserts on our external key.
 //!
 //! The access token (1 hour) is cached in the `TokenStore` and shared by the workers; one worker
-//! refreshes at a time. A semaphore keeps this process under Zoho's concurrency limit.
+//! refreshes at a time; each client keeps the token it last used in memory until it is about to
+//! expire or Zoho refuses it. A semaphore keeps this process under Zoho's concurrency limit.
+//! Single upserts that wait for a free call are sent together: whoever gets the next call takes
+//! every waiting record of that module (up to 100) along, so under load one call carries many
+//! records and the concurrency limit stops bounding the record rate.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
@@ -11,13 +15,14 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
 
 use crate::error::{CrmError, classify_zoho, classify_zoho_record, zoho_refresh_may_help};
 use crate::http::{self, ConfigError};
 use crate::token::{
-    StoredToken, TokenStore, ZOHO_SYSTEM, fresh_token, refresh_candidates, refresh_once,
+    EXPIRY_MARGIN, StoredToken, TokenStore, ZOHO_SYSTEM, fresh_token, refresh_candidates,
+    refresh_once,
 };
 
 /// Default `ZOHO_CONTACT_EXTERNAL_FIELD`.
@@ -136,6 +141,17 @@ pub struct ZohoClient {
     contact_field: String,
     sales_order_field: String,
     permits: Semaphore,
+    /// The access token last loaded or refreshed.
+    token: Mutex<Option<StoredToken>>,
+    /// Single records waiting to be sent, per module.
+    waiting_contacts: Mutex<Vec<Waiting>>,
+    waiting_orders: Mutex<Vec<Waiting>>,
+}
+
+/// A record waiting for a call, and where its result goes.
+struct Waiting {
+    record: Value,
+    reply: oneshot::Sender<Result<String, CrmError>>,
 }
 
 impl std::fmt::Debug for ZohoClient {
@@ -161,16 +177,16 @@ impl ZohoClient {
             contact_field: config.contact_external_field,
             sales_order_field: config.sales_order_external_field,
             permits: Semaphore::new(config.max_concurrency.max(1)),
+            token: Mutex::new(None),
+            waiting_contacts: Mutex::new(Vec::new()),
+            waiting_orders: Mutex::new(Vec::new()),
         })
     }
 
     /// Upserts one contact on the contact external field; returns its Zoho id.
     pub async fn upsert_contact(&self, contact: &ZohoContact) -> Result<String, CrmError> {
         let record = self.contact_record(contact);
-        single(
-            self.upsert("Contacts", vec![record], &self.contact_field)
-                .await,
-        )
+        self.upsert_one("Contacts", record).await
     }
 
     /// Upserts contacts (any number; sent 100 per call). The answer has one result per input,
@@ -188,10 +204,7 @@ impl ZohoClient {
     /// Upserts one sales order on the sales-order external field; returns its Zoho id.
     pub async fn upsert_sales_order(&self, order: &SalesOrder) -> Result<String, CrmError> {
         let record = self.sales_order_record(order);
-        single(
-            self.upsert("Sales_Orders", vec![record], &self.sales_order_field)
-                .await,
-        )
+        self.upsert_one("Sales_Orders", record).await
     }
 
     fn contact_record(&self, c: &ZohoContact) -> Value {
@@ -239,8 +252,69 @@ impl ZohoClient {
         Value::Object(obj)
     }
 
-    /// One upsert call (at most 100 records), with one refresh-and-retry on a 401.
+    /// Upserts one record of `module` ("Contacts" or "Sales_Orders"), in a call of its own or
+    /// together with other waiting records of the same module. Zoho answers per record, so a
+    /// record's result is its own; a failed call fails every record it carried (each is safe
+    /// to repeat: upserts on an external id).
+    async fn upsert_one(&self, module: &'static str, record: Value) -> Result<String, CrmError> {
+        let (queue, field) = match module {
+            "Contacts" => (&self.waiting_contacts, &self.contact_field),
+            _ => (&self.waiting_orders, &self.sales_order_field),
+        };
+        let (reply, mut answer) = oneshot::channel();
+        lock(queue).push(Waiting { record, reply });
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut answer => {
+                    return result.unwrap_or_else(|_| {
+                        Err(CrmError::transient(None, "zoho: the call carrying this record was cancelled"))
+                    });
+                }
+                permit = self.permits.acquire() => {
+                    let _permit = permit.map_err(|_| CrmError::transient(None, "zoho: client closed"))?;
+                    let batch: Vec<Waiting> = {
+                        let mut waiting = lock(queue);
+                        let n = waiting.len().min(MAX_RECORDS_PER_CALL);
+                        waiting.drain(..n).collect()
+                    };
+                    if batch.is_empty() {
+                        // Another call took this record along: its answer is on the way.
+                        drop(_permit);
+                        return (&mut answer).await.unwrap_or_else(|_| {
+                            Err(CrmError::transient(None, "zoho: the call carrying this record was cancelled"))
+                        });
+                    }
+                    let (records, replies): (Vec<Value>, Vec<_>) =
+                        batch.into_iter().map(|w| (w.record, w.reply)).unzip();
+                    let results = self.upsert_permitted(module, records, field).await;
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        // A waiter that gave up no longer needs its answer.
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One upsert call (at most 100 records), once a call is free.
     async fn upsert(
+        &self,
+        module: &str,
+        records: Vec<Value>,
+        duplicate_field: &str,
+    ) -> Vec<Result<String, CrmError>> {
+        let count = records.len();
+        let Ok(_permit) = self.permits.acquire().await else {
+            return vec![Err(CrmError::transient(None, "zoho: client closed")); count];
+        };
+        self.upsert_permitted(module, records, duplicate_field)
+            .await
+    }
+
+    /// One upsert call (at most 100 records), with one refresh-and-retry on a 401; the caller
+    /// holds a permit.
+    async fn upsert_permitted(
         &self,
         module: &str,
         records: Vec<Value>,
@@ -278,13 +352,7 @@ impl ZohoClient {
                     format!("Zoho-oauthtoken {}", token.access_token.expose_secret()),
                 )
                 .json(body);
-            let answer = {
-                let _permit =
-                    self.permits.acquire().await.map_err(|_| {
-                        CrmError::transient(None, format!("{context}: client closed"))
-                    })?;
-                http::send(req, context).await?
-            };
+            let answer = http::send(req, context).await?;
             tracing::debug!(target: "crm", module, status = answer.status, "zoho answered");
             if answer.status == 401 && zoho_refresh_may_help(&answer.body) {
                 if refreshed {
@@ -318,14 +386,30 @@ impl ZohoClient {
         }
     }
 
+    /// The token this client last used while it is fresh, else the stored one, else a new one.
+    /// A token another worker replaced keeps working until it expires or Zoho refuses it; a
+    /// refusal (401) refreshes, which picks up the other worker's token.
     async fn access_token(&self) -> Result<StoredToken, CrmError> {
-        match fresh_token(self.store.as_ref(), ZOHO_SYSTEM).await? {
-            Some(t) => Ok(t),
-            None => self.refresh(None).await,
+        if let Some(t) = lock(&self.token).as_ref()
+            && t.is_fresh(Utc::now(), EXPIRY_MARGIN)
+        {
+            return Ok(t.clone());
         }
+        let token = match fresh_token(self.store.as_ref(), ZOHO_SYSTEM).await? {
+            Some(t) => t,
+            None => self.refresh(None).await?,
+        };
+        *lock(&self.token) = Some(token.clone());
+        Ok(token)
     }
 
     async fn refresh(&self, stale: Option<&SecretString>) -> Result<StoredToken, CrmError> {
+        let token = self.refresh_shared(stale).await?;
+        *lock(&self.token) = Some(token.clone());
+        Ok(token)
+    }
+
+    async fn refresh_shared(&self, stale: Option<&SecretString>) -> Result<StoredToken, CrmError> {
         refresh_once(
             self.store.as_ref(),
             ZOHO_SYSTEM,
@@ -467,10 +551,8 @@ fn per_record(
         .collect()
 }
 
-fn single(mut results: Vec<Result<String, CrmError>>) -> Result<String, CrmError> {
-    results
-        .pop()
-        .unwrap_or_else(|| Err(CrmError::transient(None, "zoho: no result")))
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn decimal(d: Decimal) -> Value {

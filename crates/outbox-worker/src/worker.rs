@@ -26,6 +26,7 @@ use domain::{Actor, CommandMetadata};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
@@ -36,8 +37,11 @@ pub struct WorkerConfig {
     pub max_attempts: i32,
     /// `OUTBOX_LEASE_SECONDS`.
     pub lease: Duration,
-    /// Rows claimed (and delivered concurrently) per round.
+    /// Most rows claimed at once (a round of [`Worker::try_execute_task`], or one refill of
+    /// [`Worker::run`]).
     pub batch: i64,
+    /// Most rows one worker keeps in delivery at once ([`Worker::run`]).
+    pub max_in_flight: usize,
     pub backoff: Backoff,
     /// Who this worker is (stored as the lease owner).
     pub owner: String,
@@ -56,7 +60,8 @@ impl WorkerConfig {
         Self {
             max_attempts: num("OUTBOX_MAX_ATTEMPTS", 12) as i32,
             lease: Duration::from_secs(num("OUTBOX_LEASE_SECONDS", 60)),
-            batch: 16,
+            batch: 32,
+            max_in_flight: 64,
             backoff: Backoff::default(),
             owner: format!("worker-{}-{}", std::process::id(), Uuid::now_v7()),
             idle: Duration::from_millis(200),
@@ -105,73 +110,227 @@ enum Delivery {
 }
 
 pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     pool: PgPool,
     bus: Arc<CommandBus>,
     targets: Targets,
     config: WorkerConfig,
 }
 
+/// Tallies of settled rows.
+#[derive(Default)]
+struct Tally {
+    delivered: usize,
+    retried: usize,
+    snoozed: usize,
+    dead: usize,
+}
+
+impl Tally {
+    fn add(&mut self, s: Settled) {
+        match s {
+            Settled::Delivered => self.delivered += 1,
+            Settled::Retried => self.retried += 1,
+            Settled::Snoozed => self.snoozed += 1,
+            Settled::Dead => self.dead += 1,
+            Settled::LeaseLost => {}
+        }
+    }
+}
+
 impl Worker {
     pub fn new(pool: PgPool, bus: Arc<CommandBus>, targets: Targets, config: WorkerConfig) -> Self {
         Self {
-            pool,
-            bus,
-            targets,
-            config,
+            inner: Arc::new(Inner {
+                pool,
+                bus,
+                targets,
+                config,
+            }),
         }
     }
 
-    /// Claims due rows and delivers them (concurrently; they belong to distinct entities).
+    /// One round: claims up to `batch` due rows, delivers them concurrently (they belong to
+    /// distinct entities), and settles them. [`Worker::run`] does not wait for rounds.
     pub async fn try_execute_task(&self) -> Result<ExecutionOutcome, sqlx::Error> {
-        let rows = self.claim().await?;
+        let inner = &self.inner;
+        let rows = inner.claim(inner.config.batch, false).await?;
         if rows.is_empty() {
             return Ok(ExecutionOutcome::Empty);
         }
-        let results = futures::future::join_all(rows.iter().map(|r| self.handle(r))).await;
-        let (mut delivered, mut retried, mut snoozed, mut dead) = (0, 0, 0, 0);
-        for r in results {
-            match r? {
-                Settled::Delivered => delivered += 1,
-                Settled::Retried => retried += 1,
-                Settled::Snoozed => snoozed += 1,
-                Settled::Dead => dead += 1,
-                Settled::LeaseLost => {}
-            }
-        }
+        let outcomes =
+            futures::future::join_all(rows.iter().map(|r| inner.deliver_leased(r))).await;
+        let done: Vec<(Claimed, Delivery)> = rows.into_iter().zip(outcomes).collect();
+        let mut tally = Tally::default();
+        inner.settle(done, &mut tally).await?;
         Ok(ExecutionOutcome::Round {
-            delivered,
-            retried,
-            snoozed,
-            dead,
+            delivered: tally.delivered,
+            retried: tally.retried,
+            snoozed: tally.snoozed,
+            dead: tally.dead,
         })
     }
 
-    /// Runs until `shutdown` turns true.
+    /// Runs until `shutdown` turns true, keeping up to `max_in_flight` rows in delivery: rows
+    /// are claimed as slots free up (never waiting for the slowest row of a claim), and
+    /// finished rows are settled together. On shutdown it stops claiming and settles the rows
+    /// it holds.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let inner = &self.inner;
+        let limit = inner.config.max_in_flight.max(1);
+        // Claim again once this many slots are free (or nothing is in flight), so that claims
+        // stay batches rather than one query per finished row.
+        let refill = (limit / 4).max(1);
+        let wants_rows = |len: usize| len < limit && (len == 0 || limit - len >= refill);
+        let mut in_flight: tokio::task::JoinSet<(Claimed, Delivery)> = tokio::task::JoinSet::new();
+        let mut done: Vec<(Claimed, Delivery)> = Vec::new();
+        // When to look for due rows again if nothing finishes before.
+        let mut next_claim = Instant::now();
+        // The last claim found fewer due rows than it asked for: claim with the query for that
+        // case, and not again before `SHORT_CLAIM_PAUSE` even when rows finish.
+        let mut few_due = false;
+        let mut earliest_claim = Instant::now();
+        let mut stop_by: Option<Instant> = None;
+        let mut tally = Tally::default();
         loop {
-            if *shutdown.borrow() {
-                return;
+            if stop_by.is_none() && *shutdown.borrow() {
+                stop_by = Some(Instant::now() + SHUTDOWN_GRACE);
             }
-            let wait = match self.try_execute_task().await {
-                Ok(ExecutionOutcome::Empty) => self.config.idle,
-                Ok(_) => Duration::ZERO,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox worker cannot reach the database");
-                    Duration::from_secs(2)
+            if !done.is_empty() {
+                let batch = std::mem::take(&mut done);
+                if let Err(e) = inner.settle(batch, &mut tally).await {
+                    // The rows stay leased; their leases run out and they are delivered again
+                    // (harmlessly: deliveries are idempotent).
+                    tracing::warn!(error = %e, "outbox worker cannot settle rows");
+                    next_claim = Instant::now() + Duration::from_secs(2);
                 }
+            }
+            if let Some(deadline) = stop_by {
+                if in_flight.is_empty() {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    // Deliveries still waiting (for Kommo's pacing, say) are given up and their
+                    // rows handed back at once; repeating a cut-off call is harmless.
+                    in_flight.shutdown().await;
+                    inner.release_all().await;
+                    return;
+                }
+            } else if wants_rows(in_flight.len()) && next_claim <= Instant::now() {
+                let want = (limit - in_flight.len()).min(inner.config.batch.max(1) as usize);
+                let claimed_at = Instant::now();
+                match inner.claim(want as i64, few_due).await {
+                    Ok(rows) => {
+                        few_due = rows.len() < want;
+                        earliest_claim = claimed_at
+                            + if few_due {
+                                SHORT_CLAIM_PAUSE
+                            } else {
+                                Duration::ZERO
+                            };
+                        if few_due {
+                            // Nothing more is due now: look again after `idle`, or sooner
+                            // when a row finishes (it may unblock the next row of its entity).
+                            next_claim = Instant::now() + inner.config.idle;
+                        }
+                        for row in rows {
+                            let inner = self.inner.clone();
+                            in_flight.spawn(async move {
+                                let d = inner.deliver_leased(&row).await;
+                                (row, d)
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox worker cannot reach the database");
+                        next_claim = Instant::now() + Duration::from_secs(2);
+                    }
+                }
+                if wants_rows(in_flight.len()) && next_claim <= Instant::now() {
+                    // Rows are still due and slots free: claim more at once.
+                    continue;
+                }
+            }
+            let claim_at = match stop_by {
+                None if wants_rows(in_flight.len()) => Some(next_claim),
+                None => None,
+                Some(deadline) => Some(deadline),
             };
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = shutdown.changed() => {}
-                    () = tokio::time::sleep(wait) => {}
+            tokio::select! {
+                joined = in_flight.join_next(), if !in_flight.is_empty() => {
+                    collect(joined, &mut done);
+                    // Everything else that finished meanwhile is settled with it.
+                    while let Some(joined) = in_flight.try_join_next() {
+                        collect(Some(joined), &mut done);
+                    }
+                    // A finished row may unblock the next row of its entity.
+                    next_claim = next_claim.min(Instant::now().max(earliest_claim));
+                }
+                () = sleep_until_some(claim_at) => {}
+                changed = shutdown.changed(), if stop_by.is_none() => {
+                    if changed.is_err() {
+                        // The sender is gone: nobody can ask for a stop any more; stop now.
+                        stop_by = Some(Instant::now() + SHUTDOWN_GRACE);
+                    }
                 }
             }
         }
     }
+}
 
-    async fn claim(&self) -> Result<Vec<Claimed>, sqlx::Error> {
-        sqlx::query_as(
-            "WITH due AS ( \
+/// The least time between a claim that found fewer due rows than it asked for and the next one.
+const SHORT_CLAIM_PAUSE: Duration = Duration::from_millis(20);
+
+/// How long a stopping worker waits for its deliveries in flight before handing them back.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A finished delivery task. A task that panicked leaves its row leased: the lease runs out
+/// and the row is delivered again.
+fn collect(
+    joined: Option<Result<(Claimed, Delivery), tokio::task::JoinError>>,
+    done: &mut Vec<(Claimed, Delivery)>,
+) {
+    match joined {
+        Some(Ok(d)) => done.push(d),
+        Some(Err(e)) => tracing::error!(error = %e, "an outbox delivery task failed"),
+        None => {}
+    }
+}
+
+impl Inner {
+    /// Claims up to `limit` due rows. `few_due`: the last claim found fewer rows than it asked
+    /// for, so most open rows are probably waiting behind an earlier row of their entity.
+    ///
+    /// Two equivalent queries (a row is claimable when it is due and no earlier row of its entity
+    /// and target is open): walking the open rows in log order stops as soon as `limit` rows are
+    /// found, which is cheap when most open rows are claimable; when most wait behind an earlier
+    /// row (a long backlog for few entities), that walk would visit every open row, so the first
+    /// open row of each entity and target is taken instead, in one pass over an index.
+    async fn claim(&self, limit: i64, few_due: bool) -> Result<Vec<Claimed>, sqlx::Error> {
+        let due = if few_due {
+            "heads AS ( \
+               SELECT DISTINCT ON (entity_id, target_system) id, source_position \
+               FROM integrations_outbox WHERE status IN ('pending', 'processing') \
+               ORDER BY entity_id, target_system, source_position), \
+             due AS ( \
+               SELECT o.id FROM heads h JOIN integrations_outbox o ON o.id = h.id \
+               WHERE ((o.status = 'pending' AND o.next_run_at <= now()) \
+                   OR (o.status = 'processing' AND o.lease_expires_at < now())) \
+               ORDER BY h.source_position \
+               LIMIT $1 \
+               FOR UPDATE OF o SKIP LOCKED)"
+        } else {
+            "due AS ( \
                SELECT o.id FROM integrations_outbox o \
                WHERE ((o.status = 'pending' AND o.next_run_at <= now()) \
                    OR (o.status = 'processing' AND o.lease_expires_at < now())) \
@@ -182,37 +341,79 @@ impl Worker {
                      AND p.status IN ('pending', 'processing')) \
                ORDER BY o.source_position \
                LIMIT $1 \
-               FOR UPDATE SKIP LOCKED) \
+               FOR UPDATE SKIP LOCKED)"
+        };
+        sqlx::query_as(&format!(
+            "WITH {due} \
              UPDATE integrations_outbox o SET status = 'processing', lease_owner = $2, \
                lease_expires_at = now() + make_interval(secs => $3), attempts = o.attempts + 1, \
                updated_at = now() \
-             FROM due WHERE o.id = due.id \
-             RETURNING o.id, o.entity_type, o.entity_id, o.target_system, o.event_type, o.payload, o.attempts",
-        )
-        .bind(self.config.batch)
+             WHERE o.id = ANY (ARRAY(SELECT id FROM due)) \
+             RETURNING o.id, o.entity_type, o.entity_id, o.target_system, o.event_type, o.payload, o.attempts"
+        ))
+        .bind(limit)
         .bind(&self.config.owner)
         .bind(self.config.lease.as_secs_f64())
         .fetch_all(&self.pool)
         .await
     }
 
-    async fn handle(&self, row: &Claimed) -> Result<Settled, sqlx::Error> {
-        // Keep the lease while the delivery runs (pacing may make it wait): a live worker never
-        // loses its row to another; a dead one stops renewing and its lease runs out.
-        let outcome = {
-            let delivery = self.deliver(row);
-            tokio::pin!(delivery);
-            let mut renew = tokio::time::interval(self.config.lease / 3);
-            renew.tick().await;
-            loop {
-                tokio::select! {
-                    d = &mut delivery => break d,
-                    _ = renew.tick() => self.renew_lease(row).await,
-                }
+    /// Delivers a row, keeping its lease while the delivery runs (pacing may make it wait): a
+    /// live worker never loses its row to another; a dead one stops renewing and its lease runs
+    /// out.
+    async fn deliver_leased(&self, row: &Claimed) -> Delivery {
+        let delivery = self.deliver(row);
+        tokio::pin!(delivery);
+        let mut renew = tokio::time::interval(self.config.lease / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                d = &mut delivery => break d,
+                _ = renew.tick() => self.renew_lease(row).await,
             }
-        };
+        }
+    }
+
+    /// Records how deliveries ended: delivered rows in one statement, the others one by one.
+    async fn settle(
+        &self,
+        done: Vec<(Claimed, Delivery)>,
+        tally: &mut Tally,
+    ) -> Result<(), sqlx::Error> {
+        let mut ids = Vec::new();
+        let mut responses = Vec::new();
+        let mut others = Vec::new();
+        for (row, d) in done {
+            match d {
+                Delivery::Done(response) => {
+                    ids.push(row.id);
+                    responses.push(response);
+                }
+                other => others.push((row, other)),
+            }
+        }
+        if !ids.is_empty() {
+            let finished = self.finish(&ids, &responses).await?;
+            for _ in 0..finished {
+                tally.add(Settled::Delivered);
+            }
+        }
+        for (row, d) in others {
+            tally.add(self.settle_one(&row, d).await?);
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&self, row: &Claimed, outcome: Delivery) -> Result<Settled, sqlx::Error> {
         match outcome {
-            Delivery::Done(response) => self.finish(row, response).await,
+            Delivery::Done(response) => {
+                let finished = self.finish(&[row.id], &[response]).await?;
+                Ok(if finished == 1 {
+                    Settled::Delivered
+                } else {
+                    Settled::LeaseLost
+                })
+            }
             Delivery::Wait(after, why) => self.reschedule(row, after, &why, false).await,
             Delivery::Failed(CrmError::RateLimited { retry_after }) => {
                 // Without Retry-After, wait at least the rate window (one second) plus backoff, so
@@ -245,23 +446,38 @@ impl Worker {
         .await;
     }
 
-    /// Marks a row processed, if this worker still holds its lease.
-    async fn finish(&self, row: &Claimed, response: Value) -> Result<Settled, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE integrations_outbox SET status = 'processed', response = $3, last_error = NULL, \
-               lease_owner = NULL, lease_expires_at = NULL, processed_at = now(), updated_at = now() \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+    /// Hands back every row this worker holds (on shutdown): due again at once, the cut-off
+    /// attempt not counted.
+    async fn release_all(&self) {
+        let released = sqlx::query(
+            "UPDATE integrations_outbox SET status = 'pending', attempts = greatest(attempts - 1, 0), \
+               next_run_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+             WHERE lease_owner = $1 AND status = 'processing'",
         )
-        .bind(row.id)
         .bind(&self.config.owner)
-        .bind(response)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "outbox worker could not hand back its rows; their leases will run out");
+        }
+    }
+
+    /// Marks rows processed (with their CRM answers), those whose lease this worker still
+    /// holds; returns how many.
+    async fn finish(&self, ids: &[Uuid], responses: &[Value]) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE integrations_outbox o SET status = 'processed', response = d.response, \
+               last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+               processed_at = now(), updated_at = now() \
+             FROM unnest($1::uuid[], $3::jsonb[]) AS d(id, response) \
+             WHERE o.id = d.id AND o.lease_owner = $2 AND o.status = 'processing'",
+        )
+        .bind(ids)
+        .bind(&self.config.owner)
+        .bind(responses)
         .execute(&self.pool)
         .await?;
-        Ok(if done.rows_affected() == 1 {
-            Settled::Delivered
-        } else {
-            Settled::LeaseLost
-        })
+        Ok(done.rows_affected())
     }
 
     async fn reschedule(
