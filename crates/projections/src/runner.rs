@@ -66,6 +66,31 @@ pub async fn lock_checkpoint(
     })
 }
 
+/// [`lock_checkpoint`] in one round trip for a batch, whose commit then does not wait for the
+/// disk (`synchronous_commit = off` for this transaction only): the read-model rows and the
+/// checkpoint are kept or lost together, and a batch lost in a crash of the server is applied
+/// again from the log, which is durable. Any later durable commit makes it durable too.
+async fn lock_checkpoint_for_batch(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<LogPosition, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT c.transaction_id, c.global_position \
+         FROM consumer_checkpoints c, set_config('synchronous_commit', 'off', true) \
+         WHERE c.name = $1 FOR UPDATE OF c",
+    )
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some((transaction_id, global_position)) => Ok(LogPosition {
+            transaction_id,
+            global_position,
+        }),
+        None => lock_checkpoint(conn, name).await,
+    }
+}
+
 /// Applies `events` (which follow `expected`) and moves the checkpoint, in one transaction.
 /// On an event the projection cannot handle, the events before it are applied, the checkpoint
 /// stops just before it, and the error is recorded.
@@ -80,7 +105,7 @@ pub async fn apply_batch(
     };
     let name = checkpoint_name(projection);
     let mut tx = pool.begin().await?;
-    let current = lock_checkpoint(&mut tx, &name).await?;
+    let current = lock_checkpoint_for_batch(&mut tx, &name).await?;
     if current != expected {
         return Ok(BatchOutcome::Moved(current));
     }

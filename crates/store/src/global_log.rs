@@ -161,7 +161,11 @@ pub struct LogFollower {
     position: LogPosition,
     batch_size: i64,
     poll_interval: Duration,
+    linger: Duration,
 }
+
+/// How long a woken follower waits for more events before reading (see [`LogFollower::with_linger`]).
+const LINGER: Duration = Duration::from_millis(15);
 
 impl LogFollower {
     pub fn new(pool: PgPool, from: LogPosition) -> Self {
@@ -171,7 +175,17 @@ impl LogFollower {
             position: from,
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
+            linger: LINGER,
         }
+    }
+
+    /// After a notification, wait this long (and swallow the notifications that arrive
+    /// meanwhile) before reading: under load one batch then carries the events of many
+    /// commands, so a consumer's fixed cost per batch (transaction, checkpoint) is paid once
+    /// for all of them, at the price of this much extra lag.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     pub fn with_batch_size(mut self, batch_size: i64) -> Self {
@@ -242,9 +256,24 @@ impl LogFollower {
             return;
         };
         match tokio::time::timeout(self.poll_interval, listener.try_recv()).await {
-            Ok(Ok(Some(_))) | Err(_) => {}
+            Ok(Ok(Some(_))) => {}
+            Err(_) => return,
             // The connection dropped (try_recv returns None): reconnect on the next round.
-            Ok(Ok(None)) | Ok(Err(_)) => self.listener = None,
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                self.listener = None;
+                return;
+            }
+        }
+        if self.linger.is_zero() {
+            return;
+        }
+        tokio::time::sleep(self.linger).await;
+        // Notifications queued meanwhile are about events the next read returns anyway.
+        while let Some(listener) = self.listener.as_mut() {
+            match listener.next_buffered() {
+                Some(_) => {}
+                None => break,
+            }
         }
     }
 }
