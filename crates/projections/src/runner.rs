@@ -70,13 +70,17 @@ pub async fn lock_checkpoint(
 /// disk (`synchronous_commit = off` for this transaction only): the read-model rows and the
 /// checkpoint are kept or lost together, and a batch lost in a crash of the server is applied
 /// again from the log, which is durable. Any later durable commit makes it durable too.
+/// The batch's statements are planned for their actual arguments each time: a plan cached while
+/// a table was nearly empty (a catch-up from zero) would otherwise scan it for every lookup by
+/// key as it grows.
 async fn lock_checkpoint_for_batch(
     conn: &mut PgConnection,
     name: &str,
 ) -> Result<LogPosition, sqlx::Error> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT c.transaction_id, c.global_position \
-         FROM consumer_checkpoints c, set_config('synchronous_commit', 'off', true) \
+         FROM consumer_checkpoints c, set_config('synchronous_commit', 'off', true) AS s, \
+           set_config('plan_cache_mode', 'force_custom_plan', true) AS p \
          WHERE c.name = $1 FOR UPDATE OF c",
     )
     .bind(name)
