@@ -658,10 +658,27 @@ async fn wait_quiet(pool: &PgPool) {
             .iter()
             .filter(|s| s.events_behind > 0 || s.last_error.is_some())
             .collect();
+        // "Behind" counts only final events. Events committed behind a transaction still open
+        // anywhere on the server (another test's, the horizon is cluster-wide) are not final
+        // yet, so also wait until no consumer has any event at all after its checkpoint.
+        let mut pending = false;
+        for s in statuses
+            .iter()
+            .map(|s| &s.name)
+            .chain(["outbox".to_string()].iter())
+        {
+            let at = store::checkpoints::load(pool, &format!("projection:{s}"))
+                .await
+                .unwrap();
+            pending |= store::global_log::has_pending_after(pool, at)
+                .await
+                .unwrap();
+        }
         if outbox.events_behind == 0
             && outbox.last_error.is_none()
             && open == 0
             && behind.is_empty()
+            && !pending
         {
             return;
         }
