@@ -156,7 +156,7 @@ const INVOICES: Table = Table {
         "last_position",
     ],
     key: &[],
-    update: &[],
+    keep: &[],
 };
 
 const CALENDAR: Table = Table {
@@ -174,14 +174,7 @@ const CALENDAR: Table = Table {
         "last_position",
     ],
     key: &["id"],
-    update: &[
-        "vehicle_id",
-        "title",
-        "start_at",
-        "end_at",
-        "status",
-        "last_position",
-    ],
+    keep: &["booking_id", "maintenance_job_id", "event_type"],
 };
 
 const SERVICES: Table = Table {
@@ -196,52 +189,8 @@ const SERVICES: Table = Table {
         "last_position",
     ],
     key: &[],
-    update: &[],
+    keep: &[],
 };
-
-/// Every column but `id` and `created_at` is overwritten on update.
-const BOOKING_UPDATE: &[&str] = &[
-    "external_code",
-    "client_id",
-    "vehicle_id",
-    "driver_id",
-    "owner_id",
-    "lead_id",
-    "status",
-    "booking_type",
-    "priority",
-    "channel",
-    "start_at",
-    "end_at",
-    "rental_duration_days",
-    "currency",
-    "price_daily",
-    "total_amount",
-    "paid_amount",
-    "outstanding_amount",
-    "deposit_amount",
-    "advance_payment",
-    "full_insurance_fee",
-    "pickup_location",
-    "dropoff_location",
-    "kommo_status_id",
-    "zoho_sales_order_id",
-    "zoho_sync_status",
-    "zoho_sync_error",
-    "sales_service_rating",
-    "sales_service_feedback",
-    "delivery_promised_at",
-    "delivery_actual_at",
-    "delivered_on_time",
-    "pickup_mileage_km",
-    "return_mileage_km",
-    "returned_at",
-    "cancel_reason",
-    "status_changed_at",
-    "updated_at",
-    "version",
-    "last_position",
-];
 
 const BOOKINGS: Table = Table {
     name: "bookings",
@@ -290,7 +239,7 @@ const BOOKINGS: Table = Table {
         "last_position",
     ],
     key: &["id"],
-    update: BOOKING_UPDATE,
+    keep: &["created_at"],
 };
 
 #[async_trait::async_trait]

@@ -183,22 +183,8 @@ const CLIENTS: Table = Table {
         "last_position",
     ],
     key: &["id"],
-    // The derived figures (tier, segment, LTV, ...) belong to `recompute`.
-    update: &[
-        "kommo_contact_id",
-        "zoho_contact_id",
-        "name",
-        "phone",
-        "email",
-        "residency_country",
-        "preferred_language",
-        "preferred_channels",
-        "timezone",
-        "gender",
-        "date_of_birth",
-        "updated_at",
-        "last_position",
-    ],
+    // The derived figures (tier, segment, LTV, ...) are not written here: `recompute` owns them.
+    keep: &["created_at"],
 };
 
 const FACTS: Table = Table {
@@ -212,12 +198,7 @@ const FACTS: Table = Table {
         "cancelled",
     ],
     key: &["booking_id"],
-    update: &[
-        "start_at",
-        "total_amount",
-        "outstanding_amount",
-        "cancelled",
-    ],
+    keep: &["client_id"],
 };
 
 #[async_trait::async_trait]

@@ -78,13 +78,7 @@ const PERIODS: Table = Table {
         "last_position",
     ],
     key: &["booking_id"],
-    update: &[
-        "vehicle_id",
-        "start_at",
-        "end_at",
-        "completed",
-        "last_position",
-    ],
+    keep: &["total_amount"],
 };
 
 impl FleetSession {
@@ -280,5 +274,5 @@ const UTILIZATION: Table = Table {
     name: "vehicle_utilization",
     columns: &["vehicle_id", "utilization_pct", "computed_at"],
     key: &["vehicle_id"],
-    update: &["utilization_pct", "computed_at"],
+    keep: &[],
 };

@@ -706,7 +706,7 @@ const SNAPSHOTS: Table = Table {
         "last_position",
     ],
     key: &["snapshot_date"],
-    update: &["metrics", "last_position"],
+    keep: &["id", "created_at"],
 };
 
 const COUNTS: Table = Table {
@@ -720,13 +720,7 @@ const COUNTS: Table = Table {
         "deliveries_on_time",
     ],
     key: &["day"],
-    update: &[
-        "bookings_created",
-        "bookings_cancelled",
-        "revenue",
-        "deliveries",
-        "deliveries_on_time",
-    ],
+    keep: &[],
 };
 
 const BOOKING_FACTS: Table = Table {
@@ -741,28 +735,21 @@ const BOOKING_FACTS: Table = Table {
         "end_at",
     ],
     key: &["booking_id"],
-    update: &[
-        "vehicle_id",
-        "status",
-        "total_amount",
-        "outstanding_amount",
-        "start_at",
-        "end_at",
-    ],
+    keep: &[],
 };
 
 const LEAD_FACTS: Table = Table {
     name: "kpi_lead_facts",
     columns: &["lead_id", "status", "value_amount", "probability"],
     key: &["lead_id"],
-    update: &["status", "value_amount", "probability"],
+    keep: &[],
 };
 
 const DEAL_FACTS: Table = Table {
     name: "kpi_deal_facts",
     columns: &["deal_id", "status"],
     key: &["deal_id"],
-    update: &["status"],
+    keep: &[],
 };
 
 const TOTALS: Table = Table {
@@ -777,14 +764,7 @@ const TOTALS: Table = Table {
         "active_deals",
     ],
     key: &["id"],
-    update: &[
-        "active_bookings",
-        "outstanding_amount",
-        "pipeline_value",
-        "leads_won",
-        "leads_lost",
-        "active_deals",
-    ],
+    keep: &[],
 };
 
 #[async_trait::async_trait]

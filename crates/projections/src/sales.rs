@@ -69,7 +69,7 @@ const DEAL_EVENTS: Table = Table {
         "last_position",
     ],
     key: &[],
-    update: &[],
+    keep: &[],
 };
 
 const LEADS: Table = Table {
@@ -103,30 +103,7 @@ const LEADS: Table = Table {
         "last_position",
     ],
     key: &["id"],
-    update: &[
-        "client_id",
-        "owner_id",
-        "stage_id",
-        "probability",
-        "sla_days",
-        "status",
-        "value_amount",
-        "weighted_value",
-        "title",
-        "requested_start_at",
-        "requested_end_at",
-        "fleet_size",
-        "next_action",
-        "next_action_at",
-        "expected_close_at",
-        "loss_reason",
-        "booking_id",
-        "kommo_lead_id",
-        "kommo_status_id",
-        "stage_entered_at",
-        "updated_at",
-        "last_position",
-    ],
+    keep: &["lead_code", "source", "created_at"],
 };
 
 const DEALS: Table = Table {
@@ -155,13 +132,21 @@ const DEALS: Table = Table {
         "last_position",
     ],
     key: &["id"],
-    update: &[
-        "status",
-        "total_paid",
-        "missed_payments",
-        "closing_reason",
-        "updated_at",
-        "last_position",
+    keep: &[
+        "deal_number",
+        "client_id",
+        "vehicle_id",
+        "application_id",
+        "principal_amount",
+        "monthly_payment",
+        "interest_rate",
+        "security_deposit",
+        "term_months",
+        "contract_start_date",
+        "contract_end_date",
+        "first_payment_date",
+        "contract_terms",
+        "created_at",
     ],
 };
 

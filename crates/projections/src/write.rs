@@ -26,8 +26,9 @@ pub struct Table {
     pub columns: &'static [&'static str],
     /// The conflict target; empty: plain inserts.
     pub key: &'static [&'static str],
-    /// Columns overwritten on a key conflict (the others keep their stored value).
-    pub update: &'static [&'static str],
+    /// Columns that keep their stored value on a key conflict; every other column is
+    /// overwritten.
+    pub keep: &'static [&'static str],
 }
 
 impl Table {
@@ -38,15 +39,16 @@ impl Table {
             t = self.name
         );
         if !self.key.is_empty() && !fresh {
+            let sets: Vec<String> = self
+                .columns
+                .iter()
+                .filter(|c| !self.key.contains(c) && !self.keep.contains(c))
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect();
             sql.push_str(&format!(" ON CONFLICT ({}) DO ", self.key.join(", ")));
-            if self.update.is_empty() {
+            if sets.is_empty() {
                 sql.push_str("NOTHING");
             } else {
-                let sets: Vec<String> = self
-                    .update
-                    .iter()
-                    .map(|c| format!("{c} = EXCLUDED.{c}"))
-                    .collect();
                 sql.push_str(&format!("UPDATE SET {}", sets.join(", ")));
             }
         }
