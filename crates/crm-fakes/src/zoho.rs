@@ -1,7 +1,7 @@
 //! `FakeZoho`: a stateful Zoho CRM v6 (upserts of contacts and sales orders keyed by their
 //! external-id fields) that is also its own accounts server, with scripted faults.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,10 @@ impl Default for FakeZohoConfig {
 #[derive(Default)]
 struct Data {
     modules: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    /// The ids of the records holding each scalar field value (module, field, value as JSON),
+    /// so that an upsert finds its duplicate without reading every record: a fake that slows
+    /// down as it fills up would bill the outside world's cost to the worker in benchmarks.
+    by_value: HashMap<(&'static str, String, String), BTreeSet<String>>,
     next_id: u64,
     creates: usize,
     updates: usize,
@@ -686,6 +690,60 @@ fn upsert(shared: &Shared, module: &'static str, body: &Bytes, partial: bool) ->
     answer(status, JSON, json!({"data": results}).to_string())
 }
 
+/// The ids, in order, of the records of `module` whose `field` equals `value`.
+fn holding(data: &Data, module: &'static str, field: &str, value: &Value) -> Vec<String> {
+    let Some(records) = data.modules.get(module) else {
+        return Vec::new();
+    };
+    match scalar_key(value) {
+        Some(key) => data
+            .by_value
+            .get(&(module, field.to_string(), key))
+            .into_iter()
+            .flatten()
+            .filter(|id| records.get(*id).and_then(|r| r.get(field)) == Some(value))
+            .cloned()
+            .collect(),
+        None => records
+            .iter()
+            .filter(|(_, r)| r.get(field) == Some(value))
+            .map(|(id, _)| id.clone())
+            .collect(),
+    }
+}
+
+/// Adds (or removes) record `id`'s scalar field values to (from) the index.
+fn index_values(
+    index: &mut HashMap<(&'static str, String, String), BTreeSet<String>>,
+    module: &'static str,
+    id: &str,
+    record: &Value,
+    add: bool,
+) {
+    let Some(fields) = record.as_object() else {
+        return;
+    };
+    for (field, value) in fields {
+        let Some(key) = scalar_key(value) else {
+            continue;
+        };
+        let entry = (module, field.clone(), key);
+        if add {
+            index.entry(entry).or_default().insert(id.to_string());
+        } else if let Some(ids) = index.get_mut(&entry) {
+            ids.remove(id);
+        }
+    }
+}
+
+/// A string, number or boolean as its JSON text; other values are not indexed.
+fn scalar_key(value: &Value) -> Option<String> {
+    match value {
+        Value::String(_) | Value::Number(_) | Value::Bool(_) => Some(value.to_string()),
+        _ => None,
+    }
+}
+
 /// Inserts or updates one checked record.
 fn apply(
     data: &mut Data,
@@ -696,19 +754,18 @@ fn apply(
     index: usize,
 ) -> Value {
     let now = chrono::Utc::now().to_rfc3339();
-    let existing = data.modules.entry(module).or_default();
     let matched = check_fields.iter().find_map(|field| {
         let value = record.get(field).filter(|v| !v.is_null())?;
-        existing
-            .iter()
-            .find(|(_, r)| r.get(field) == Some(value))
-            .map(|(id, _)| (id.clone(), field.clone()))
+        holding(data, module, field, value)
+            .into_iter()
+            .next()
+            .map(|id| (id, field.clone()))
     });
     // The unique external field may not end up on two records.
     if let Some(value) = record.get(unique).filter(|v| !v.is_null())
-        && let Some((other, _)) = existing.iter().find(|(id, r)| {
-            r.get(unique) == Some(value) && matched.as_ref().is_none_or(|(m, _)| m != *id)
-        })
+        && let Some(other) = holding(data, module, unique, value)
+            .into_iter()
+            .find(|id| matched.as_ref().is_none_or(|(m, _)| m != id))
     {
         return json!({
             "code": "DUPLICATE_DATA",
@@ -723,8 +780,10 @@ fn apply(
     };
     match matched {
         Some((id, field)) => {
-            let created = match existing.get_mut(&id) {
-                Some(stored) => {
+            let stored = data.modules.get_mut(module).and_then(|m| m.remove(&id));
+            let created = match stored {
+                Some(mut stored) => {
+                    index_values(&mut data.by_value, module, &id, &stored, false);
                     if let Some(obj) = stored.as_object_mut() {
                         for (k, v) in fields {
                             if k != "id" {
@@ -733,7 +792,13 @@ fn apply(
                         }
                         obj.insert("Modified_Time".into(), json!(now));
                     }
-                    stored.get("Created_Time").cloned().unwrap_or(Value::Null)
+                    let created = stored.get("Created_Time").cloned().unwrap_or(Value::Null);
+                    index_values(&mut data.by_value, module, &id, &stored, true);
+                    data.modules
+                        .entry(module)
+                        .or_default()
+                        .insert(id.clone(), stored);
+                    created
                 }
                 None => Value::Null,
             };
@@ -754,10 +819,12 @@ fn apply(
             stored.insert("id".into(), json!(id));
             stored.insert("Created_Time".into(), json!(now));
             stored.insert("Modified_Time".into(), json!(now));
+            let stored = Value::Object(stored);
+            index_values(&mut data.by_value, module, &id, &stored, true);
             data.modules
                 .entry(module)
                 .or_default()
-                .insert(id.clone(), Value::Object(stored));
+                .insert(id.clone(), stored);
             data.creates += 1;
             json!({
                 "code": "SUCCESS",

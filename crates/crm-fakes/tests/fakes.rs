@@ -60,7 +60,12 @@ async fn kommo_refresh_tokens_are_single_use() {
 
 #[tokio::test]
 async fn kommo_contacts_are_searchable_by_any_filled_field() {
-    let fake = FakeKommo::start().await.unwrap();
+    let fake = FakeKommo::start_with(crm_fakes::FakeKommoConfig {
+        rate_limit: None,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let base = fake.base_url();
     let token = fake.long_lived_token().to_owned();
     let create = http()
@@ -86,23 +91,36 @@ async fn kommo_contacts_are_searchable_by_any_filled_field() {
     let created: Value = create.json().await.unwrap();
     assert_eq!(created["_embedded"]["contacts"][0]["request_id"], "7");
 
-    for query in ["client-42", "971500000001", "jane"] {
-        let found: Value = http()
+    let hits = |query: &'static str| {
+        let request = http()
             .get(format!("{base}/api/v4/contacts"))
             .query(&[("query", query)])
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            found["_embedded"]["contacts"].as_array().unwrap().len(),
-            1,
-            "{query}"
-        );
+            .bearer_auth(&token);
+        async move {
+            let response = request.send().await.unwrap();
+            if response.status() == 204 {
+                return 0;
+            }
+            let found: Value = response.json().await.unwrap();
+            found["_embedded"]["contacts"].as_array().unwrap().len()
+        }
+    };
+    for query in ["client-42", "971500000001", "jane", "NT-4", "ro"] {
+        assert_eq!(hits(query).await, 1, "{query}");
     }
+    // A renamed contact is found by its new name only.
+    let id = created["_embedded"]["contacts"][0]["id"].as_i64().unwrap();
+    let renamed = http()
+        .patch(format!("{base}/api/v4/contacts/{id}"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Joan Doe"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renamed.status(), 200);
+    assert_eq!(hits("jane").await, 0);
+    assert_eq!(hits("joan doe").await, 1);
+    assert_eq!(hits("client-43").await, 0);
 
     let unknown_field = http()
         .post(format!("{base}/api/v4/contacts"))
@@ -266,6 +284,24 @@ async fn zoho_tokens_bad_codes_and_limits() {
     );
     assert_eq!(fake.contacts().len(), 1);
     assert!(fake.contact_by_external("c1").is_some());
+    // Another key is another record; the same key again still finds the first.
+    let other: Value = http()
+        .post(format!("{}/crm/v6/Contacts/upsert", fake.base_url()))
+        .header("Authorization", format!("Zoho-oauthtoken {}", tokens[2]))
+        .json(&json!({"data": [{"Last_Name": "Poe", "SkyLuxse_Client_Id": "c2"}, {"Last_Name": "Roe", "SkyLuxse_Client_Id": "c1"}], "duplicate_check_fields": ["SkyLuxse_Client_Id"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(other["data"][0]["action"], "insert");
+    assert_eq!(other["data"][1]["action"], "update");
+    assert_eq!(
+        other["data"][1]["details"]["id"],
+        first["data"][0]["details"]["id"]
+    );
+    assert_eq!(fake.contacts().len(), 2);
 
     let module = http()
         .post(format!("{}/crm/v6/Bookings/upsert", fake.base_url()))
