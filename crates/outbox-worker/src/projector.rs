@@ -5,6 +5,8 @@
 //! Rows carry only what to do and for which entity; the worker reads the entity's current state
 //! when it delivers, so a burst of changes sends the latest data.
 
+use std::collections::HashSet;
+
 use projections::{Projection, ProjectionError};
 use serde_json::json;
 use sqlx::PgConnection;
@@ -110,8 +112,23 @@ impl Projection for OutboxProjector {
         conn: &mut PgConnection,
         events: &[RecordedEvent],
     ) -> Result<(), ProjectionError> {
+        // The batch's rows, inserted in one statement.
+        let mut ids = Vec::new();
+        let mut entity_types = Vec::new();
+        let mut entity_ids = Vec::new();
+        let mut targets = Vec::new();
+        let mut actions = Vec::new();
+        let mut payloads = Vec::new();
+        let mut dedupe_keys = Vec::new();
+        let mut positions = Vec::new();
+        // Bookings confirmed earlier in this batch (their later events need no lookup).
+        let mut confirmed_here: HashSet<&str> = HashSet::new();
         for e in events {
-            let confirmed = e.aggregate_type == "Booking"
+            let is_booking = e.aggregate_type == "Booking";
+            if is_booking && e.event_type == "BookingConfirmed" {
+                confirmed_here.insert(&e.aggregate_id);
+            }
+            let confirmed = is_booking
                 && matches!(
                     e.event_type.as_str(),
                     "BookingRescheduled"
@@ -122,34 +139,51 @@ impl Projection for OutboxProjector {
                         | "BookingCompleted"
                         | "BookingCancelled"
                 )
-                && was_confirmed(conn, e).await?;
+                && (confirmed_here.contains(e.aggregate_id.as_str())
+                    || was_confirmed(conn, e).await?);
             let Ok(entity_id) = Uuid::parse_str(&e.aggregate_id) else {
                 continue;
             };
+            let pos = e.position.global_position;
             for (i, row) in derive(e, confirmed).into_iter().enumerate() {
-                let pos = e.position.global_position;
-                sqlx::query(
-                    "INSERT INTO integrations_outbox (id, entity_type, entity_id, target_system, event_type, \
-                       payload, dedupe_key, source_position, next_run_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now()) \
-                     ON CONFLICT (dedupe_key) DO NOTHING",
-                )
-                .bind(row_id(pos, i))
-                .bind(row.entity_type)
-                .bind(entity_id)
-                .bind(row.target)
-                .bind(row.action)
-                .bind(json!({
+                ids.push(row_id(pos, i));
+                entity_types.push(row.entity_type);
+                entity_ids.push(entity_id);
+                targets.push(row.target);
+                actions.push(row.action);
+                payloads.push(json!({
                     "cause": e.event_type,
                     "sequence": e.sequence,
                     "correlation_id": e.metadata.get("correlation_id"),
-                }))
-                .bind(format!("{pos}:{}:{}", row.target, row.action))
-                .bind(pos)
-                .execute(&mut *conn)
-                .await?;
+                }));
+                dedupe_keys.push(format!("{pos}:{}:{}", row.target, row.action));
+                positions.push(pos);
             }
         }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO integrations_outbox (id, entity_type, entity_id, target_system, event_type, \
+               payload, dedupe_key, source_position, next_run_at) \
+             SELECT id, entity_type, entity_id, target_system, event_type, payload, dedupe_key, \
+               source_position, now() \
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[], \
+               $7::text[], $8::bigint[]) \
+               AS r(id, entity_type, entity_id, target_system, event_type, payload, dedupe_key, \
+                 source_position) \
+             ON CONFLICT (dedupe_key) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&entity_types)
+        .bind(&entity_ids)
+        .bind(&targets)
+        .bind(&actions)
+        .bind(&payloads)
+        .bind(&dedupe_keys)
+        .bind(&positions)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 }

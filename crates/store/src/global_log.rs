@@ -162,6 +162,9 @@ pub struct LogFollower {
     batch_size: i64,
     poll_interval: Duration,
     linger: Duration,
+    /// Read before waiting: at the start, and after a full batch (more is probably there).
+    /// After a shorter batch the follower has caught up, and waits for news first.
+    read_first: bool,
 }
 
 /// How long a woken follower waits for more events before reading (see [`LogFollower::with_linger`]).
@@ -176,6 +179,7 @@ impl LogFollower {
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
             linger: LINGER,
+            read_first: true,
         }
     }
 
@@ -206,6 +210,7 @@ impl LogFollower {
     /// Moves the follower, e.g. after a consumer re-read its checkpoint.
     pub fn seek(&mut self, position: LogPosition) {
         self.position = position;
+        self.read_first = true;
     }
 
     /// The next batch, without waiting: empty when nothing final is new.
@@ -218,21 +223,60 @@ impl LogFollower {
     }
 
     /// The next non-empty batch, waiting for it as long as it takes.
+    ///
+    /// Once caught up (the last batch was not full), the follower does not read again until
+    /// there is news: a notification that arrived while the last batch was being applied (then
+    /// it lingers and reads), or, with none, whatever [`Self::wait`] brings. Under load this
+    /// spares every consumer an empty read and a pending check per batch.
     pub async fn next_batch(&mut self) -> Result<Vec<RecordedEvent>, sqlx::Error> {
         loop {
             // Listen before reading, so a commit between the read and the wait is not missed.
             self.ensure_listening().await;
-            let batch = self.poll().await?;
-            if !batch.is_empty() {
-                return Ok(batch);
+            if self.read_first {
+                let batch = self.poll().await?;
+                if !batch.is_empty() {
+                    self.read_first = batch.len() as i64 >= self.batch_size;
+                    return Ok(batch);
+                }
             }
-            if has_pending_after(&self.pool, self.position).await? {
+            if self.take_buffered().await {
+                self.linger().await;
+            } else if has_pending_after(&self.pool, self.position).await? {
                 // Committed (or about to be) behind an open transaction: its notification may
                 // be gone already, so look again shortly.
                 tokio::time::sleep(PENDING_RETRY.min(self.poll_interval)).await;
-                continue;
+            } else {
+                self.wait().await;
             }
-            self.wait().await;
+            self.read_first = true;
+        }
+    }
+
+    /// Swallows the notifications that have arrived, without waiting; whether there were any.
+    /// (Receiving is cancel-safe: a zero timeout polls it once and drops it when nothing is
+    /// there.)
+    async fn take_buffered(&mut self) -> bool {
+        let mut any = false;
+        while let Some(listener) = self.listener.as_mut() {
+            match tokio::time::timeout(Duration::ZERO, listener.try_recv()).await {
+                Ok(Ok(Some(_))) => any = true,
+                Err(_) => break,
+                // The connection dropped: reconnect on the next round, and read.
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    self.listener = None;
+                    return true;
+                }
+            }
+        }
+        any
+    }
+
+    /// Waits [`Self::with_linger`] for more events to come in, and swallows their notifications
+    /// (the next read returns their events anyway).
+    async fn linger(&mut self) {
+        if !self.linger.is_zero() {
+            tokio::time::sleep(self.linger).await;
+            self.take_buffered().await;
         }
     }
 
@@ -264,16 +308,6 @@ impl LogFollower {
                 return;
             }
         }
-        if self.linger.is_zero() {
-            return;
-        }
-        tokio::time::sleep(self.linger).await;
-        // Notifications queued meanwhile are about events the next read returns anyway.
-        while let Some(listener) = self.listener.as_mut() {
-            match listener.next_buffered() {
-                Some(_) => {}
-                None => break,
-            }
-        }
+        self.linger().await;
     }
 }
