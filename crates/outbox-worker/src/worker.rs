@@ -706,18 +706,21 @@ impl Inner {
             items,
         };
         let id = self.targets.zoho.upsert_sales_order(&order).await?;
-        self.bus
-            .bookings
-            .execute(
-                row.entity_id,
-                BookingCommand::LinkZohoSalesOrder {
-                    zoho_sales_order_id: id.clone(),
-                },
-                &self.meta(row),
-                None,
-            )
-            .await
-            .map_err(internal)?;
+        // Written back only when it is news (the command would be a no-op otherwise).
+        if booking.zoho_sales_order_id.as_deref() != Some(id.as_str()) {
+            self.bus
+                .bookings
+                .execute(
+                    row.entity_id,
+                    BookingCommand::LinkZohoSalesOrder {
+                        zoho_sales_order_id: id.clone(),
+                    },
+                    &self.meta(row),
+                    None,
+                )
+                .await
+                .map_err(internal)?;
+        }
         Ok(Delivery::Done(json!({ "zoho_sales_order_id": id })))
     }
 
@@ -734,16 +737,20 @@ impl Inner {
                     .replay(row.entity_id, None)
                     .await
                     .map_err(internal)?;
-                let status: Option<(String, Option<String>)> = sqlx::query_as(
-                    "SELECT k.id, (SELECT kommo_pipeline_id FROM sales_pipeline_stages \
-                       WHERE kommo_pipeline_id IS NOT NULL ORDER BY order_index LIMIT 1) \
-                     FROM kommo_pipeline_stages k WHERE k.booking_status = $1::booking_status \
-                     ORDER BY k.order_index LIMIT 1",
-                )
-                .bind(booking.status.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db)?;
+                // A booking without a lead has no Kommo lead to move: no mapping to look up.
+                let status: Option<(String, Option<String>)> = match booking.lead_id {
+                    Some(_) => sqlx::query_as(
+                        "SELECT k.id, (SELECT kommo_pipeline_id FROM sales_pipeline_stages \
+                           WHERE kommo_pipeline_id IS NOT NULL ORDER BY order_index LIMIT 1) \
+                         FROM kommo_pipeline_stages k WHERE k.booking_status = $1::booking_status \
+                         ORDER BY k.order_index LIMIT 1",
+                    )
+                    .bind(booking.status.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?,
+                    None => None,
+                };
                 (booking.lead_id, status)
             }
             _ => {
