@@ -11,6 +11,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use store::local_pg::{self, LocalPgConfig};
 use store::{DbConfig, db};
 
+/// mimalloc instead of the system allocator: the service allocates many small short-lived
+/// buffers per request and per event, and glibc's malloc took about a tenth of its CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "skyluxse", version, about = "SkyLuxse operations backend")]
 struct Cli {
