@@ -157,7 +157,7 @@ fn decode(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
 /// LISTEN/NOTIFY and polling as the fallback (a lost connection or notification only delays).
 pub struct LogFollower {
     pool: PgPool,
-    listener: Option<PgListener>,
+    wakeups: Option<Wakeups>,
     position: LogPosition,
     batch_size: i64,
     poll_interval: Duration,
@@ -168,13 +168,13 @@ pub struct LogFollower {
 }
 
 /// How long a woken follower waits for more events before reading (see [`LogFollower::with_linger`]).
-const LINGER: Duration = Duration::from_millis(15);
+const LINGER: Duration = Duration::from_millis(30);
 
 impl LogFollower {
     pub fn new(pool: PgPool, from: LogPosition) -> Self {
         Self {
             pool,
-            listener: None,
+            wakeups: None,
             position: from,
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
@@ -239,7 +239,7 @@ impl LogFollower {
                     return Ok(batch);
                 }
             }
-            if self.take_buffered().await {
+            if self.take_buffered() {
                 self.linger().await;
             } else if has_pending_after(&self.pool, self.position).await? {
                 // Committed (or about to be) behind an open transaction: its notification may
@@ -252,23 +252,16 @@ impl LogFollower {
         }
     }
 
-    /// Swallows the notifications that have arrived, without waiting; whether there were any.
-    /// (Receiving is cancel-safe: a zero timeout polls it once and drops it when nothing is
-    /// there.)
-    async fn take_buffered(&mut self) -> bool {
-        let mut any = false;
-        while let Some(listener) = self.listener.as_mut() {
-            match tokio::time::timeout(Duration::ZERO, listener.try_recv()).await {
-                Ok(Ok(Some(_))) => any = true,
-                Err(_) => break,
-                // The connection dropped: reconnect on the next round, and read.
-                Ok(Ok(None)) | Ok(Err(_)) => {
-                    self.listener = None;
-                    return true;
-                }
+    /// Swallows the notifications that have arrived since the last look; whether there were any.
+    fn take_buffered(&mut self) -> bool {
+        match self.wakeups.as_mut() {
+            Some(w) => {
+                let news = w.seen.has_changed().unwrap_or(true);
+                w.seen.mark_unchanged();
+                news
             }
+            None => false,
         }
-        any
     }
 
     /// Waits [`Self::with_linger`] for more events to come in, and swallows their notifications
@@ -276,38 +269,153 @@ impl LogFollower {
     async fn linger(&mut self) {
         if !self.linger.is_zero() {
             tokio::time::sleep(self.linger).await;
-            self.take_buffered().await;
+            self.take_buffered();
         }
     }
 
+    /// Joins this process's listener for the database (see [`Wakeups`]); waits a little for it
+    /// to be listening, so a commit between the first read and the first wait is not missed.
     async fn ensure_listening(&mut self) {
-        if self.listener.is_some() {
+        if self.wakeups.is_some() {
             return;
         }
-        match PgListener::connect_with(&self.pool).await {
-            Ok(mut listener) => match listener.listen(CHANNEL).await {
-                Ok(()) => self.listener = Some(listener),
-                Err(e) => tracing::warn!(error = %e, "LISTEN failed; polling"),
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot open a LISTEN connection; polling"),
-        }
+        let mut wakeups = Wakeups::join(&self.pool);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), wakeups.listening.wait_for(|l| *l)).await;
+        wakeups.seen.mark_unchanged();
+        self.wakeups = Some(wakeups);
     }
 
     /// Waits for a notification or the poll interval, whichever comes first.
     async fn wait(&mut self) {
-        let Some(listener) = self.listener.as_mut() else {
+        let Some(wakeups) = self.wakeups.as_mut() else {
             tokio::time::sleep(self.poll_interval).await;
             return;
         };
-        match tokio::time::timeout(self.poll_interval, listener.try_recv()).await {
-            Ok(Ok(Some(_))) => {}
+        let listening = *wakeups.listening.borrow();
+        if !listening {
+            // Not listening (the connection is being re-opened): poll.
+            tokio::time::sleep(self.poll_interval).await;
+            return;
+        }
+        match tokio::time::timeout(self.poll_interval, wakeups.seen.changed()).await {
+            Ok(Ok(())) => {}
             Err(_) => return,
-            // The connection dropped (try_recv returns None): reconnect on the next round.
-            Ok(Ok(None)) | Ok(Err(_)) => {
-                self.listener = None;
+            // The listener is gone (it stopped): join a new one on the next round.
+            Ok(Err(_)) => {
+                self.wakeups = None;
                 return;
             }
         }
         self.linger().await;
+    }
+}
+
+/// One LISTEN connection per process and database, shared by every follower in the process:
+/// each notification is then delivered (and signalled) once per process, not once per consumer,
+/// and a process holds one listening connection instead of one per projection. Followers see a
+/// counter of notifications; the connection is re-opened when it drops (followers poll
+/// meanwhile), and closed when the last follower is gone.
+struct Wakeups {
+    seen: tokio::sync::watch::Receiver<u64>,
+    listening: tokio::sync::watch::Receiver<bool>,
+}
+
+type HubKey = (String, u16, String, String);
+
+struct Hub {
+    seen: tokio::sync::watch::Sender<u64>,
+    listening: tokio::sync::watch::Sender<bool>,
+}
+
+fn hubs() -> &'static std::sync::Mutex<std::collections::HashMap<HubKey, std::sync::Arc<Hub>>> {
+    static HUBS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<HubKey, std::sync::Arc<Hub>>>,
+    > = std::sync::OnceLock::new();
+    HUBS.get_or_init(Default::default)
+}
+
+impl Wakeups {
+    fn join(pool: &PgPool) -> Self {
+        let options = pool.connect_options();
+        let key: HubKey = (
+            options.get_host().to_string(),
+            options.get_port(),
+            options.get_database().unwrap_or_default().to_string(),
+            options.get_username().to_string(),
+        );
+        let mut hubs = match hubs().lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(hub) = hubs.get(&key) {
+            return Self {
+                seen: hub.seen.subscribe(),
+                listening: hub.listening.subscribe(),
+            };
+        }
+        let hub = std::sync::Arc::new(Hub {
+            seen: tokio::sync::watch::Sender::new(0),
+            listening: tokio::sync::watch::Sender::new(false),
+        });
+        let wakeups = Self {
+            seen: hub.seen.subscribe(),
+            listening: hub.listening.subscribe(),
+        };
+        hubs.insert(key.clone(), hub.clone());
+        tokio::spawn(listen(pool.clone(), key, hub));
+        wakeups
+    }
+}
+
+/// The hub's task: listens, counts notifications, reconnects; ends with its last follower.
+async fn listen(pool: PgPool, key: HubKey, hub: std::sync::Arc<Hub>) {
+    loop {
+        // The last follower is gone: leave (under the registry's lock, so that no follower
+        // joins a hub that is leaving).
+        {
+            let mut hubs = match hubs().lock() {
+                Ok(h) => h,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if hub.seen.receiver_count() == 0 {
+                hubs.remove(&key);
+                return;
+            }
+        }
+        let listener = match PgListener::connect_with(&pool).await {
+            Ok(mut l) => match l.listen(CHANNEL).await {
+                Ok(()) => Some(l),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN failed; followers poll");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a LISTEN connection; followers poll");
+                None
+            }
+        };
+        let Some(mut listener) = listener else {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = hub.seen.closed() => {}
+            }
+            continue;
+        };
+        hub.listening.send_replace(true);
+        // Whatever was committed while nobody listened is found by the followers' next read.
+        hub.seen.send_modify(|n| *n += 1);
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => hub.seen.send_modify(|n| *n += 1),
+                    // The connection dropped: open a new one.
+                    Ok(None) | Err(_) => break,
+                },
+                () = hub.seen.closed() => break,
+            }
+        }
+        hub.listening.send_replace(false);
     }
 }
