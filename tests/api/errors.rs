@@ -84,6 +84,21 @@ async fn malformed_wrong_unknown_and_huge_bodies_are_refused_and_change_nothing(
         .await;
     r.assert_problem(422, "validation");
     assert_eq!(r.body["code"], "request.unknown_reference");
+    assert_eq!(r.body["field"], "client_id");
+    // Several references are checked together; the first unknown one is named.
+    for (field, value) in [
+        ("vehicle_id", "0196a1b2-0000-7000-8000-0000000000fe"),
+        ("driver_id", "0196a1b2-0000-7000-8000-0000000000fd"),
+        ("owner_id", "0196a1b2-0000-7000-8000-0000000000fc"),
+        ("lead_id", "0196a1b2-0000-7000-8000-0000000000fb"),
+    ] {
+        let mut body = booking_body(&client);
+        body[field] = json!(value);
+        let r = app.post("sales", "/v1/bookings", body).await;
+        r.assert_problem(422, "validation");
+        assert_eq!(r.body["code"], "request.unknown_reference", "{field}");
+        assert_eq!(r.body["field"], field);
+    }
 
     assert_eq!(
         app.event_count().await,

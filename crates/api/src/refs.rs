@@ -110,6 +110,45 @@ pub async fn require(pool: &PgPool, field: &str, what: Ref, id: Uuid) -> ApiResu
     }
 }
 
+/// [`require`] for several ids in one round trip; refuses the first missing one, in order.
+pub async fn require_all(pool: &PgPool, refs: &[(&str, Ref, Uuid)]) -> ApiResult<()> {
+    if refs.is_empty() {
+        return Ok(());
+    }
+    let checks: Vec<String> = refs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, what, _))| {
+            let n = i + 1;
+            match what {
+                Ref::Client => format!(
+                    "EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'Client' \
+                       AND aggregate_id = (${n}::uuid)::text)"
+                ),
+                Ref::Lead => format!(
+                    "EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'Lead' \
+                       AND aggregate_id = (${n}::uuid)::text)"
+                ),
+                Ref::Vehicle => format!("EXISTS (SELECT 1 FROM vehicles WHERE id = ${n})"),
+                Ref::Staff => {
+                    format!("EXISTS (SELECT 1 FROM staff_accounts WHERE id = ${n} AND is_active)")
+                }
+                Ref::Driver => format!("EXISTS (SELECT 1 FROM driver_profiles WHERE id = ${n})"),
+            }
+        })
+        .collect();
+    let sql = format!("SELECT ARRAY[{}]", checks.join(", "));
+    let mut query = sqlx::query_scalar::<_, Vec<bool>>(&sql);
+    for (_, _, id) in refs {
+        query = query.bind(*id);
+    }
+    let found = query.fetch_one(pool).await?;
+    match refs.iter().zip(found).find(|(_, exists)| !exists) {
+        Some(((field, what, id), _)) => Err(unknown(field, what.noun(), *id)),
+        None => Ok(()),
+    }
+}
+
 async fn require_aggregate(
     pool: &PgPool,
     field: &str,

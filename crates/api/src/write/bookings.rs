@@ -94,18 +94,18 @@ pub async fn create(
     ctx: CommandContext,
     ApiJson(req): ApiJson<CreateBookingRequest>,
 ) -> ApiResult<Answer> {
-    refs::require(&state.pool, "client_id", Ref::Client, req.client_id).await?;
     let owner_id = req.owner_id.unwrap_or(ctx.caller.staff_id);
-    refs::require(&state.pool, "owner_id", Ref::Staff, owner_id).await?;
-    if let Some(v) = req.vehicle_id {
-        refs::require(&state.pool, "vehicle_id", Ref::Vehicle, v).await?;
-    }
-    if let Some(d) = req.driver_id {
-        refs::require(&state.pool, "driver_id", Ref::Driver, d).await?;
-    }
-    if let Some(l) = req.lead_id {
-        refs::require(&state.pool, "lead_id", Ref::Lead, l).await?;
-    }
+    let optional = [
+        req.vehicle_id.map(|v| ("vehicle_id", Ref::Vehicle, v)),
+        req.driver_id.map(|d| ("driver_id", Ref::Driver, d)),
+        req.lead_id.map(|l| ("lead_id", Ref::Lead, l)),
+    ];
+    let mut references = vec![
+        ("client_id", Ref::Client, req.client_id),
+        ("owner_id", Ref::Staff, owner_id),
+    ];
+    references.extend(optional.into_iter().flatten());
+    refs::require_all(&state.pool, &references).await?;
     let mut services = Vec::with_capacity(req.services.len());
     for s in req.services {
         services.push(service_input(&state, s).await?);
