@@ -190,3 +190,106 @@ async fn concurrent_writers_and_a_follower_see_every_committed_event_once_in_ord
     // Most transactions committed (a fifth roll back), so the run really exercised the log.
     assert!(committed.len() > (WRITERS * TRANSACTIONS / 2) as usize);
 }
+
+/// The LISTEN connections of the database: (pid) of every backend whose last statement was LISTEN.
+async fn listeners(pool: &sqlx::PgPool) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%' ORDER BY pid",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (5 s at most) until each of `followers` has reported the event at `position`.
+async fn every_follower_sees(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, i64)>,
+    followers: usize,
+    position: i64,
+) {
+    let mut got = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < followers {
+        let (f, p) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("every follower was woken by the commit")
+            .unwrap();
+        if p == position {
+            got.insert(f);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_followers_of_a_process_share_one_listen_connection_that_comes_back_after_a_drop() {
+    const FOLLOWERS: usize = 4;
+    let db = TestDb::new().await;
+    // A poll every 30 s: within this test only a notification can wake a follower.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, i64)>();
+    for f in 0..FOLLOWERS {
+        let pool = db.pool.clone();
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            let mut follower = LogFollower::new(pool, LogPosition::START)
+                .with_poll_interval(Duration::from_secs(30));
+            while let Ok(batch) = follower.next_batch().await {
+                for e in batch {
+                    let _ = seen.send((f, e.position.global_position));
+                }
+            }
+        });
+    }
+    let pool = db.pool.clone();
+    until("one LISTEN connection for all followers", || {
+        let pool = pool.clone();
+        async move { listeners(&pool).await.len() == 1 }
+    })
+    .await;
+    // Give every follower time to read the empty log and wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        listeners(&db.pool).await.len(),
+        1,
+        "one LISTEN, not one per follower"
+    );
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let first = append(&mut tx, "s", 1, json!({})).await;
+    tx.commit().await.unwrap();
+    every_follower_sees(&mut seen_rx, FOLLOWERS, first).await;
+
+    // The listening connection is killed: a new one replaces it, and commits wake again.
+    let old = listeners(&db.pool).await;
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(old[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let pool = db.pool.clone();
+    until("a new LISTEN connection", || {
+        let pool = pool.clone();
+        let old = old.clone();
+        async move {
+            let now = listeners(&pool).await;
+            now.len() == 1 && now != old
+        }
+    })
+    .await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let second = append(&mut tx, "s", 2, json!({})).await;
+    tx.commit().await.unwrap();
+    every_follower_sees(&mut seen_rx, FOLLOWERS, second).await;
+}

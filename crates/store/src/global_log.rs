@@ -294,8 +294,10 @@ impl LogFollower {
         };
         let listening = *wakeups.listening.borrow();
         if !listening {
-            // Not listening (the connection is being re-opened): poll.
-            tokio::time::sleep(self.poll_interval).await;
+            // The connection is being re-opened: read again once it listens (whatever was
+            // committed meanwhile is then found), or after the poll interval.
+            let _ =
+                tokio::time::timeout(self.poll_interval, wakeups.listening.wait_for(|l| *l)).await;
             return;
         }
         match tokio::time::timeout(self.poll_interval, wakeups.seen.changed()).await {
