@@ -151,7 +151,7 @@ pub async fn rebuild_many(
         let session = projection.session(true);
         let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Vec<RecordedEvent>>>(4);
         feeds.push(tx);
-        tasks.push(tokio::spawn(replay(conn, session, rx)));
+        tasks.push(tokio::spawn(replay(conn, projection.name(), session, rx)));
     }
 
     // Read the log once, from position zero, and hand every batch to every projection.
@@ -181,6 +181,7 @@ pub async fn rebuild_many(
         });
     }
     drop(feeds);
+    let read = started.elapsed();
     for task in tasks {
         task.await.map_err(|e| ProjectionError::Unhandleable {
             position: 0,
@@ -190,12 +191,26 @@ pub async fn rebuild_many(
         })??;
     }
 
+    let replayed = started.elapsed();
     for projection in projections {
         index(pool, *projection).await?;
     }
+    let indexed = started.elapsed();
+    tracing::info!(
+        events,
+        log_read_s = read.as_secs_f64(),
+        replayed_and_flushed_s = replayed.as_secs_f64(),
+        indexed_s = indexed.as_secs_f64(),
+        "rebuild: replayed every projection"
+    );
     let mut reports = Vec::new();
     for projection in projections {
         reports.push(finish(pool, *projection, position, events, swap, started).await?);
+        tracing::info!(
+            projection = projection.name(),
+            done_s = started.elapsed().as_secs_f64(),
+            "rebuild: caught up, compared and swapped"
+        );
     }
     Ok(reports)
 }
@@ -244,15 +259,26 @@ async fn index(pool: &PgPool, projection: &dyn Projection) -> Result<(), Project
 /// Folds every batch it is fed into one fresh session, writing as it goes, then flushes.
 async fn replay(
     mut conn: PgConnection,
+    name: &'static str,
     session: Option<Box<dyn Session>>,
     mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
 ) -> Result<(), ProjectionError> {
     match session {
         Some(mut session) => {
+            let mut applying = std::time::Duration::ZERO;
             while let Some(batch) = batches.recv().await {
+                let t = Instant::now();
                 session.apply(&mut conn, &batch).await?;
+                applying += t.elapsed();
             }
+            let t = Instant::now();
             session.flush(&mut conn).await?;
+            tracing::info!(
+                projection = name,
+                applying_s = applying.as_secs_f64(),
+                flushing_s = t.elapsed().as_secs_f64(),
+                "rebuild: replayed"
+            );
         }
         // Only projections that fold into a session can replay this way.
         None => {
