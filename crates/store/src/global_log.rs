@@ -168,7 +168,7 @@ pub struct LogFollower {
 }
 
 /// How long a woken follower waits for more events before reading (see [`LogFollower::with_linger`]).
-const LINGER: Duration = Duration::from_millis(30);
+const LINGER: Duration = Duration::from_millis(20);
 
 impl LogFollower {
     pub fn new(pool: PgPool, from: LogPosition) -> Self {
