@@ -273,7 +273,7 @@ impl LogFollower {
         }
     }
 
-    /// Joins this process's listener for the database (see [`Wakeups`]); waits a little for it
+    /// Joins this process's listener for the pool (see [`Wakeups`]); waits a little for it
     /// to be listening, so a commit between the first read and the first wait is not missed.
     async fn ensure_listening(&mut self) {
         if self.wakeups.is_some() {
@@ -313,7 +313,7 @@ impl LogFollower {
     }
 }
 
-/// One LISTEN connection per process and database, shared by every follower in the process:
+/// One LISTEN connection per process (per pool), shared by every follower in the process:
 /// each notification is then delivered (and signalled) once per process, not once per consumer,
 /// and a process holds one listening connection instead of one per projection. Followers see a
 /// counter of notifications; the connection is re-opened when it drops (followers poll
@@ -323,7 +323,10 @@ struct Wakeups {
     listening: tokio::sync::watch::Receiver<bool>,
 }
 
-type HubKey = (String, u16, String, String);
+/// A pool (its clones share one set of connect options, kept alive by the hub's own clone):
+/// a hub holds a connection of its followers' pool, never of another one, so closing one pool
+/// never waits for another pool's followers.
+type HubKey = usize;
 
 struct Hub {
     seen: tokio::sync::watch::Sender<u64>,
@@ -339,13 +342,7 @@ fn hubs() -> &'static std::sync::Mutex<std::collections::HashMap<HubKey, std::sy
 
 impl Wakeups {
     fn join(pool: &PgPool) -> Self {
-        let options = pool.connect_options();
-        let key: HubKey = (
-            options.get_host().to_string(),
-            options.get_port(),
-            options.get_database().unwrap_or_default().to_string(),
-            options.get_username().to_string(),
-        );
+        let key: HubKey = std::sync::Arc::as_ptr(&pool.connect_options()) as usize;
         let mut hubs = match hubs().lock() {
             Ok(h) => h,
             Err(poisoned) => poisoned.into_inner(),
@@ -364,14 +361,40 @@ impl Wakeups {
             seen: hub.seen.subscribe(),
             listening: hub.listening.subscribe(),
         };
-        hubs.insert(key.clone(), hub.clone());
+        hubs.insert(key, hub.clone());
         tokio::spawn(listen(pool.clone(), key, hub));
         wakeups
     }
 }
 
+/// Takes a hub out of the registry when its task ends, however it ends (also when its runtime
+/// shuts down and drops it): its followers then see it gone and join a new one.
+struct Leave {
+    key: HubKey,
+    hub: std::sync::Arc<Hub>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let mut hubs = match hubs().lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if hubs
+            .get(&self.key)
+            .is_some_and(|h| std::sync::Arc::ptr_eq(h, &self.hub))
+        {
+            hubs.remove(&self.key);
+        }
+    }
+}
+
 /// The hub's task: listens, counts notifications, reconnects; ends with its last follower.
 async fn listen(pool: PgPool, key: HubKey, hub: std::sync::Arc<Hub>) {
+    let leave = Leave {
+        key,
+        hub: hub.clone(),
+    };
     loop {
         // The last follower is gone: leave (under the registry's lock, so that no follower
         // joins a hub that is leaving).
@@ -381,7 +404,7 @@ async fn listen(pool: PgPool, key: HubKey, hub: std::sync::Arc<Hub>) {
                 Err(poisoned) => poisoned.into_inner(),
             };
             if hub.seen.receiver_count() == 0 {
-                hubs.remove(&key);
+                hubs.remove(&leave.key);
                 return;
             }
         }
@@ -393,6 +416,8 @@ async fn listen(pool: PgPool, key: HubKey, hub: std::sync::Arc<Hub>) {
                     None
                 }
             },
+            // The pool is closed: nobody can read any more; leave.
+            Err(sqlx::Error::PoolClosed) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open a LISTEN connection; followers poll");
                 None
