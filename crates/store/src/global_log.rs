@@ -255,11 +255,17 @@ impl LogFollower {
     /// Swallows the notifications that have arrived since the last look; whether there were any.
     fn take_buffered(&mut self) -> bool {
         match self.wakeups.as_mut() {
-            Some(w) => {
-                let news = w.seen.has_changed().unwrap_or(true);
-                w.seen.mark_unchanged();
-                news
-            }
+            Some(w) => match w.seen.has_changed() {
+                Ok(news) => {
+                    w.seen.mark_unchanged();
+                    news
+                }
+                // The hub has ended: join a new one on the next round, and read.
+                Err(_) => {
+                    self.wakeups = None;
+                    true
+                }
+            },
             None => false,
         }
     }
@@ -279,11 +285,13 @@ impl LogFollower {
         if self.wakeups.is_some() {
             return;
         }
-        let mut wakeups = Wakeups::join(&self.pool);
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), wakeups.listening.wait_for(|l| *l)).await;
-        wakeups.seen.mark_unchanged();
-        self.wakeups = Some(wakeups);
+        // Kept before waiting, so a caller that drops this future does not join again.
+        let wakeups = self.wakeups.insert(Wakeups::join(&self.pool));
+        let _ = tokio::time::timeout(
+            self.poll_interval.min(Duration::from_secs(2)),
+            wakeups.listening.wait_for(|l| *l),
+        )
+        .await;
     }
 
     /// Waits for a notification or the poll interval, whichever comes first.
@@ -331,6 +339,8 @@ type HubKey = usize;
 struct Hub {
     seen: tokio::sync::watch::Sender<u64>,
     listening: tokio::sync::watch::Sender<bool>,
+    /// Keeps the key's address taken while the hub is registered.
+    _options: std::sync::Arc<sqlx::postgres::PgConnectOptions>,
 }
 
 fn hubs() -> &'static std::sync::Mutex<std::collections::HashMap<HubKey, std::sync::Arc<Hub>>> {
@@ -342,27 +352,34 @@ fn hubs() -> &'static std::sync::Mutex<std::collections::HashMap<HubKey, std::sy
 
 impl Wakeups {
     fn join(pool: &PgPool) -> Self {
-        let key: HubKey = std::sync::Arc::as_ptr(&pool.connect_options()) as usize;
-        let mut hubs = match hubs().lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(hub) = hubs.get(&key) {
-            return Self {
+        let options = pool.connect_options();
+        let key: HubKey = std::sync::Arc::as_ptr(&options) as usize;
+        let (wakeups, leave) = {
+            let mut hubs = match hubs().lock() {
+                Ok(h) => h,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some(hub) = hubs.get(&key) {
+                return Self {
+                    seen: hub.seen.subscribe(),
+                    listening: hub.listening.subscribe(),
+                };
+            }
+            let hub = std::sync::Arc::new(Hub {
+                seen: tokio::sync::watch::Sender::new(0),
+                listening: tokio::sync::watch::Sender::new(false),
+                _options: options,
+            });
+            hubs.insert(key, hub.clone());
+            let wakeups = Self {
                 seen: hub.seen.subscribe(),
                 listening: hub.listening.subscribe(),
             };
-        }
-        let hub = std::sync::Arc::new(Hub {
-            seen: tokio::sync::watch::Sender::new(0),
-            listening: tokio::sync::watch::Sender::new(false),
-        });
-        let wakeups = Self {
-            seen: hub.seen.subscribe(),
-            listening: hub.listening.subscribe(),
+            (wakeups, Leave { key, hub })
         };
-        hubs.insert(key, hub.clone());
-        tokio::spawn(listen(pool.clone(), key, hub));
+        // Spawned with the registry unlocked: if the task never runs (a runtime shutting
+        // down), dropping it drops `leave`, which takes the lock to unregister the hub.
+        tokio::spawn(listen(pool.clone(), leave));
         wakeups
     }
 }
@@ -390,11 +407,8 @@ impl Drop for Leave {
 }
 
 /// The hub's task: listens, counts notifications, reconnects; ends with its last follower.
-async fn listen(pool: PgPool, key: HubKey, hub: std::sync::Arc<Hub>) {
-    let leave = Leave {
-        key,
-        hub: hub.clone(),
-    };
+async fn listen(pool: PgPool, leave: Leave) {
+    let hub = leave.hub.clone();
     loop {
         // The last follower is gone: leave (under the registry's lock, so that no follower
         // joins a hub that is leaving).
@@ -433,16 +447,26 @@ async fn listen(pool: PgPool, key: HubKey, hub: std::sync::Arc<Hub>) {
         hub.listening.send_replace(true);
         // Whatever was committed while nobody listened is found by the followers' next read.
         hub.seen.send_modify(|n| *n += 1);
+        let opened = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(_)) => hub.seen.send_modify(|n| *n += 1),
-                    // The connection dropped: open a new one.
-                    Ok(None) | Err(_) => break,
+                    // The connection dropped and the listener has opened a new one and listens
+                    // again: what was committed in between is found by the next read.
+                    Ok(None) => hub.seen.send_modify(|n| *n += 1),
+                    Err(_) => break,
                 },
                 () = hub.seen.closed() => break,
             }
         }
         hub.listening.send_replace(false);
+        if opened.elapsed() < Duration::from_secs(1) {
+            // A connection that fails at once is not retried in a loop.
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = hub.seen.closed() => {}
+            }
+        }
     }
 }
