@@ -192,9 +192,8 @@ pub async fn rebuild_many(
     }
 
     let replayed = started.elapsed();
-    for projection in projections {
-        index(pool, *projection).await?;
-    }
+    // Each projection's tables on a connection of its own, concurrently.
+    futures::future::try_join_all(projections.iter().map(|p| index(pool, *p))).await?;
     let indexed = started.elapsed();
     tracing::info!(
         events,
@@ -203,16 +202,17 @@ pub async fn rebuild_many(
         indexed_s = indexed.as_secs_f64(),
         "rebuild: replayed every projection"
     );
-    let mut reports = Vec::new();
-    for projection in projections {
-        reports.push(finish(pool, *projection, position, events, swap, started).await?);
+    // Then each projection under its own checkpoint lock, concurrently (they share no table).
+    futures::future::try_join_all(projections.iter().map(|p| async move {
+        let report = finish(pool, *p, position, events, swap, started).await?;
         tracing::info!(
-            projection = projection.name(),
+            projection = p.name(),
             done_s = started.elapsed().as_secs_f64(),
             "rebuild: caught up, compared and swapped"
         );
-    }
-    Ok(reports)
+        Ok::<_, ProjectionError>(report)
+    }))
+    .await
 }
 
 /// Gives a projection's fresh tables the live tables' keys, constraints and indexes, under the
