@@ -337,8 +337,40 @@ impl Session for BookingsSession {
     }
 
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
-        let ids = self.states.changed();
+        let rows = self.rows();
         self.states.save(conn).await?;
+        self.write_rows(conn, rows).await
+    }
+
+    /// The states on one connection while the rows go in on the other.
+    async fn flush_on_two(
+        &mut self,
+        conn: &mut PgConnection,
+        other: &mut PgConnection,
+    ) -> Result<(), ProjectionError> {
+        let rows = self.rows();
+        let fresh = self.fresh;
+        let (saved, written) = tokio::join!(
+            self.states.save(other),
+            Self::write_rows_of(conn, fresh, rows)
+        );
+        saved.and(written)
+    }
+}
+
+/// What a flush writes besides the states.
+struct BookingRows {
+    ids: Vec<Uuid>,
+    rows: Vec<serde_json::Value>,
+    services: Vec<serde_json::Value>,
+    calendar: Vec<serde_json::Value>,
+    off_calendar: Vec<Uuid>,
+}
+
+impl BookingsSession {
+    /// The rows of the bookings changed since the last flush (read from their states).
+    fn rows(&self) -> BookingRows {
+        let ids = self.states.changed();
         let (mut rows, mut services, mut calendar, mut off_calendar) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for id in &ids {
@@ -377,14 +409,36 @@ impl Session for BookingsSession {
                 None => off_calendar.push(*id),
             }
         }
-        BOOKINGS.write(conn, self.fresh, rows).await?;
-        if !self.fresh {
-            // (A rebuild's one flush writes these bookings' rows for the first time.)
-            delete_where(conn, "booking_additional_services", "booking_id", &ids).await?;
-            delete_where(conn, "calendar_events", "id", &off_calendar).await?;
+        BookingRows {
+            ids,
+            rows,
+            services,
+            calendar,
+            off_calendar,
         }
-        SERVICES.write(conn, self.fresh, services).await?;
-        CALENDAR.write(conn, self.fresh, calendar).await?;
+    }
+
+    async fn write_rows(
+        &self,
+        conn: &mut PgConnection,
+        rows: BookingRows,
+    ) -> Result<(), ProjectionError> {
+        Self::write_rows_of(conn, self.fresh, rows).await
+    }
+
+    async fn write_rows_of(
+        conn: &mut PgConnection,
+        fresh: bool,
+        r: BookingRows,
+    ) -> Result<(), ProjectionError> {
+        BOOKINGS.write(conn, fresh, r.rows).await?;
+        if !fresh {
+            // (A rebuild's one flush writes these bookings' rows for the first time.)
+            delete_where(conn, "booking_additional_services", "booking_id", &r.ids).await?;
+            delete_where(conn, "calendar_events", "id", &r.off_calendar).await?;
+        }
+        SERVICES.write(conn, fresh, r.services).await?;
+        CALENDAR.write(conn, fresh, r.calendar).await?;
         Ok(())
     }
 }

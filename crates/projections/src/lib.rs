@@ -100,6 +100,17 @@ pub trait Session: Send {
     ) -> Result<(), ProjectionError>;
     /// Writes everything changed since the last flush.
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError>;
+    /// [`Session::flush`] with a second connection to the same tables, outside any transaction
+    /// (a rebuild's fresh copies): a session with much to write may split it over both, so
+    /// PostgreSQL works on two tables at once.
+    async fn flush_on_two(
+        &mut self,
+        conn: &mut PgConnection,
+        other: &mut PgConnection,
+    ) -> Result<(), ProjectionError> {
+        let _ = other;
+        self.flush(conn).await
+    }
 }
 
 /// Every projection of the service.

@@ -142,16 +142,24 @@ pub async fn rebuild_many(
         // This connection only ever writes the fresh tables, statement by statement (no long
         // transaction holds back the log's horizon for the live consumers); they are not
         // visible to anyone until the swap, which commits durably and so after them.
+        // A second one, alike, for sessions that split their final flush over two.
+        let mut other = pool.acquire().await?.detach();
         for setting in [
             format!("SET search_path TO {shadow}, public"),
             "SET synchronous_commit TO off".to_string(),
         ] {
             sqlx::query(&setting).execute(&mut conn).await?;
+            sqlx::query(&setting).execute(&mut other).await?;
         }
         let session = projection.session(true);
         let (tx, rx) = tokio::sync::mpsc::channel::<Arc<Vec<RecordedEvent>>>(4);
         feeds.push(tx);
-        tasks.push(tokio::spawn(replay(conn, projection.name(), session, rx)));
+        tasks.push(tokio::spawn(replay(
+            [conn, other],
+            projection.name(),
+            session,
+            rx,
+        )));
     }
 
     // Read the log once, from position zero, and hand every batch to every projection.
@@ -258,7 +266,7 @@ async fn index(pool: &PgPool, projection: &dyn Projection) -> Result<(), Project
 
 /// Folds every batch it is fed into one fresh session, writing as it goes, then flushes.
 async fn replay(
-    mut conn: PgConnection,
+    [mut conn, mut other]: [PgConnection; 2],
     name: &'static str,
     session: Option<Box<dyn Session>>,
     mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
@@ -272,7 +280,7 @@ async fn replay(
                 applying += t.elapsed();
             }
             let t = Instant::now();
-            session.flush(&mut conn).await?;
+            session.flush_on_two(&mut conn, &mut other).await?;
             tracing::info!(
                 projection = name,
                 applying_s = applying.as_secs_f64(),
@@ -291,6 +299,7 @@ async fn replay(
         }
     }
     let _ = conn.close().await;
+    let _ = other.close().await;
     Ok(())
 }
 
