@@ -339,7 +339,7 @@ impl Session for BookingsSession {
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         let rows = self.rows();
         self.states.save(conn).await?;
-        self.write_rows(conn, rows).await
+        Self::write_rows_of(conn, self.fresh, rows).await
     }
 
     /// The states on one connection while the rows go in on the other.
@@ -416,14 +416,6 @@ impl BookingsSession {
             calendar,
             off_calendar,
         }
-    }
-
-    async fn write_rows(
-        &self,
-        conn: &mut PgConnection,
-        rows: BookingRows,
-    ) -> Result<(), ProjectionError> {
-        Self::write_rows_of(conn, self.fresh, rows).await
     }
 
     async fn write_rows_of(

@@ -343,11 +343,15 @@ struct Hub {
     _options: std::sync::Arc<sqlx::postgres::PgConnectOptions>,
 }
 
-fn hubs() -> &'static std::sync::Mutex<std::collections::HashMap<HubKey, std::sync::Arc<Hub>>> {
-    static HUBS: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<HubKey, std::sync::Arc<Hub>>>,
-    > = std::sync::OnceLock::new();
-    HUBS.get_or_init(Default::default)
+type Hubs = std::collections::HashMap<HubKey, std::sync::Arc<Hub>>;
+
+/// The process's hubs, locked (a panic elsewhere while holding the lock leaves the map usable).
+fn registry() -> std::sync::MutexGuard<'static, Hubs> {
+    static HUBS: std::sync::OnceLock<std::sync::Mutex<Hubs>> = std::sync::OnceLock::new();
+    match HUBS.get_or_init(Default::default).lock() {
+        Ok(h) => h,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl Wakeups {
@@ -355,10 +359,7 @@ impl Wakeups {
         let options = pool.connect_options();
         let key: HubKey = std::sync::Arc::as_ptr(&options) as usize;
         let (wakeups, leave) = {
-            let mut hubs = match hubs().lock() {
-                Ok(h) => h,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut hubs = registry();
             if let Some(hub) = hubs.get(&key) {
                 return Self {
                     seen: hub.seen.subscribe(),
@@ -393,10 +394,7 @@ struct Leave {
 
 impl Drop for Leave {
     fn drop(&mut self) {
-        let mut hubs = match hubs().lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut hubs = registry();
         if hubs
             .get(&self.key)
             .is_some_and(|h| std::sync::Arc::ptr_eq(h, &self.hub))
@@ -413,10 +411,7 @@ async fn listen(pool: PgPool, leave: Leave) {
         // The last follower is gone: leave (under the registry's lock, so that no follower
         // joins a hub that is leaving).
         {
-            let mut hubs = match hubs().lock() {
-                Ok(h) => h,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut hubs = registry();
             if hub.seen.receiver_count() == 0 {
                 hubs.remove(&leave.key);
                 return;
