@@ -614,6 +614,163 @@ async fn a_rebuild_swaps_in_while_the_live_projection_goes_on() {
     assert!(check.differences.is_empty(), "{:#?}", check.differences);
 }
 
+/// Text that the rebuild's `COPY` format must escape (tab, newline, carriage return,
+/// backslash), that array literals must quote (quote, comma, braces) and that JSON escapes.
+const AWKWARD: &str = "Tab\there, new\nline\r \\N back\\slash \"quoted\" {braced} \u{2603}";
+
+#[tokio::test]
+async fn a_rebuild_writes_awkward_text_exactly_as_the_live_path_does() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let client = Uuid::now_v7();
+    let mut registration = register("Layla Hassan");
+    if let ClientCommand::Register {
+        name,
+        preferred_channels,
+        ..
+    } = &mut registration
+    {
+        *name = format!("Layla {AWKWARD}");
+        *preferred_channels = vec!["telegram".into(), "email".into()];
+    }
+    bus.clients
+        .execute(client, registration, &meta(), None)
+        .await
+        .unwrap();
+    let id = Uuid::now_v7();
+    let mut create = booking(
+        "BK-AWKWARD".into(),
+        client,
+        Some(Uuid::from_u128(VEHICLES[1])),
+        Utc::now() + chrono::Duration::days(2),
+        3,
+    );
+    create.pickup_location = Some(AWKWARD.into());
+    create.services[0].description = Some(AWKWARD.into());
+    bus.bookings
+        .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
+        .await
+        .unwrap();
+    bus.bookings
+        .execute(
+            id,
+            BookingCommand::Cancel {
+                reason: AWKWARD.into(),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    project_all(&db.pool, 100).await;
+
+    for p in projections::all() {
+        let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), true, |_| {})
+            .await
+            .unwrap();
+        assert!(
+            report.differences.is_empty(),
+            "{}: {:#?}",
+            p.name(),
+            report.differences
+        );
+    }
+    // And what was swapped in reads back as it was written.
+    let (pickup, reason): (String, String) =
+        sqlx::query_as("SELECT pickup_location, cancel_reason FROM bookings WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((pickup.as_str(), reason.as_str()), (AWKWARD, AWKWARD));
+    let (message, payload_reason): (String, String) = sqlx::query_as(
+        "SELECT message, payload #>> '{BookingCancelled,reason}' FROM booking_timeline_events \
+         WHERE booking_id = $1 AND event_type = 'BookingCancelled'",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(message, format!("Cancelled: {AWKWARD}"));
+    assert_eq!(payload_reason, AWKWARD);
+    let (name, channels): (String, Vec<String>) =
+        sqlx::query_as("SELECT name, preferred_channels FROM clients WHERE id = $1")
+            .bind(client)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(name, format!("Layla {AWKWARD}"));
+    assert_eq!(channels, vec!["telegram", "email"]);
+}
+
+/// The rebuild's `COPY` of JSON rows stores what the live path's `jsonb_populate_recordset`
+/// stores, for every kind of column and value the projections write.
+#[tokio::test]
+async fn copied_rows_equal_rows_inserted_the_live_way() {
+    use projections::write::Table;
+    use serde_json::json;
+    let db = TestDb::new().await;
+    for t in ["copied", "inserted"] {
+        sqlx::query(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, label text, tags text[], doc jsonb, \
+             amount numeric, flag boolean, at timestamptz, day date, status booking_status, \
+             email citext)"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    const COLUMNS: &[&str] = &[
+        "id", "label", "tags", "doc", "amount", "flag", "at", "day", "status", "email",
+    ];
+    let rows = vec![
+        json!({
+            "id": 1, "label": AWKWARD, "tags": [AWKWARD, "a,b", "NULL", "", null, "{x}"],
+            "doc": {"k": AWKWARD, "n": [1, 2.5, null], "s": "\\N"}, "amount": "1234.50",
+            "flag": true, "at": "2026-11-23T07:07:25.066798Z", "day": "2026-11-23",
+            "status": "confirmed", "email": "Layla@Example.com",
+        }),
+        // Missing keys and nulls are NULL; a JSON string is a jsonb string; numbers as numbers.
+        json!({"id": 2, "doc": "just text", "amount": 7, "flag": false, "tags": []}),
+        json!({"id": 3, "label": null, "doc": null, "tags": null, "amount": 0.25}),
+        json!({"id": 4, "label": "", "doc": [AWKWARD], "tags": ["\\", "\"", " spaced "]}),
+    ];
+    let mut conn = db.pool.acquire().await.unwrap();
+    let copied = Table {
+        name: "copied",
+        columns: COLUMNS,
+        key: &[],
+        keep: &[],
+    };
+    let inserted = Table {
+        name: "inserted",
+        columns: COLUMNS,
+        key: &["id"],
+        keep: &[],
+    };
+    copied.write(&mut conn, true, rows.clone()).await.unwrap();
+    inserted.write(&mut conn, false, rows).await.unwrap();
+    let differing: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(d)::text FROM ((SELECT * FROM copied EXCEPT ALL SELECT * FROM inserted) \
+         UNION ALL (SELECT * FROM inserted EXCEPT ALL SELECT * FROM copied)) d",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(differing, Vec::<String>::new());
+    // EXCEPT compares by equality (citext ignores case, numeric scale): compare the text too.
+    let texts: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c::text, i::text FROM copied c JOIN inserted i USING (id) ORDER BY id",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(texts.len(), 4);
+    for (c, i) in texts {
+        assert_eq!(c, i);
+    }
+}
+
 #[tokio::test]
 async fn an_unreadable_event_stops_its_projection_there_and_the_others_go_on() {
     let db = TestDb::new().await;

@@ -1,6 +1,7 @@
 //! `bench`: measures and prints figures (a table on stdout, JSON in `target/bench/`); it asserts
 //! nothing. Each run uses a database of its own on the server the service would use, dropped at
-//! the end. Run it in release mode: `cargo run --release -p bench -- all`.
+//! the end (kept, and named on stderr, when `BENCH_KEEP_DB` is set). Run it in release mode:
+//! `cargo run --release -p bench -- all`.
 //!
 //! Sections: `rebuild` (all read models from N events generated through the domain), `outbox`
 //! (draining a backlog against fake CRMs with latency, 1 and 3 workers, and Kommo's 7 rps limit),
@@ -102,6 +103,11 @@ impl BenchDb {
 
     async fn drop_db(self) -> anyhow::Result<()> {
         self.pool.close().await;
+        if std::env::var_os("BENCH_KEEP_DB").is_some() {
+            // For looking into a result (or iterating on the rebuild with `skyluxse rebuild`).
+            eprintln!("BENCH_KEEP_DB: kept database {}", self.name);
+            return Ok(());
+        }
         let mut admin = self.server.connect().await?;
         sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",

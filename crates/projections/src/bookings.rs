@@ -4,7 +4,7 @@
 //! A booking's row is derived from its state folded by the domain's own `apply`, kept in
 //! `booking_states`, so totals and statuses are computed in exactly one place.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::Aggregate;
 use domain::booking::{Booking, BookingEvent, BookingStatus};
 use domain::vehicle_block::VehicleBlockEvent;
@@ -15,7 +15,7 @@ use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::util::{actor, aggregate_uuid, decode, event_row_id};
-use crate::write::{States, Table, delete_where};
+use crate::write::{CopyIn, States, Table, delete_where};
 use crate::{Projection, ProjectionError, Session};
 
 pub struct Bookings;
@@ -320,7 +320,7 @@ impl Session for BookingsSession {
             }
         }
 
-        insert_timeline(conn, timeline).await?;
+        insert_timeline(conn, self.fresh, timeline).await?;
         INVOICES.write(conn, self.fresh, invoices).await?;
         CALENDAR.write(conn, self.fresh, blocks).await?;
         if !unblocked.0.is_empty() {
@@ -449,13 +449,44 @@ struct TimelineRow {
     position: i64,
 }
 
-/// Inserts a batch's timeline rows in one statement.
+const TIMELINE_COLUMNS: &[&str] = &[
+    "id",
+    "booking_id",
+    "sequence",
+    "event_type",
+    "message",
+    "payload",
+    "actor",
+    "occurred_at",
+    "last_position",
+];
+
+/// Inserts a batch's timeline rows in one statement (a rebuild's fresh table: one `COPY`).
 async fn insert_timeline(
     conn: &mut PgConnection,
+    fresh: bool,
     rows: Vec<TimelineRow>,
 ) -> Result<(), ProjectionError> {
     if rows.is_empty() {
         return Ok(());
+    }
+    if fresh {
+        let mut copy = CopyIn::start(conn, "booking_timeline_events", TIMELINE_COLUMNS).await?;
+        for r in rows {
+            let c = &mut copy.rows;
+            c.display(r.id);
+            c.display(r.booking_id);
+            c.display(r.sequence);
+            c.text(&r.event_type);
+            c.text(&r.message);
+            c.text(&r.payload);
+            c.text(&r.actor);
+            c.text(&r.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+            c.display(r.position);
+            c.end_row();
+            copy.send_some().await?;
+        }
+        return copy.finish().await;
     }
     #[allow(clippy::type_complexity)] // one vector per column, bound as arrays
     let mut cols: (

@@ -1,7 +1,8 @@
 //! Set-based writes: a projection folds a batch in memory and then writes each table with one
 //! statement, whatever the number of rows (rows travel as one JSON array and PostgreSQL turns it
 //! into typed records with `jsonb_populate_recordset`), and keeps the folded states of its
-//! entities in [`States`], loaded in one query and saved in one.
+//! entities in [`States`], loaded in one query and saved in one. A rebuild writes its empty,
+//! unindexed copies with `COPY` instead ([`CopyIn`]).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -32,13 +33,13 @@ pub struct Table {
 }
 
 impl Table {
-    fn sql(&self, fresh: bool) -> String {
+    fn sql(&self) -> String {
         let cols = self.columns.join(", ");
         let mut sql = format!(
             "INSERT INTO {t} ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{t}, $1)",
             t = self.name
         );
-        if !self.key.is_empty() && !fresh {
+        if !self.key.is_empty() {
             let sets: Vec<String> = self
                 .columns
                 .iter()
@@ -56,7 +57,7 @@ impl Table {
     }
 
     /// Writes `rows` (JSON objects) in as few statements as the chunk size allows. `fresh`: the
-    /// table is a rebuild's copy, written once per key and indexed afterwards (plain inserts).
+    /// table is a rebuild's copy, written once per key and indexed afterwards (one `COPY`).
     pub async fn write(
         &self,
         conn: &mut PgConnection,
@@ -66,7 +67,10 @@ impl Table {
         if rows.is_empty() {
             return Ok(());
         }
-        let sql = self.sql(fresh);
+        if fresh {
+            return self.copy(conn, rows).await;
+        }
+        let sql = self.sql();
         let mut rows = rows;
         while !rows.is_empty() {
             let rest = rows.split_off(rows.len().min(CHUNK));
@@ -76,6 +80,208 @@ impl Table {
                 .await?;
             rows = rest;
         }
+        Ok(())
+    }
+
+    /// `COPY`s `rows` in, each value converted as `jsonb_populate_recordset` would (the live
+    /// path): JSON text into `json`/`jsonb` columns, PostgreSQL array literals into array columns,
+    /// a JSON string's content, a number's or a nested value's JSON text into the rest, and a
+    /// missing key or `null` as NULL.
+    async fn copy(&self, conn: &mut PgConnection, rows: Vec<Value>) -> Result<(), ProjectionError> {
+        let kinds: Vec<(String, String)> = sqlx::query_as(
+            "SELECT a.attname::text, CASE WHEN a.atttypid IN ('json'::regtype, 'jsonb'::regtype) \
+                    THEN 'json' WHEN t.typcategory = 'A' THEN 'array' ELSE 'plain' END \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(self.name)
+        .fetch_all(&mut *conn)
+        .await?;
+        let kinds: HashMap<String, String> = kinds.into_iter().collect();
+        let columns: Vec<(&str, &str)> = self
+            .columns
+            .iter()
+            .map(|c| (*c, kinds.get(*c).map_or("plain", String::as_str)))
+            .collect();
+        let mut copy = CopyIn::start(conn, self.name, self.columns).await?;
+        for row in &rows {
+            for (column, kind) in &columns {
+                let value = row.get(*column).unwrap_or(&Value::Null);
+                match (*kind, value) {
+                    (_, Value::Null) => copy.rows.null(),
+                    ("json", v) => copy.rows.json(v)?,
+                    ("array", Value::Array(items)) => {
+                        let mut literal = String::new();
+                        array_literal(&mut literal, items);
+                        copy.rows.text(&literal)
+                    }
+                    (_, Value::String(s)) => copy.rows.text(s),
+                    (_, Value::Bool(b)) => copy.rows.text(if *b { "t" } else { "f" }),
+                    (_, v) => copy.rows.json(v)?,
+                }
+            }
+            copy.rows.end_row();
+            copy.send_some().await?;
+        }
+        copy.finish().await
+    }
+}
+
+/// A PostgreSQL array literal of JSON values (`{"a","b",NULL}`), as `jsonb_populate_record`
+/// makes of a JSON array.
+fn array_literal(out: &mut String, items: &[Value]) {
+    out.push('{');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match item {
+            Value::Null => out.push_str("NULL"),
+            Value::Array(inner) => array_literal(out, inner),
+            Value::String(s) => quoted(out, s),
+            Value::Bool(b) => out.push(if *b { 't' } else { 'f' }),
+            v => quoted(out, &v.to_string()),
+        }
+    }
+    out.push('}');
+}
+
+fn quoted(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// Rows in the text format of `COPY ... FROM STDIN`: fields separated by tabs, rows by
+/// newlines, `\N` for NULL, and backslash, tab, newline and carriage return escaped.
+#[derive(Default)]
+pub struct CopyText {
+    buf: Vec<u8>,
+    at_row_start: bool,
+}
+
+impl CopyText {
+    fn separate(&mut self) {
+        if !std::mem::replace(&mut self.at_row_start, false) {
+            self.buf.push(b'\t');
+        }
+    }
+
+    pub fn null(&mut self) {
+        self.separate();
+        self.buf.extend_from_slice(b"\\N");
+    }
+
+    /// A field's text, escaped.
+    pub fn text(&mut self, s: &str) {
+        self.separate();
+        escape_into(&mut self.buf, s.as_bytes());
+    }
+
+    /// A field holding `value`'s JSON text, serialized straight into the buffer.
+    pub fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ProjectionError> {
+        self.separate();
+        serde_json::to_writer(Escaping(&mut self.buf), value).map_err(|e| {
+            ProjectionError::Unhandleable {
+                position: 0,
+                event_type: "copy".into(),
+                event_version: String::new(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// A field written with `Display` (numbers, uuids: nothing to escape).
+    pub fn display(&mut self, value: impl std::fmt::Display) {
+        use std::io::Write;
+        self.separate();
+        // Writing into a Vec cannot fail.
+        let _ = write!(self.buf, "{value}");
+    }
+
+    pub fn end_row(&mut self) {
+        self.buf.push(b'\n');
+        self.at_row_start = true;
+    }
+}
+
+fn escape_into(buf: &mut Vec<u8>, bytes: &[u8]) {
+    let special = |b: &u8| matches!(b, b'\\' | b'\t' | b'\n' | b'\r');
+    if !bytes.iter().any(special) {
+        buf.extend_from_slice(bytes);
+        return;
+    }
+    for b in bytes {
+        match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            b => buf.push(*b),
+        }
+    }
+}
+
+/// Escapes what is written through it into a COPY text field.
+struct Escaping<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for Escaping<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        escape_into(self.0, bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A `COPY ... FROM STDIN` in progress: rows are encoded into [`CopyIn::rows`] and sent a
+/// megabyte at a time, so PostgreSQL parses while the next rows are encoded.
+pub struct CopyIn<'c> {
+    copy: sqlx::postgres::PgCopyIn<&'c mut PgConnection>,
+    pub rows: CopyText,
+}
+
+const COPY_SEND: usize = 1 << 20;
+
+impl<'c> CopyIn<'c> {
+    pub async fn start(
+        conn: &'c mut PgConnection,
+        table: &str,
+        columns: &[&str],
+    ) -> Result<Self, ProjectionError> {
+        let copy = conn
+            .copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", columns.join(", ")))
+            .await?;
+        Ok(Self {
+            copy,
+            rows: CopyText {
+                buf: Vec::with_capacity(COPY_SEND + COPY_SEND / 4),
+                at_row_start: true,
+            },
+        })
+    }
+
+    /// Sends the encoded rows once there is a megabyte of them.
+    pub async fn send_some(&mut self) -> Result<(), ProjectionError> {
+        if self.rows.buf.len() >= COPY_SEND {
+            self.copy.send(self.rows.buf.as_slice()).await?;
+            self.rows.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn finish(mut self) -> Result<(), ProjectionError> {
+        if !self.rows.buf.is_empty() {
+            self.copy.send(self.rows.buf.as_slice()).await?;
+        }
+        self.copy.finish().await?;
         Ok(())
     }
 }
@@ -177,6 +383,19 @@ where
 
     /// Saves the changed states in one statement (per chunk) and forgets which changed.
     pub async fn save(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        if self.complete {
+            // Empty, unindexed table, each state once: one COPY.
+            let mut copy = CopyIn::start(conn, self.table, &["id", "state"]).await?;
+            for id in std::mem::take(&mut self.dirty) {
+                if let Some(t) = self.map.get(&id) {
+                    copy.rows.display(id);
+                    copy.rows.json(t)?;
+                    copy.rows.end_row();
+                    copy.send_some().await?;
+                }
+            }
+            return copy.finish().await;
+        }
         let mut ids = Vec::with_capacity(self.dirty.len());
         let mut states = Vec::with_capacity(self.dirty.len());
         for id in std::mem::take(&mut self.dirty) {
@@ -193,13 +412,9 @@ where
             }
         }
         for (ids, states) in ids.chunks(CHUNK).zip(states.chunks(CHUNK)) {
-            let upsert = if self.complete {
-                ""
-            } else {
-                " ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state"
-            };
             sqlx::query(&format!(
-                "INSERT INTO {} (id, state) SELECT i, s::jsonb FROM unnest($1::uuid[], $2::text[]) AS u(i, s){upsert}",
+                "INSERT INTO {} (id, state) SELECT i, s::jsonb FROM unnest($1::uuid[], $2::text[]) AS u(i, s) \
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
                 self.table
             ))
             .bind(ids)
