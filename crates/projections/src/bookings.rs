@@ -4,6 +4,8 @@
 //! A booking's row is derived from its state folded by the domain's own `apply`, kept in
 //! `booking_states`, so totals and statuses are computed in exactly one place.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::Aggregate;
 use domain::booking::{Booking, BookingEvent, BookingStatus};
@@ -15,7 +17,7 @@ use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::util::{actor, aggregate_uuid, decode, event_row_id};
-use crate::write::{CopyIn, States, Table, delete_where};
+use crate::write::{CopyStream, CopyText, States, Table, delete_where};
 use crate::{Projection, ProjectionError, Session};
 
 pub struct Bookings;
@@ -132,6 +134,7 @@ impl Projection for Bookings {
         Some(Box::new(BookingsSession {
             fresh,
             states: States::new("booking_states", fresh),
+            timeline: None,
         }))
     }
 }
@@ -140,6 +143,8 @@ struct BookingsSession {
     /// A rebuild's session (see [`Table::write`]).
     fresh: bool,
     states: States<Booking>,
+    /// A rebuild's timeline, streamed on the second connection while the session folds.
+    timeline: Option<CopyStream>,
 }
 
 const INVOICES: Table = Table {
@@ -320,7 +325,15 @@ impl Session for BookingsSession {
             }
         }
 
-        insert_timeline(conn, self.fresh, timeline).await?;
+        match &mut self.timeline {
+            Some(stream) => {
+                for row in &timeline {
+                    row.encode(&mut stream.rows);
+                    stream.send_some().await?;
+                }
+            }
+            None => insert_timeline(conn, timeline).await?,
+        }
         INVOICES.write(conn, self.fresh, invoices).await?;
         CALENDAR.write(conn, self.fresh, blocks).await?;
         if !unblocked.0.is_empty() {
@@ -342,16 +355,35 @@ impl Session for BookingsSession {
         Self::write_rows_of(conn, self.fresh, rows).await
     }
 
-    /// The states on one connection while the rows go in on the other.
-    async fn flush_on_two(
+    /// The timeline streams on the second connection while the batches are folded; then the
+    /// states go in on it while the rows go in on the first.
+    async fn replay(
         &mut self,
         conn: &mut PgConnection,
-        other: &mut PgConnection,
+        other: PgConnection,
+        batches: &mut tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
     ) -> Result<(), ProjectionError> {
+        self.timeline = Some(CopyStream::start(
+            other,
+            "booking_timeline_events",
+            TIMELINE_COLUMNS,
+        ));
+        while let Some(batch) = batches.recv().await {
+            self.apply(conn, &batch).await?;
+        }
+        let Some(timeline) = self.timeline.take() else {
+            return Ok(());
+        };
         let rows = self.rows();
         let fresh = self.fresh;
+        let states = &mut self.states;
         let (saved, written) = tokio::join!(
-            self.states.save(other),
+            async move {
+                let mut other = timeline.finish().await?;
+                states.save(&mut other).await?;
+                let _ = sqlx::Connection::close(other).await;
+                Ok::<_, ProjectionError>(())
+            },
             Self::write_rows_of(conn, fresh, rows)
         );
         saved.and(written)
@@ -461,32 +493,33 @@ const TIMELINE_COLUMNS: &[&str] = &[
     "last_position",
 ];
 
-/// Inserts a batch's timeline rows in one statement (a rebuild's fresh table: one `COPY`).
+impl TimelineRow {
+    /// The row in `COPY` text format.
+    fn encode(&self, c: &mut CopyText) {
+        c.display(self.id);
+        c.display(self.booking_id);
+        c.display(self.sequence);
+        c.text(&self.event_type);
+        c.text(&self.message);
+        c.text(&self.payload);
+        c.text(&self.actor);
+        c.text(
+            &self
+                .occurred_at
+                .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        );
+        c.display(self.position);
+        c.end_row();
+    }
+}
+
+/// Inserts a batch's timeline rows in one statement.
 async fn insert_timeline(
     conn: &mut PgConnection,
-    fresh: bool,
     rows: Vec<TimelineRow>,
 ) -> Result<(), ProjectionError> {
     if rows.is_empty() {
         return Ok(());
-    }
-    if fresh {
-        let mut copy = CopyIn::start(conn, "booking_timeline_events", TIMELINE_COLUMNS).await?;
-        for r in rows {
-            let c = &mut copy.rows;
-            c.display(r.id);
-            c.display(r.booking_id);
-            c.display(r.sequence);
-            c.text(&r.event_type);
-            c.text(&r.message);
-            c.text(&r.payload);
-            c.text(&r.actor);
-            c.text(&r.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
-            c.display(r.position);
-            c.end_row();
-            copy.send_some().await?;
-        }
-        return copy.finish().await;
     }
     #[allow(clippy::type_complexity)] // one vector per column, bound as arrays
     let mut cols: (

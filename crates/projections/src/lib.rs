@@ -100,16 +100,22 @@ pub trait Session: Send {
     ) -> Result<(), ProjectionError>;
     /// Writes everything changed since the last flush.
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError>;
-    /// [`Session::flush`] with a second connection to the same tables, outside any transaction
-    /// (a rebuild's fresh copies): a session with much to write may split it over both, so
-    /// PostgreSQL works on two tables at once.
-    async fn flush_on_two(
+    /// A rebuild's whole replay into its fresh tables: every batch from `batches` folded in
+    /// order, then flushed. `other` is a second connection to the same tables, outside any
+    /// transaction: a session with much to write may stream rows through it while it folds and
+    /// split its flush over both, so that PostgreSQL writes while the session computes.
+    async fn replay(
         &mut self,
         conn: &mut PgConnection,
-        other: &mut PgConnection,
+        other: PgConnection,
+        batches: &mut tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
     ) -> Result<(), ProjectionError> {
-        let _ = other;
-        self.flush(conn).await
+        while let Some(batch) = batches.recv().await {
+            self.apply(conn, &batch).await?;
+        }
+        self.flush(conn).await?;
+        let _ = sqlx::Connection::close(other).await;
+        Ok(())
     }
 }
 

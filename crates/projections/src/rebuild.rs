@@ -142,7 +142,7 @@ pub async fn rebuild_many(
         // This connection only ever writes the fresh tables, statement by statement (no long
         // transaction holds back the log's horizon for the live consumers); they are not
         // visible to anyone until the swap, which commits durably and so after them.
-        // A second one, alike, for sessions that split their final flush over two.
+        // A second one, alike, for sessions that write through two (see `Session::replay`).
         let mut other = pool.acquire().await?.detach();
         for setting in [
             format!("SET search_path TO {shadow}, public"),
@@ -200,8 +200,7 @@ pub async fn rebuild_many(
     }
 
     let replayed = started.elapsed();
-    // Each projection's tables on a connection of its own, concurrently.
-    futures::future::try_join_all(projections.iter().map(|p| index(pool, *p))).await?;
+    index(pool, projections).await?;
     let indexed = started.elapsed();
     tracing::info!(
         events,
@@ -223,83 +222,97 @@ pub async fn rebuild_many(
     .await
 }
 
-/// Gives a projection's fresh tables the live tables' keys, constraints and indexes, under the
-/// same names (names are per schema; the swap moves them along).
-async fn index(pool: &PgPool, projection: &dyn Projection) -> Result<(), ProjectionError> {
-    let shadow = shadow_schema(projection);
+/// Gives the projections' fresh tables the live tables' keys, constraints and indexes, under
+/// the same names (names are per schema; the swap moves them along): largest tables first, a
+/// few statements at a time (so the one big table is not indexed alone at the end).
+async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), ProjectionError> {
+    use futures::{StreamExt, TryStreamExt};
+    let mut statements: Vec<(i64, String)> = Vec::new();
     let mut conn = pool.acquire().await?;
-    for t in projection.tables() {
-        let constraints: Vec<(String, String)> = sqlx::query_as(
-            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
-             WHERE conrelid = to_regclass('public.' || $1) AND contype IN ('p', 'u', 'x') ORDER BY conname",
-        )
-        .bind(t)
-        .fetch_all(&mut *conn)
-        .await?;
-        for (name, def) in &constraints {
-            sqlx::query(&format!(
-                "ALTER TABLE {shadow}.{t} ADD CONSTRAINT {name} {def}"
-            ))
-            .execute(&mut *conn)
+    for projection in projections {
+        let shadow = shadow_schema(*projection);
+        for t in projection.tables() {
+            let size: i64 = sqlx::query_scalar("SELECT pg_relation_size(to_regclass($1))")
+                .bind(format!("{shadow}.{t}"))
+                .fetch_one(&mut *conn)
+                .await?;
+            let constraints: Vec<(String, String)> = sqlx::query_as(
+                "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+                 WHERE conrelid = to_regclass('public.' || $1) AND contype IN ('p', 'u', 'x') ORDER BY conname",
+            )
+            .bind(t)
+            .fetch_all(&mut *conn)
             .await?;
-        }
-        let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT i.indexdef FROM pg_indexes i WHERE i.schemaname = 'public' AND i.tablename = $1 \
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c \
-                               WHERE c.conrelid = to_regclass('public.' || $1) AND c.conname = i.indexname) \
-             ORDER BY i.indexname",
-        )
-        .bind(t)
-        .fetch_all(&mut *conn)
-        .await?;
-        for def in indexes {
-            let def = def.replacen(
-                &format!(" ON public.{t} "),
-                &format!(" ON {shadow}.{t} "),
-                1,
-            );
-            sqlx::query(&def).execute(&mut *conn).await?;
+            for (name, def) in &constraints {
+                statements.push((
+                    size,
+                    format!("ALTER TABLE {shadow}.{t} ADD CONSTRAINT {name} {def}"),
+                ));
+            }
+            let indexes: Vec<String> = sqlx::query_scalar(
+                "SELECT i.indexdef FROM pg_indexes i WHERE i.schemaname = 'public' AND i.tablename = $1 \
+                   AND NOT EXISTS (SELECT 1 FROM pg_constraint c \
+                                   WHERE c.conrelid = to_regclass('public.' || $1) AND c.conname = i.indexname) \
+                 ORDER BY i.indexname",
+            )
+            .bind(t)
+            .fetch_all(&mut *conn)
+            .await?;
+            for def in indexes {
+                statements.push((
+                    size,
+                    def.replacen(
+                        &format!(" ON public.{t} "),
+                        &format!(" ON {shadow}.{t} "),
+                        1,
+                    ),
+                ));
+            }
         }
     }
-    Ok(())
+    drop(conn);
+    // Stable: a table's constraints still come before its other indexes.
+    statements.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    futures::stream::iter(statements)
+        .map(|(_, sql)| async move {
+            let mut tx = pool.begin().await?;
+            // Sorting a million keys in memory rather than on disk.
+            sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(&sql).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, ProjectionError>(())
+        })
+        .buffer_unordered(3)
+        .try_collect::<()>()
+        .await
 }
 
 /// Folds every batch it is fed into one fresh session, writing as it goes, then flushes.
 async fn replay(
-    [mut conn, mut other]: [PgConnection; 2],
+    [mut conn, other]: [PgConnection; 2],
     name: &'static str,
     session: Option<Box<dyn Session>>,
     mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
 ) -> Result<(), ProjectionError> {
-    match session {
-        Some(mut session) => {
-            let mut applying = std::time::Duration::ZERO;
-            while let Some(batch) = batches.recv().await {
-                let t = Instant::now();
-                session.apply(&mut conn, &batch).await?;
-                applying += t.elapsed();
-            }
-            let t = Instant::now();
-            session.flush_on_two(&mut conn, &mut other).await?;
-            tracing::info!(
-                projection = name,
-                applying_s = applying.as_secs_f64(),
-                flushing_s = t.elapsed().as_secs_f64(),
-                "rebuild: replayed"
-            );
-        }
-        // Only projections that fold into a session can replay this way.
-        None => {
-            return Err(ProjectionError::Unhandleable {
-                position: 0,
-                event_type: "rebuild".into(),
-                event_version: String::new(),
-                reason: "this projection cannot be rebuilt (it has no session)".into(),
-            });
-        }
-    }
+    // Only projections that fold into a session can replay this way.
+    let Some(mut session) = session else {
+        return Err(ProjectionError::Unhandleable {
+            position: 0,
+            event_type: "rebuild".into(),
+            event_version: String::new(),
+            reason: "this projection cannot be rebuilt (it has no session)".into(),
+        });
+    };
+    let t = Instant::now();
+    session.replay(&mut conn, other, &mut batches).await?;
+    tracing::info!(
+        projection = name,
+        replayed_s = t.elapsed().as_secs_f64(),
+        "rebuild: replayed and flushed"
+    );
     let _ = conn.close().await;
-    let _ = other.close().await;
     Ok(())
 }
 

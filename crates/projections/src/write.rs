@@ -162,12 +162,20 @@ fn quoted(out: &mut String, s: &str) {
 #[derive(Default)]
 pub struct CopyText {
     buf: Vec<u8>,
-    at_row_start: bool,
+    /// A field of the current row was written (the next one needs a separator).
+    in_row: bool,
 }
 
 impl CopyText {
+    fn with_capacity(bytes: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(bytes),
+            in_row: false,
+        }
+    }
+
     fn separate(&mut self) {
-        if !std::mem::replace(&mut self.at_row_start, false) {
+        if std::mem::replace(&mut self.in_row, true) {
             self.buf.push(b'\t');
         }
     }
@@ -186,14 +194,8 @@ impl CopyText {
     /// A field holding `value`'s JSON text, serialized straight into the buffer.
     pub fn json<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), ProjectionError> {
         self.separate();
-        serde_json::to_writer(Escaping(&mut self.buf), value).map_err(|e| {
-            ProjectionError::Unhandleable {
-                position: 0,
-                event_type: "copy".into(),
-                event_version: String::new(),
-                reason: e.to_string(),
-            }
-        })
+        serde_json::to_writer(Escaping(&mut self.buf), value)
+            .map_err(|e| copy_failed(e.to_string()))
     }
 
     /// A field written with `Display` (numbers, uuids: nothing to escape).
@@ -206,7 +208,7 @@ impl CopyText {
 
     pub fn end_row(&mut self) {
         self.buf.push(b'\n');
-        self.at_row_start = true;
+        self.in_row = false;
     }
 }
 
@@ -261,10 +263,7 @@ impl<'c> CopyIn<'c> {
             .await?;
         Ok(Self {
             copy,
-            rows: CopyText {
-                buf: Vec::with_capacity(COPY_SEND + COPY_SEND / 4),
-                at_row_start: true,
-            },
+            rows: CopyText::with_capacity(COPY_SEND + COPY_SEND / 4),
         })
     }
 
@@ -283,6 +282,85 @@ impl<'c> CopyIn<'c> {
         }
         self.copy.finish().await?;
         Ok(())
+    }
+}
+
+/// A `COPY ... FROM STDIN` on a connection of its own, run by a task of its own: the caller
+/// encodes rows into [`CopyStream::rows`] and goes on computing while PostgreSQL takes in the
+/// rows before (a megabyte at a time, at most four megabytes ahead).
+pub struct CopyStream {
+    pub rows: CopyText,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    task: tokio::task::JoinHandle<Result<PgConnection, ProjectionError>>,
+}
+
+impl CopyStream {
+    pub fn start(
+        mut conn: PgConnection,
+        table: &'static str,
+        columns: &'static [&'static str],
+    ) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let task = tokio::spawn(async move {
+            let mut copy = CopyIn::start(&mut conn, table, columns).await?;
+            while let Some(rows) = rx.recv().await {
+                copy.copy.send(rows.as_slice()).await?;
+            }
+            copy.finish().await?;
+            Ok(conn)
+        });
+        Self {
+            rows: CopyText::with_capacity(COPY_SEND + COPY_SEND / 4),
+            tx,
+            task,
+        }
+    }
+
+    /// Hands the encoded rows to the writer once there is a megabyte of them.
+    pub async fn send_some(&mut self) -> Result<(), ProjectionError> {
+        if self.rows.buf.len() < COPY_SEND {
+            return Ok(());
+        }
+        let rows = std::mem::replace(
+            &mut self.rows.buf,
+            Vec::with_capacity(COPY_SEND + COPY_SEND / 4),
+        );
+        if self.tx.send(rows).await.is_ok() {
+            return Ok(());
+        }
+        // The writer stopped on an error: that error.
+        match self.finish_task().await {
+            Err(e) => Err(e),
+            Ok(_) => Err(copy_failed("the COPY writer stopped early".into())),
+        }
+    }
+
+    /// Sends the rest, ends the `COPY` and gives the connection back.
+    pub async fn finish(mut self) -> Result<PgConnection, ProjectionError> {
+        if !self.rows.buf.is_empty() {
+            let rows = std::mem::take(&mut self.rows.buf);
+            // On a send error the writer has stopped, and its task says why.
+            let _ = self.tx.send(rows).await;
+        }
+        self.finish_task().await
+    }
+
+    async fn finish_task(&mut self) -> Result<PgConnection, ProjectionError> {
+        // Closing the channel ends the writer's loop.
+        let (closed, _) = tokio::sync::mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        (&mut self.task)
+            .await
+            .map_err(|e| copy_failed(format!("the COPY writer failed: {e}")))?
+    }
+}
+
+fn copy_failed(reason: String) -> ProjectionError {
+    ProjectionError::Unhandleable {
+        position: 0,
+        event_type: "copy".into(),
+        event_version: String::new(),
+        reason,
     }
 }
 
