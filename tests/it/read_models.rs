@@ -614,6 +614,45 @@ async fn a_rebuild_swaps_in_while_the_live_projection_goes_on() {
     assert!(check.differences.is_empty(), "{:#?}", check.differences);
 }
 
+#[tokio::test]
+async fn a_rebuild_compares_folded_states_as_json_not_as_text() {
+    let db = TestDb::new().await;
+    random_history(&db.pool, 11, 40).await;
+    project_all(&db.pool, 25).await;
+    let p = projections::by_name("bookings").unwrap();
+    // States stored before they were text read back in jsonb's key order: the same states.
+    let rewritten = sqlx::query("UPDATE booking_states SET state = state::jsonb::text")
+        .execute(&db.pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert!(rewritten > 0);
+    let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), false, |_| {})
+        .await
+        .unwrap();
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+    // A state that really differs is still found.
+    sqlx::query(
+        "UPDATE booking_states SET state = jsonb_set(state::jsonb, '{version}', '999')::text \
+         WHERE id = (SELECT id FROM booking_states ORDER BY id LIMIT 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), false, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.differences.len(), 1, "{:#?}", report.differences);
+    assert_eq!(report.differences[0].table, "booking_states");
+    assert_eq!(
+        (
+            report.differences[0].only_live,
+            report.differences[0].only_rebuilt
+        ),
+        (1, 1)
+    );
+}
+
 /// Text that the rebuild's `COPY` format must escape (tab, newline, carriage return,
 /// backslash), that array literals must quote (quote, comma, braces) and that JSON escapes.
 const AWKWARD: &str = "Tab\there, new\nline\r \\N back\\slash \"quoted\" {braced} \u{2603}";

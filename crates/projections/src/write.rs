@@ -424,7 +424,7 @@ where
         if missing.is_empty() {
             return Ok(());
         }
-        let rows: Vec<(Uuid, Value)> = sqlx::query_as(&format!(
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(&format!(
             "SELECT id, state FROM {} WHERE id = ANY($1)",
             self.table
         ))
@@ -433,7 +433,7 @@ where
         .await?;
         for (id, state) in rows {
             let tracked: Tracked<A> =
-                serde_json::from_value(state).map_err(|e| ProjectionError::Unhandleable {
+                serde_json::from_str(&state).map_err(|e| ProjectionError::Unhandleable {
                     position: 0,
                     event_type: self.table.into(),
                     event_version: String::new(),
@@ -478,7 +478,7 @@ where
         let mut states = Vec::with_capacity(self.dirty.len());
         for id in std::mem::take(&mut self.dirty) {
             if let Some(t) = self.map.get(&id) {
-                // Straight to text (PostgreSQL parses it once), no intermediate JSON tree.
+                // Straight to text (stored as is), no intermediate JSON tree.
                 let json = serde_json::to_string(t).map_err(|e| ProjectionError::Unhandleable {
                     position: t.last_position,
                     event_type: self.table.into(),
@@ -491,7 +491,7 @@ where
         }
         for (ids, states) in ids.chunks(CHUNK).zip(states.chunks(CHUNK)) {
             sqlx::query(&format!(
-                "INSERT INTO {} (id, state) SELECT i, s::jsonb FROM unnest($1::uuid[], $2::text[]) AS u(i, s) \
+                "INSERT INTO {} (id, state) SELECT * FROM unnest($1::uuid[], $2::text[]) \
                  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state",
                 self.table
             ))
