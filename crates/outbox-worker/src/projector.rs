@@ -208,6 +208,7 @@ mod tests {
             payload: json!({}),
             metadata: json!({ "actor_type": actor }),
             recorded_at: chrono::Utc::now(),
+            decoded: Default::default(),
         }
     }
 

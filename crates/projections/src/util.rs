@@ -7,8 +7,20 @@ use uuid::Uuid;
 
 use crate::ProjectionError;
 
-/// Upcasts and deserializes a stored event; refuses versions newer than this code knows.
-pub fn decode<E: DomainEvent + DeserializeOwned>(
+/// Upcasts and deserializes a stored event; refuses versions newer than this code knows. The
+/// result is kept with the event: another projection reading the same batch gets a copy.
+pub fn decode<E: DomainEvent + DeserializeOwned + Clone + Sync + 'static>(
+    event: &RecordedEvent,
+) -> Result<E, ProjectionError> {
+    if let Some(decoded) = event.decoded.get::<E>() {
+        return Ok(decoded.clone());
+    }
+    let decoded: E = decode_payload(event)?;
+    event.decoded.set(decoded.clone());
+    Ok(decoded)
+}
+
+fn decode_payload<E: DomainEvent + DeserializeOwned>(
     event: &RecordedEvent,
 ) -> Result<E, ProjectionError> {
     let fail = |reason: String| ProjectionError::Unhandleable {
@@ -115,6 +127,7 @@ mod tests {
             payload: serde_json::Value::Null,
             metadata: serde_json::Value::Null,
             recorded_at: chrono::Utc::now(),
+            decoded: Default::default(),
         }
     }
 

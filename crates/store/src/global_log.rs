@@ -51,6 +51,39 @@ pub struct RecordedEvent {
     pub payload: Value,
     pub metadata: Value,
     pub recorded_at: DateTime<Utc>,
+    /// The payload as a reader decoded it, kept so that readers sharing one batch (a rebuild's
+    /// projections) decode each event once.
+    #[serde(skip)]
+    pub decoded: Decoded,
+}
+
+/// A typed value decoded from an event's payload, set once (see [`RecordedEvent::decoded`]).
+#[derive(Default, Clone)]
+pub struct Decoded(std::sync::OnceLock<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Decoded {
+    /// The decoded value, if it was decoded as a `T`.
+    pub fn get<T: 'static>(&self) -> Option<&T> {
+        self.0.get().and_then(|v| v.downcast_ref::<T>())
+    }
+
+    /// Keeps `value` unless a value was kept already.
+    pub fn set<T: Send + Sync + 'static>(&self, value: T) {
+        let _ = self.0.set(std::sync::Arc::new(value));
+    }
+}
+
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decoded")
+    }
+}
+
+/// A cache: two events are equal whatever was decoded of them.
+impl PartialEq for Decoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 const SELECT_COLUMNS: &str = "transaction_id::text::bigint AS transaction_id, global_position, \
@@ -150,6 +183,7 @@ fn decode(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
         payload: row.try_get("payload")?,
         metadata: row.try_get("metadata")?,
         recorded_at: row.try_get("recorded_at")?,
+        decoded: Decoded::default(),
     })
 }
 
