@@ -350,7 +350,7 @@ impl Session for BookingsSession {
     }
 
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
-        let rows = self.rows();
+        let rows = rows_of(&self.states);
         self.states.save(conn).await?;
         Self::write_rows_of(conn, self.fresh, rows).await
     }
@@ -374,18 +374,28 @@ impl Session for BookingsSession {
         let Some(timeline) = self.timeline.take() else {
             return Ok(());
         };
-        let rows = self.rows();
-        let fresh = self.fresh;
-        let states = &mut self.states;
-        let (saved, written) = tokio::join!(
+        // The states are final: a task of their own writes them on the second connection while
+        // this one derives the rows from them and writes those on the first.
+        let states = Arc::new(std::mem::replace(
+            &mut self.states,
+            States::new("booking_states", true),
+        ));
+        let saving = tokio::spawn({
+            let states = states.clone();
             async move {
                 let mut other = timeline.finish().await?;
-                states.save(&mut other).await?;
+                states.copy_changed(&mut other).await?;
                 let _ = sqlx::Connection::close(other).await;
                 Ok::<_, ProjectionError>(())
-            },
-            Self::write_rows_of(conn, fresh, rows)
-        );
+            }
+        });
+        let written = Self::write_rows_of(conn, self.fresh, rows_of(&states)).await;
+        let saved = saving.await.map_err(|e| ProjectionError::Unhandleable {
+            position: 0,
+            event_type: "rebuild".into(),
+            event_version: String::new(),
+            reason: format!("writing the booking states failed: {e}"),
+        })?;
         saved.and(written)
     }
 }
@@ -400,56 +410,6 @@ struct BookingRows {
 }
 
 impl BookingsSession {
-    /// The rows of the bookings changed since the last flush (read from their states).
-    fn rows(&self) -> BookingRows {
-        let ids = self.states.changed();
-        let (mut rows, mut services, mut calendar, mut off_calendar) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for id in &ids {
-            let Some(t) = self.states.get(id) else {
-                continue;
-            };
-            let b = &t.state;
-            let (Some(start_at), Some(end_at)) = (b.start_at, b.end_at) else {
-                continue;
-            };
-            rows.push(booking_row(*id, t));
-            for s in &b.services {
-                services.push(json!({
-                    "id": s.line_id,
-                    "booking_id": id,
-                    "service_id": s.service_id,
-                    "price": s.price.amount(),
-                    "quantity": s.quantity,
-                    "description": s.description,
-                    "last_position": t.last_position,
-                }));
-            }
-            match b.vehicle_id {
-                Some(vehicle_id) => calendar.push(json!({
-                    "id": id,
-                    "vehicle_id": vehicle_id,
-                    "booking_id": id,
-                    "maintenance_job_id": null,
-                    "event_type": "booking",
-                    "title": b.external_code,
-                    "start_at": start_at,
-                    "end_at": end_at,
-                    "status": calendar_status(b.status),
-                    "last_position": t.last_position,
-                })),
-                None => off_calendar.push(*id),
-            }
-        }
-        BookingRows {
-            ids,
-            rows,
-            services,
-            calendar,
-            off_calendar,
-        }
-    }
-
     async fn write_rows_of(
         conn: &mut PgConnection,
         fresh: bool,
@@ -464,6 +424,56 @@ impl BookingsSession {
         SERVICES.write(conn, fresh, r.services).await?;
         CALENDAR.write(conn, fresh, r.calendar).await?;
         Ok(())
+    }
+}
+
+/// The rows of the bookings changed since the last flush (read from their states).
+fn rows_of(states: &States<Booking>) -> BookingRows {
+    let ids = states.changed();
+    let (mut rows, mut services, mut calendar, mut off_calendar) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for id in &ids {
+        let Some(t) = states.get(id) else {
+            continue;
+        };
+        let b = &t.state;
+        let (Some(start_at), Some(end_at)) = (b.start_at, b.end_at) else {
+            continue;
+        };
+        rows.push(booking_row(*id, t));
+        for s in &b.services {
+            services.push(json!({
+                "id": s.line_id,
+                "booking_id": id,
+                "service_id": s.service_id,
+                "price": s.price.amount(),
+                "quantity": s.quantity,
+                "description": s.description,
+                "last_position": t.last_position,
+            }));
+        }
+        match b.vehicle_id {
+            Some(vehicle_id) => calendar.push(json!({
+                "id": id,
+                "vehicle_id": vehicle_id,
+                "booking_id": id,
+                "maintenance_job_id": null,
+                "event_type": "booking",
+                "title": b.external_code,
+                "start_at": start_at,
+                "end_at": end_at,
+                "status": calendar_status(b.status),
+                "last_position": t.last_position,
+            })),
+            None => off_calendar.push(*id),
+        }
+    }
+    BookingRows {
+        ids,
+        rows,
+        services,
+        calendar,
+        off_calendar,
     }
 }
 

@@ -210,15 +210,11 @@ pub async fn rebuild_many(
         "rebuild: replayed every projection"
     );
     // Then each projection under its own checkpoint lock, concurrently (they share no table).
-    futures::future::try_join_all(projections.iter().map(|p| async move {
-        let report = finish(pool, *p, position, events, swap, started).await?;
-        tracing::info!(
-            projection = p.name(),
-            done_s = started.elapsed().as_secs_f64(),
-            "rebuild: caught up, compared and swapped"
-        );
-        Ok::<_, ProjectionError>(report)
-    }))
+    futures::future::try_join_all(
+        projections
+            .iter()
+            .map(|p| finish(pool, *p, position, events, swap, started)),
+    )
     .await
 }
 
@@ -346,6 +342,7 @@ async fn finish(
     use_schema(&mut tx, "public").await?;
     projection.tick(&mut tx, now).await?;
 
+    let ticked = Instant::now();
     let mut differences = Vec::new();
     for t in projection.tables() {
         let diff = compare(&mut tx, t, &shadow).await?;
@@ -353,6 +350,7 @@ async fn finish(
             differences.push(diff);
         }
     }
+    let compared = ticked.elapsed();
 
     if swap {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {retired} CASCADE"))
@@ -377,6 +375,13 @@ async fn finish(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    tracing::info!(
+        projection = projection.name(),
+        compare_s = compared.as_secs_f64(),
+        swap_s = (ticked.elapsed() - compared).as_secs_f64(),
+        done_s = started.elapsed().as_secs_f64(),
+        "rebuild: caught up, compared and swapped"
+    );
 
     let seconds = started.elapsed().as_secs_f64();
     Ok(RebuildReport {

@@ -459,20 +459,27 @@ where
         self.dirty.iter().copied().collect()
     }
 
+    /// Writes the changed states with one `COPY`: a rebuild's empty, unindexed table, each
+    /// state written once.
+    pub async fn copy_changed(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let mut copy = CopyIn::start(conn, self.table, &["id", "state"]).await?;
+        for id in &self.dirty {
+            if let Some(t) = self.map.get(id) {
+                copy.rows.display(id);
+                copy.rows.json(t)?;
+                copy.rows.end_row();
+                copy.send_some().await?;
+            }
+        }
+        copy.finish().await
+    }
+
     /// Saves the changed states in one statement (per chunk) and forgets which changed.
     pub async fn save(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         if self.complete {
-            // Empty, unindexed table, each state once: one COPY.
-            let mut copy = CopyIn::start(conn, self.table, &["id", "state"]).await?;
-            for id in std::mem::take(&mut self.dirty) {
-                if let Some(t) = self.map.get(&id) {
-                    copy.rows.display(id);
-                    copy.rows.json(t)?;
-                    copy.rows.end_row();
-                    copy.send_some().await?;
-                }
-            }
-            return copy.finish().await;
+            self.copy_changed(conn).await?;
+            self.dirty.clear();
+            return Ok(());
         }
         let mut ids = Vec::with_capacity(self.dirty.len());
         let mut states = Vec::with_capacity(self.dirty.len());
