@@ -605,6 +605,15 @@ async fn a_rebuild_swaps_in_while_the_live_projection_goes_on() {
         .await
         .unwrap();
     assert_eq!(before, after);
+    // The swapped-in tables come with their statistics (queries are planned on them at once).
+    let analyzed: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT tablename) FROM pg_stats WHERE schemaname = 'public' \
+         AND tablename IN ('bookings', 'booking_timeline_events', 'booking_states')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(analyzed, 3);
     // The live runner continues on the swapped-in tables.
     random_history(&db.pool, 7, 30).await;
     project_all(&db.pool, 25).await;

@@ -220,7 +220,8 @@ pub async fn rebuild_many(
 
 /// Gives the projections' fresh tables the live tables' keys, constraints and indexes, under
 /// the same names (names are per schema; the swap moves them along): largest tables first, a
-/// few statements at a time (so the one big table is not indexed alone at the end).
+/// few statements at a time (so the one big table is not indexed alone at the end); then
+/// their statistics.
 async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), ProjectionError> {
     use futures::{StreamExt, TryStreamExt};
     let mut statements: Vec<(i64, String)> = Vec::new();
@@ -278,6 +279,25 @@ async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), Pro
                 .await?;
             sqlx::query(&sql).execute(&mut *tx).await?;
             tx.commit().await?;
+            Ok::<_, ProjectionError>(())
+        })
+        .buffer_unordered(3)
+        .try_collect::<()>()
+        .await?;
+    // Statistics, so that queries on the swapped-in tables are planned well at once (not only
+    // after autovacuum's next round); after the indexes, which ANALYZE also samples.
+    let tables: Vec<String> = projections
+        .iter()
+        .flat_map(|p| {
+            let shadow = shadow_schema(*p);
+            p.tables().iter().map(move |t| format!("{shadow}.{t}"))
+        })
+        .collect();
+    futures::stream::iter(tables)
+        .map(|table| async move {
+            sqlx::query(&format!("ANALYZE {table}"))
+                .execute(pool)
+                .await?;
             Ok::<_, ProjectionError>(())
         })
         .buffer_unordered(3)
