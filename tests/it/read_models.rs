@@ -662,6 +662,41 @@ async fn a_rebuild_compares_folded_states_as_json_not_as_text() {
     );
 }
 
+#[tokio::test]
+async fn a_rebuild_notices_values_swapped_between_rows() {
+    let db = TestDb::new().await;
+    random_history(&db.pool, 5, 60).await;
+    project_all(&db.pool, 25).await;
+    // Every column keeps the same values, but two bookings trade their totals.
+    let swapped = sqlx::query(
+        "WITH pair AS (SELECT a.id AS a, b.id AS b, a.total_amount AS ta, b.total_amount AS tb \
+                       FROM bookings a JOIN bookings b ON a.total_amount < b.total_amount LIMIT 1) \
+         UPDATE bookings SET total_amount = CASE WHEN id = pair.a THEN pair.tb ELSE pair.ta END \
+         FROM pair WHERE id IN (pair.a, pair.b)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(
+        swapped, 2,
+        "the history has two bookings with different totals"
+    );
+    let p = projections::by_name("bookings").unwrap();
+    let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), false, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(report.differences.len(), 1, "{:#?}", report.differences);
+    assert_eq!(report.differences[0].table, "bookings");
+    assert_eq!(
+        (
+            report.differences[0].only_live,
+            report.differences[0].only_rebuilt
+        ),
+        (2, 2)
+    );
+}
+
 /// Text that the rebuild's `COPY` format must escape (tab, newline, carriage return,
 /// backslash), that array literals must quote (quote, comma, braces) and that JSON escapes.
 const AWKWARD: &str = "Tab\there, new\nline\r \\N back\\slash \"quoted\" {braced} \u{2603}";
@@ -782,6 +817,8 @@ async fn copied_rows_equal_rows_inserted_the_live_way() {
         json!({"id": 2, "doc": "just text", "amount": 7, "flag": false, "tags": []}),
         json!({"id": 3, "label": null, "doc": null, "tags": null, "amount": 0.25}),
         json!({"id": 4, "label": "", "doc": [AWKWARD], "tags": ["\\", "\"", " spaced "]}),
+        // A boolean into a text column or array is its JSON word.
+        json!({"id": 5, "label": true, "tags": [false, 1.5, "x"], "flag": null}),
     ];
     let mut conn = db.pool.acquire().await.unwrap();
     let copied = Table {
@@ -813,7 +850,7 @@ async fn copied_rows_equal_rows_inserted_the_live_way() {
     .fetch_all(&mut *conn)
     .await
     .unwrap();
-    assert_eq!(texts.len(), 4);
+    assert_eq!(texts.len(), 5);
     for (c, i) in texts {
         assert_eq!(c, i);
     }

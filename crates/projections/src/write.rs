@@ -86,11 +86,14 @@ impl Table {
     /// `COPY`s `rows` in, each value converted as `jsonb_populate_recordset` would (the live
     /// path): JSON text into `json`/`jsonb` columns, PostgreSQL array literals into array columns,
     /// a JSON string's content, a number's or a nested value's JSON text into the rest, and a
-    /// missing key or `null` as NULL.
+    /// missing key or `null` as NULL. (An object, or a number in exponent notation, going into
+    /// a text column would be written as serde's JSON text, not jsonb's; no table has one.)
     async fn copy(&self, conn: &mut PgConnection, rows: Vec<Value>) -> Result<(), ProjectionError> {
         let kinds: Vec<(String, String)> = sqlx::query_as(
-            "SELECT a.attname::text, CASE WHEN a.atttypid IN ('json'::regtype, 'jsonb'::regtype) \
-                    THEN 'json' WHEN t.typcategory = 'A' THEN 'array' ELSE 'plain' END \
+            "SELECT a.attname::text, \
+                    CASE WHEN coalesce(nullif(t.typbasetype, 0), a.atttypid) \
+                              IN ('json'::regtype, 'jsonb'::regtype) THEN 'json' \
+                         WHEN t.typcategory = 'A' THEN 'array' ELSE 'plain' END \
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
         )
@@ -116,7 +119,8 @@ impl Table {
                         copy.rows.text(&literal)
                     }
                     (_, Value::String(s)) => copy.rows.text(s),
-                    (_, Value::Bool(b)) => copy.rows.text(if *b { "t" } else { "f" }),
+                    // (As text: what a text column gets from the live path, too.)
+                    (_, Value::Bool(b)) => copy.rows.text(if *b { "true" } else { "false" }),
                     (_, v) => copy.rows.json(v)?,
                 }
             }
@@ -139,7 +143,7 @@ fn array_literal(out: &mut String, items: &[Value]) {
             Value::Null => out.push_str("NULL"),
             Value::Array(inner) => array_literal(out, inner),
             Value::String(s) => quoted(out, s),
-            Value::Bool(b) => out.push(if *b { 't' } else { 'f' }),
+            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             v => quoted(out, &v.to_string()),
         }
     }
@@ -291,7 +295,17 @@ impl<'c> CopyIn<'c> {
 pub struct CopyStream {
     pub rows: CopyText,
     tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    task: tokio::task::JoinHandle<Result<PgConnection, ProjectionError>>,
+    /// Until it is awaited; a stream dropped before [`CopyStream::finish`] (its session failed)
+    /// aborts the task, and with it the `COPY`, instead of committing what it got so far.
+    task: Option<tokio::task::JoinHandle<Result<PgConnection, ProjectionError>>>,
+}
+
+impl Drop for CopyStream {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 impl CopyStream {
@@ -312,7 +326,7 @@ impl CopyStream {
         Self {
             rows: CopyText::with_capacity(COPY_SEND + COPY_SEND / 4),
             tx,
-            task,
+            task: Some(task),
         }
     }
 
@@ -349,8 +363,10 @@ impl CopyStream {
         // Closing the channel ends the writer's loop.
         let (closed, _) = tokio::sync::mpsc::channel(1);
         drop(std::mem::replace(&mut self.tx, closed));
-        (&mut self.task)
-            .await
+        let Some(task) = self.task.take() else {
+            return Err(copy_failed("the COPY writer was already stopped".into()));
+        };
+        task.await
             .map_err(|e| copy_failed(format!("the COPY writer failed: {e}")))?
     }
 }
