@@ -157,17 +157,7 @@ async fn a_projector_killed_mid_batch_applies_every_event_exactly_once_after_res
             .await
             .unwrap();
     assert_eq!(cancelled, 80);
-    for p in projections::all() {
-        let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), false, |_| {})
-            .await
-            .unwrap();
-        assert!(
-            report.differences.is_empty(),
-            "{}: {:#?}",
-            p.name(),
-            report.differences
-        );
-    }
+    crate::read_models::assert_every_read_model_equals_its_rebuild(&db.pool, false).await;
 }
 
 /// Which process (by its application name) holds each consumer's leadership lock.

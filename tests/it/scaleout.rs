@@ -1060,17 +1060,7 @@ async fn two_apis_two_projectors_three_workers_survive_kills_under_load_without_
     }
 
     // 3. Every read model equals a rebuild.
-    for p in projections::all() {
-        let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), false, |_| {})
-            .await
-            .unwrap();
-        assert!(
-            report.differences.is_empty(),
-            "{}: {:#?}",
-            p.name(),
-            report.differences
-        );
-    }
+    crate::read_models::assert_every_read_model_equals_its_rebuild(&db.pool, false).await;
     eprintln!(
         "scale-out: {} clients, {} bookings ({} held, {} ever confirmed), {rows} outbox rows, \
          all checks in {:?}",

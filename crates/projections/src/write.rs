@@ -163,7 +163,6 @@ fn quoted(out: &mut String, s: &str) {
 
 /// Rows in the text format of `COPY ... FROM STDIN`: fields separated by tabs, rows by
 /// newlines, `\N` for NULL, and backslash, tab, newline and carriage return escaped.
-#[derive(Default)]
 pub struct CopyText {
     buf: Vec<u8>,
     /// A field of the current row was written (the next one needs a separator).
