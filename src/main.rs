@@ -40,6 +40,13 @@ enum Command {
         #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
         bind_addr: SocketAddr,
     },
+    /// Run the API alone (no projections, process managers or outbox): the stateless role that
+    /// is replicated behind a load balancer, with `project` and `worker` running elsewhere.
+    Api {
+        /// Address the API listens on.
+        #[arg(long, env = "BIND_ADDR", default_value = "127.0.0.1:8080")]
+        bind_addr: SocketAddr,
+    },
     /// Run the projections and the process managers (one active instance per projection;
     /// more processes stand by).
     Project,
@@ -124,7 +131,8 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { bind_addr } => serve(bind_addr).await,
+        Command::Serve { bind_addr } => serve(bind_addr, true).await,
+        Command::Api { bind_addr } => serve(bind_addr, false).await,
         Command::Project => project().await,
         Command::Worker => worker().await,
         Command::Rebuild {
@@ -165,10 +173,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(bind_addr: SocketAddr) -> anyhow::Result<()> {
+/// The API, with every other role in the same process when `all_roles`.
+async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
     let pool = open_pool(16).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = spawn_background_roles(pool.clone(), stopped.clone(), true);
+    let background = if all_roles {
+        spawn_background_roles(pool.clone(), stopped.clone(), true)
+    } else {
+        tokio::spawn(async {})
+    };
     let state = api::AppState::new(pool.clone(), api::ApiConfig::from_env());
     let api_background = tokio::spawn(api::run_background(state.clone(), stopped));
     let app = api::router(state);

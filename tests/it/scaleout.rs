@@ -20,7 +20,7 @@ use uuid::Uuid;
 const CLIENTS: usize = 30;
 const BOOKINGS: usize = 120;
 const TASKS: usize = 8;
-/// Bookings finished by the load when one `serve`, one `project` and one `worker` are killed.
+/// Bookings finished by the load when one `api`, one `project` and one `worker` are killed.
 const KILL_AT: [usize; 3] = [20, 50, 80];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +33,7 @@ enum Role {
 impl Role {
     fn subcommand(self) -> &'static str {
         match self {
-            Role::Api => "serve",
+            Role::Api => "api",
             Role::Project => "project",
             Role::Worker => "worker",
         }
@@ -45,7 +45,7 @@ struct Proc {
     role: Role,
     child: Child,
     pid: u32,
-    /// The API's base URL (`serve` only).
+    /// The API's base URL (`api` only).
     base: Option<String>,
 }
 
@@ -80,8 +80,8 @@ impl Cluster {
             ("ZOHO_CLIENT_ID", zoho.config().client_id.clone()),
             ("ZOHO_CLIENT_SECRET", zoho.config().client_secret.clone()),
             ("ZOHO_REFRESH_TOKEN", zoho.refresh_token().into()),
-            // Five processes deliver (three workers, two `serve`): their share of Zoho's 10.
-            ("ZOHO_MAX_CONCURRENCY", "2".into()),
+            // Three processes deliver (the workers): their share of Zoho's 10.
+            ("ZOHO_MAX_CONCURRENCY", "3".into()),
             ("SKYLUXSE_ENCRYPTION_KEY", "5e".repeat(32)),
             ("OUTBOX_LEASE_SECONDS", "3".into()),
             // Seven processes share a server that other tests use too: a small pool each.
@@ -575,7 +575,7 @@ async fn wait_finished(load: &Load, n: usize) {
     }
 }
 
-/// Kills one `serve`, one `project` and one `worker` at different points of the load and
+/// Kills one `api`, one `project` and one `worker` at different points of the load and
 /// restarts each; returns what was killed.
 async fn chaos(cluster: &mut Cluster, load: &Load, pool: &PgPool) -> Vec<String> {
     let mut killed = Vec::new();
@@ -588,7 +588,7 @@ async fn chaos(cluster: &mut Cluster, load: &Load, pool: &PgPool) -> Vec<String>
         .position(|s| Some(&*s.lock().unwrap()) == cluster.procs[api].base.as_ref())
         .unwrap();
     killed.push(format!(
-        "serve {} ({}) after {} bookings",
+        "api {} ({}) after {} bookings",
         cluster.procs[api].pid,
         cluster.procs[api].base.as_deref().unwrap_or_default(),
         load.finished.load(Ordering::Relaxed)
@@ -825,7 +825,8 @@ async fn two_apis_two_projectors_three_workers_survive_kills_under_load_without_
     let ops = create_key(&cluster, "operations", "ops@skyluxse.ae").await;
     let driver = create_key(&cluster, "driver", "driver1@skyluxse.ae").await;
 
-    // Projectors and workers first, so that they (not the APIs' own roles) take the leaderships.
+    // Projectors and workers first: they hold the leaderships and leases from the start (the
+    // APIs run no consumer of their own).
     for role in [
         Role::Project,
         Role::Project,
@@ -865,6 +866,17 @@ async fn two_apis_two_projectors_three_workers_survive_kills_under_load_without_
     let quiet = started.elapsed();
     let budget = connection_budget(&db.pool).await;
     cluster.assert_all_running();
+    // The roles stayed apart: the API processes led no projection nor the outbox projector.
+    let apis: BTreeSet<u32> = cluster
+        .of(Role::Api)
+        .into_iter()
+        .map(|i| cluster.procs[i].pid)
+        .collect();
+    let consumers: BTreeSet<u32> = lock_holders(&db.pool).await.into_iter().collect();
+    assert!(
+        consumers.is_disjoint(&apis) && !consumers.is_empty(),
+        "leaderships held by {consumers:?}; the API processes are {apis:?}"
+    );
     cluster.kill_all().await;
 
     let stats = std::mem::take(&mut *load.stats.lock().unwrap());

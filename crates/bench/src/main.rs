@@ -65,9 +65,21 @@ enum Section {
         /// Concurrent clients; one run each.
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         clients: Vec<usize>,
+        /// Where the consumers run: `all-in-one` (`skyluxse serve`: API, projections, process
+        /// managers and outbox in one process, measured together), `api-alone` (`skyluxse api`
+        /// during the run, as with the consumers on other machines; `skyluxse project` is
+        /// started after it and its catch-up of the run's events timed).
+        #[arg(long, value_delimiter = ',', default_value = "all-in-one")]
+        topology: Vec<Topology>,
     },
     /// Every section with its defaults.
     All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Topology {
+    AllInOne,
+    ApiAlone,
 }
 
 /// A database of the bench's own, dropped when done.
@@ -163,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
             Section::Commands {
                 bookings: 2_000,
                 clients: vec![1, 16],
+                topology: vec![Topology::AllInOne, Topology::ApiAlone],
             },
             Section::Streams { events: 5_000 },
             Section::Outbox {
@@ -176,12 +189,19 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report(Vec::new());
     println!("{:<8} {:<58} {:>14} unit", "section", "figure", "value");
     for s in sections {
-        if let Section::Commands { bookings, clients } = &s {
-            for c in clients {
-                let db = BenchDb::create().await?;
-                let result = http_commands(&db, *bookings, *c, &mut report).await;
-                db.drop_db().await?;
-                result?;
+        if let Section::Commands {
+            bookings,
+            clients,
+            topology,
+        } = &s
+        {
+            for t in topology {
+                for c in clients {
+                    let db = BenchDb::create().await?;
+                    let result = http_commands(&db, *bookings, *c, *t, &mut report).await;
+                    db.drop_db().await?;
+                    result?;
+                }
             }
             continue;
         }
@@ -677,7 +697,7 @@ async fn streams(pool: &PgPool, events: usize, report: &mut Report) -> anyhow::R
     Ok(())
 }
 
-/// A running `skyluxse serve`, killed on drop.
+/// A running `skyluxse` role, killed on drop.
 struct Served {
     child: tokio::process::Child,
     base: String,
@@ -694,18 +714,24 @@ fn skyluxse_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-async fn serve(db_url: &str) -> anyhow::Result<Served> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = tokio::process::Command::new(skyluxse_binary()?)
-        .arg("serve")
+/// Starts `skyluxse <role>` on the bench database (sandbox CRMs, a fixed encryption key).
+fn start_role(role: &str, db_url: &str, port: u16) -> anyhow::Result<tokio::process::Child> {
+    Ok(tokio::process::Command::new(skyluxse_binary()?)
+        .arg(role)
         .env("DATABASE_URL", db_url)
         .env("BIND_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "error")
         .env("SKYLUXSE_ENCRYPTION_KEY", "ab".repeat(32))
         .kill_on_drop(true)
-        .spawn()?;
+        .spawn()?)
+}
+
+/// Starts `skyluxse serve` or `skyluxse api` and waits until it answers.
+async fn serve(role: &str, db_url: &str) -> anyhow::Result<Served> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = start_role(role, db_url, port)?;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest_client();
     for _ in 0..300 {
@@ -719,7 +745,7 @@ async fn serve(db_url: &str) -> anyhow::Result<Served> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("skyluxse serve did not become ready")
+    anyhow::bail!("skyluxse {role} did not become ready")
 }
 
 fn reqwest_client() -> reqwest::Client {
@@ -782,8 +808,10 @@ async fn http_commands(
     db: &BenchDb,
     bookings: usize,
     clients: usize,
+    topology: Topology,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let api_alone = topology == Topology::ApiAlone;
     let url = format!(
         "postgres://{}@{}:{}/{}",
         db.server.get_username(),
@@ -791,7 +819,7 @@ async fn http_commands(
         db.server.get_port(),
         db.name
     );
-    let mut served = serve(&url).await?;
+    let mut served = serve(if api_alone { "api" } else { "serve" }, &url).await?;
     let key = api_key(&url).await?;
     let http = reqwest_client();
     let auth = format!("Bearer {key}");
@@ -878,6 +906,15 @@ async fn http_commands(
         latencies.extend(t.await??);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // With the API alone, the projections start now, in a process of their own, on the backlog
+    // (the outbox's drain is measured on its own in the outbox section).
+    let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await?;
+    let mut consumers = Vec::new();
+    if api_alone {
+        consumers.push(start_role("project", &url, 0)?);
+    }
     let done = Instant::now();
     while worst_lag_ms(&db.pool).await? > 0.0 {
         anyhow::ensure!(
@@ -901,11 +938,18 @@ async fn http_commands(
             .unwrap_or(0.0);
     served.child.start_kill()?;
     let _ = served.child.wait().await;
+    for mut c in consumers {
+        c.start_kill()?;
+        let _ = c.wait().await;
+    }
 
     latencies.sort_by(f64::total_cmp);
     let commands = latencies.len();
     let rate = commands as f64 / elapsed;
-    let tag = format!("{clients} client(s), {bookings} bookings");
+    let tag = match topology {
+        Topology::AllInOne => format!("{clients} client(s), {bookings} bookings"),
+        Topology::ApiAlone => format!("{clients} client(s), {bookings} bookings, API alone"),
+    };
     report.add(
         "commands",
         format!("{tag}: commands/s over HTTP"),
@@ -930,27 +974,42 @@ async fn http_commands(
         latencies.last().copied().unwrap_or(0.0),
         "ms",
     );
+    if api_alone {
+        report.add(
+            "commands",
+            format!("{tag}: projections' catch-up of the run's {backlog} events after it"),
+            catch_up * 1000.0,
+            "ms",
+        );
+        report.add(
+            "commands",
+            format!("{tag}: projections' catch-up rate (`skyluxse project` started after the run)"),
+            backlog as f64 / catch_up.max(1e-9),
+            "events/s",
+        );
+    } else {
+        report.add(
+            "commands",
+            format!("{tag}: projection lag p50 during the run"),
+            percentile(&lags, 0.5),
+            "ms",
+        );
+        report.add(
+            "commands",
+            format!("{tag}: projection lag p99 during the run"),
+            percentile(&lags, 0.99),
+            "ms",
+        );
+        report.add(
+            "commands",
+            format!("{tag}: catch-up after the run"),
+            catch_up * 1000.0,
+            "ms",
+        );
+    }
     report.add(
         "commands",
-        format!("{tag}: projection lag p50 during the run"),
-        percentile(&lags, 0.5),
-        "ms",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: projection lag p99 during the run"),
-        percentile(&lags, 0.99),
-        "ms",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: catch-up after the run"),
-        catch_up * 1000.0,
-        "ms",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: peak RSS of serve"),
+        format!("{tag}: peak RSS of the API process"),
         rss_kb / 1024.0,
         "MB",
     );
