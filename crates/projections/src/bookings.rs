@@ -380,16 +380,27 @@ impl Session for BookingsSession {
             &mut self.states,
             States::new("booking_states", true),
         ));
+        let folded = std::time::Instant::now();
         let saving = tokio::spawn({
             let states = states.clone();
             async move {
                 let mut other = timeline.finish().await?;
+                let timeline_s = folded.elapsed().as_secs_f64();
                 states.copy_changed(&mut other).await?;
                 let _ = sqlx::Connection::close(other).await;
+                tracing::debug!(
+                    timeline_s,
+                    states_s = folded.elapsed().as_secs_f64(),
+                    "rebuild: bookings timeline and states written"
+                );
                 Ok::<_, ProjectionError>(())
             }
         });
         let written = Self::write_rows_of(conn, self.fresh, rows_of(&states)).await;
+        tracing::debug!(
+            rows_s = folded.elapsed().as_secs_f64(),
+            "rebuild: bookings rows written"
+        );
         let saved = saving.await.map_err(|e| ProjectionError::Unhandleable {
             position: 0,
             event_type: "rebuild".into(),
