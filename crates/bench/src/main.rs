@@ -57,8 +57,8 @@ enum Section {
         #[arg(long, default_value_t = 5_000)]
         events: usize,
     },
-    /// The HTTP command workload against `skyluxse serve` (release binary, built first), with a
-    /// minimal-SQL baseline of the same size and concurrency in the same run.
+    /// The HTTP command workload against `skyluxse serve` or `skyluxse api` (release binary,
+    /// built first), with a minimal-SQL baseline of the same size and concurrency in the same run.
     Commands {
         #[arg(long, default_value_t = 2_000)]
         bookings: usize,
@@ -921,6 +921,11 @@ async fn http_commands(
             done.elapsed() < Duration::from_secs(300),
             "projections never caught up"
         );
+        for c in &mut consumers {
+            if let Some(status) = c.try_wait()? {
+                anyhow::bail!("skyluxse project exited before catching up: {status}");
+            }
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let catch_up = done.elapsed().as_secs_f64();

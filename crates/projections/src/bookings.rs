@@ -397,10 +397,12 @@ impl Session for BookingsSession {
             }
         });
         let written = Self::write_rows_of(conn, self.fresh, rows_of(&states)).await;
-        tracing::debug!(
-            rows_s = folded.elapsed().as_secs_f64(),
-            "rebuild: bookings rows written"
-        );
+        if written.is_ok() {
+            tracing::debug!(
+                rows_s = folded.elapsed().as_secs_f64(),
+                "rebuild: bookings rows written"
+            );
+        }
         let saved = saving.await.map_err(|e| ProjectionError::Unhandleable {
             position: 0,
             event_type: "rebuild".into(),
