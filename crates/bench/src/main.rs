@@ -955,69 +955,32 @@ async fn http_commands(
         Topology::AllInOne => format!("{clients} client(s), {bookings} bookings"),
         Topology::ApiAlone => format!("{clients} client(s), {bookings} bookings, API alone"),
     };
-    report.add(
-        "commands",
-        format!("{tag}: commands/s over HTTP"),
-        rate,
-        "commands/s",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: p50 latency"),
-        percentile(&latencies, 0.5),
-        "ms",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: p99 latency"),
-        percentile(&latencies, 0.99),
-        "ms",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: max latency"),
-        latencies.last().copied().unwrap_or(0.0),
-        "ms",
-    );
+    let mut add = |name: String, value: f64, unit: &'static str| {
+        report.add("commands", format!("{tag}: {name}"), value, unit);
+    };
+    add("commands/s over HTTP".into(), rate, "commands/s");
+    add("p50 latency".into(), percentile(&latencies, 0.5), "ms");
+    add("p99 latency".into(), percentile(&latencies, 0.99), "ms");
+    let max = latencies.last().copied().unwrap_or(0.0);
+    add("max latency".into(), max, "ms");
     if api_alone {
-        report.add(
-            "commands",
-            format!("{tag}: projections' catch-up of the run's {backlog} events after it"),
+        add(
+            format!("projections' catch-up of the run's {backlog} events after it"),
             catch_up * 1000.0,
             "ms",
         );
-        report.add(
-            "commands",
-            format!("{tag}: projections' catch-up rate (`skyluxse project` started after the run)"),
+        add(
+            "projections' catch-up rate (`skyluxse project` started after the run)".into(),
             backlog as f64 / catch_up.max(1e-9),
             "events/s",
         );
     } else {
-        report.add(
-            "commands",
-            format!("{tag}: projection lag p50 during the run"),
-            percentile(&lags, 0.5),
-            "ms",
-        );
-        report.add(
-            "commands",
-            format!("{tag}: projection lag p99 during the run"),
-            percentile(&lags, 0.99),
-            "ms",
-        );
-        report.add(
-            "commands",
-            format!("{tag}: catch-up after the run"),
-            catch_up * 1000.0,
-            "ms",
-        );
+        let lag = |p| percentile(&lags, p);
+        add("projection lag p50 during the run".into(), lag(0.5), "ms");
+        add("projection lag p99 during the run".into(), lag(0.99), "ms");
+        add("catch-up after the run".into(), catch_up * 1000.0, "ms");
     }
-    report.add(
-        "commands",
-        format!("{tag}: peak RSS of the API process"),
-        rss_kb / 1024.0,
-        "MB",
-    );
+    add("peak RSS of the API process".into(), rss_kb / 1024.0, "MB");
 
     // The ceiling: the same number of transactions at the same concurrency doing only the
     // minimal SQL of a command (read the stream, append one event, upsert one read-model row).
@@ -1054,15 +1017,9 @@ async fn http_commands(
         t.await??;
     }
     let baseline = commands as f64 / started.elapsed().as_secs_f64();
-    report.add(
-        "commands",
-        format!("{tag}: SQL baseline transactions/s"),
-        baseline,
-        "tx/s",
-    );
-    report.add(
-        "commands",
-        format!("{tag}: commands/s as a share of the baseline"),
+    add("SQL baseline transactions/s".into(), baseline, "tx/s");
+    add(
+        "commands/s as a share of the baseline".into(),
         100.0 * rate / baseline,
         "%",
     );
