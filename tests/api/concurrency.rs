@@ -150,3 +150,327 @@ async fn concurrent_retries_with_one_key_run_the_command_once() {
             .unwrap();
     assert_eq!(after, before + 1);
 }
+
+/// The claim row of one key: its id and the answer stored for it.
+async fn stored_answer(
+    app: &TestApp,
+    key: &str,
+) -> (uuid::Uuid, String, Option<i16>, Option<Vec<u8>>) {
+    sqlx::query_as(
+        "SELECT claim_id, status, response_status, response_body FROM idempotency_keys \
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// The events written under a claim, in log order.
+async fn claimed_events(app: &TestApp, claim: uuid::Uuid) -> Vec<api::write::WrittenEvent> {
+    sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, global_position, payload::text AS payload \
+         FROM events WHERE metadata ->> 'idempotency_claim' = $1 ORDER BY global_position",
+    )
+    .bind(claim.to_string())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Makes the key's claim look abandoned: its answer never stored, claimed a minute ago (as when
+/// the process died after the command and before storing the answer).
+async fn abandon(app: &TestApp, key: &str) {
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = 'in_progress', response_status = NULL, \
+         response_body = NULL, completed_at = NULL, claimed_at = now() - interval '1 minute' \
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+async fn booking_created_count(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'BookingCreated'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// Every command route's answer can be rebuilt from the events its command wrote: that is what a
+/// retry answers when the first attempt committed and its process died before storing the answer.
+#[tokio::test]
+async fn every_command_answer_equals_the_one_rebuilt_from_its_events() {
+    use crate::helpers::{CHILD_SEAT, DRIVER_PROFILE, GHOST};
+    let app = TestApp::spawn().await;
+    let mut n = 0;
+    let mut keys = Vec::new();
+    let mut send = async |method: Method, role: &str, path: String, body: serde_json::Value| {
+        n += 1;
+        let key = format!("tour-{n}");
+        let r = app
+            .send(
+                app.request(method, role, &path)
+                    .header("idempotency-key", &key)
+                    .json(&body),
+            )
+            .await;
+        assert!(
+            (200..300).contains(&r.status),
+            "{path}: {} {:#}",
+            r.status,
+            r.body
+        );
+        keys.push((key, path));
+        r.body
+    };
+    let client = send(
+        Method::POST,
+        "sales",
+        "/v1/clients".into(),
+        json!({ "name": "Tour Client", "phone": "+971 50 765 4321",
+                "email": "tour@example.com", "residency_country": "AE" }),
+    )
+    .await;
+    let client = client["id"].as_str().unwrap().to_string();
+    send(
+        Method::PATCH,
+        "sales",
+        format!("/v1/clients/{client}"),
+        json!({ "name": "Tour Client Renamed" }),
+    )
+    .await;
+    let booking = send(
+        Method::POST,
+        "sales",
+        "/v1/bookings".into(),
+        json!({ "client_id": client, "start_at": "2026-10-01T10:00:00Z",
+                "end_at": "2026-10-03T10:00:00Z", "price_daily": "2800",
+                "services": [{ "service_id": CHILD_SEAT }] }),
+    )
+    .await;
+    let b = |action: &str| format!("/v1/bookings/{}/{action}", booking["id"].as_str().unwrap());
+    send(
+        Method::POST,
+        "operations",
+        b("assign-vehicle"),
+        json!({ "vehicle_id": GHOST }),
+    )
+    .await;
+    send(
+        Method::POST,
+        "operations",
+        b("assign-driver"),
+        json!({ "driver_id": DRIVER_PROFILE }),
+    )
+    .await;
+    let added = send(
+        Method::POST,
+        "sales",
+        b("add-service"),
+        json!({ "service_id": CHILD_SEAT, "price": "100.00" }),
+    )
+    .await;
+    send(
+        Method::POST,
+        "sales",
+        b("remove-service"),
+        json!({ "line_id": added["line_id"] }),
+    )
+    .await;
+    send(Method::POST, "sales", b("confirm"), json!({})).await;
+    send(
+        Method::POST,
+        "operations",
+        b("issue-invoice"),
+        json!({ "amount": "5600.00" }),
+    )
+    .await;
+    send(
+        Method::POST,
+        "operations",
+        b("record-payment"),
+        json!({ "amount": 5600, "method": "card" }),
+    )
+    .await;
+    send(
+        Method::POST,
+        "operations",
+        format!("/v1/vehicles/{GHOST}/blocks"),
+        json!({ "job_type": "maintenance", "scheduled_start": "2026-11-06T00:00:00Z",
+                "scheduled_end": "2026-11-07T00:00:00Z", "description": "Annual service" }),
+    )
+    .await;
+    let lead = send(
+        Method::POST,
+        "sales",
+        "/v1/leads".into(),
+        json!({ "stage_id": "qualified", "value_amount": "20000", "title": "Cullinan" }),
+    )
+    .await;
+    send(
+        Method::POST,
+        "sales",
+        format!("/v1/leads/{}/win", lead["id"].as_str().unwrap()),
+        json!({ "client_id": client, "start_at": "2026-12-01T10:00:00Z",
+                "end_at": "2026-12-04T10:00:00Z", "price_daily": "10000.00" }),
+    )
+    .await;
+    let deal = send(
+        Method::POST,
+        "sales",
+        "/v1/deals".into(),
+        json!({ "client_id": client, "principal_amount": "450000.00",
+                "monthly_payment": "14500.00", "interest_rate": "4.5", "term_months": 36,
+                "contract_start_date": "2026-01-01", "contract_end_date": "2028-12-31",
+                "first_payment_date": "2026-02-01" }),
+    )
+    .await;
+    let d = |action: &str| format!("/v1/deals/{}/{action}", deal["id"].as_str().unwrap());
+    send(Method::POST, "sales", d("activate"), json!({})).await;
+    send(
+        Method::POST,
+        "sales",
+        d("record-payment"),
+        json!({ "amount": "14500.00" }),
+    )
+    .await;
+
+    assert_eq!(keys.len(), 16);
+    for (key, path) in keys {
+        let (claim, status, response_status, response_body) = stored_answer(&app, &key).await;
+        assert_eq!(status, "completed");
+        let events = claimed_events(&app, claim).await;
+        assert!(!events.is_empty(), "{path} wrote no events under its claim");
+        let rebuilt = api::write::answer_from_events(&path, &events)
+            .unwrap_or_else(|| panic!("{path}: no answer from its events"));
+        let rebuilt = axum::response::IntoResponse::into_response(rebuilt);
+        assert_eq!(
+            Some(rebuilt.status().as_u16() as i16),
+            response_status,
+            "{path}"
+        );
+        let bytes = axum::body::to_bytes(rebuilt.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let rebuilt: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(&response_body.unwrap()).unwrap();
+        assert_eq!(rebuilt, stored, "{path}");
+    }
+}
+
+fn booking_body(client: &str) -> serde_json::Value {
+    json!({
+        "client_id": client,
+        "start_at": "2026-09-01T10:00:00Z",
+        "end_at": "2026-09-02T10:00:00Z",
+        "price_daily": "3000.00",
+    })
+}
+
+#[tokio::test]
+async fn a_retry_answers_from_the_events_of_a_first_attempt_that_died_before_storing_its_answer() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Died Case").await;
+    let create = || {
+        app.request(Method::POST, "sales", "/v1/bookings")
+            .header("idempotency-key", "died-1")
+            .json(&booking_body(&client))
+    };
+    let first = app.send(create()).await;
+    assert_eq!(first.status, 201, "{:#}", first.body);
+    let (first_claim, ..) = stored_answer(&app, "died-1").await;
+    let events = app.event_count().await;
+
+    // Still within the claim's time: the first attempt may be running, so the retry waits.
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = 'in_progress', response_status = NULL, \
+         response_body = NULL WHERE idempotency_key = 'died-1'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let early = app.send(create()).await;
+    early.assert_problem(409, "conflict");
+    assert_eq!(early.body["code"], "idempotency.in_progress");
+    let wait: u64 = early.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&wait), "Retry-After {wait}");
+
+    // Past it, the retry takes the claim over, finds the committed events and answers from them.
+    abandon(&app, "died-1").await;
+    let retried = app.send(create()).await;
+    assert_eq!(retried.status, 201, "{:#}", retried.body);
+    assert_eq!(retried.body, first.body);
+    assert_eq!(retried.header("idempotent-replayed"), Some("true"));
+    assert_eq!(app.event_count().await, events);
+    let (claim, status, ..) = stored_answer(&app, "died-1").await;
+    assert_eq!(status, "completed");
+    assert_ne!(claim, first_claim);
+    // And that answer is now stored like any other.
+    let again = app.send(create()).await;
+    assert_eq!(again.body, first.body);
+    assert_eq!(app.event_count().await, events);
+}
+
+/// Waits until `n` statements wait for a lock on the events table.
+async fn wait_for_event_lock_waiters(app: &TestApp, n: i64) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass AND NOT granted",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{n} writers never queued for the events table");
+}
+
+/// A first attempt that is slow, not dead, is fenced out by the retry that took its claim over:
+/// whichever commits first, the booking is created once.
+#[tokio::test]
+async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_over() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Fence Case").await;
+    let create = || {
+        app.request(Method::POST, "sales", "/v1/bookings")
+            .header("idempotency-key", "fence-1")
+            .json(&booking_body(&client))
+    };
+    let before = booking_created_count(&app).await;
+
+    // Writers of events queue behind this lock (readers do not).
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let (first, second) = tokio::join!(app.send(create()), async {
+        wait_for_event_lock_waiters(&app, 1).await;
+        sqlx::query(
+            "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
+             WHERE idempotency_key = 'fence-1'",
+        )
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        let release = async {
+            wait_for_event_lock_waiters(&app, 2).await;
+            lock.rollback().await.unwrap();
+        };
+        tokio::join!(app.send(create()), release).0
+    });
+
+    first.assert_problem(409, "conflict");
+    assert_eq!(first.body["code"], "idempotency.superseded");
+    assert_eq!(second.status, 201, "{:#}", second.body);
+    assert_eq!(booking_created_count(&app).await, before + 1);
+    let replayed = app.send(create()).await;
+    assert_eq!(replayed.body, second.body);
+    assert_eq!(booking_created_count(&app).await, before + 1);
+}

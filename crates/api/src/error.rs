@@ -313,6 +313,12 @@ impl From<CommandError> for Problem {
             CommandError::CodeTaken(code) => {
                 Self::conflict(format!("the code {code} is already taken")).with_code("code_taken")
             }
+            CommandError::Superseded => Self::new(
+                ProblemKind::Conflict,
+                "a retry with the same Idempotency-Key took this request over; \
+                 the retry's answer is the request's answer",
+            )
+            .with_code("idempotency.superseded"),
             CommandError::Store(cause) => Self::internal(format!("event store: {cause}")),
         }
     }

@@ -130,8 +130,13 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandContext {
                 Problem::unauthorized("send an API key: Authorization: Bearer <key>")
             })?;
         let request_id = request_id(parts);
+        let mut metadata = CommandMetadata::new(caller.actor(), request_id.clone());
+        metadata.idempotency_claim = parts
+            .extensions
+            .get::<crate::idempotency::ClaimId>()
+            .map(|c| c.0);
         Ok(Self {
-            metadata: CommandMetadata::new(caller.actor(), request_id.clone()),
+            metadata,
             caller,
             request_id,
             expected_version: if_match(parts)?,

@@ -9,9 +9,14 @@
 //! again. The command runs in a task of its own, so a client that hangs up does not leave the
 //! claim half done. Keys are kept for 24 hours.
 //!
-//! Trade-off: if the process dies between running the command and storing its answer, the claim
-//! stays `in_progress` (409) until it expires, rather than risk running the command twice; the
-//! caller can read the resource (and its timeline) to see whether the command happened.
+//! A process can die between running the command and storing its answer. Each claim has an id,
+//! recorded on the events its command writes (`idempotency_claim` in their metadata), and the
+//! database writes those events only while the claim is current (a trigger). A claim left
+//! `in_progress` for [`ABANDONED_AFTER_SECONDS`] is taken over by the next retry, which gives it
+//! a new id: from then on the first attempt cannot commit, and if it had committed, the retry
+//! finds its events by the old id and answers from them ([`crate::write::answer_from_events`])
+//! instead of running the command again. So a retry never runs a command twice, and a dead
+//! process blocks its key for seconds, not a day.
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -25,11 +30,21 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{Problem, ProblemKind};
 use crate::extract::body_rejection;
+use crate::write::{WrittenEvent, answer_from_events};
 
 pub const HEADER: &str = "idempotency-key";
 
 /// How long keys are kept.
 pub const RETENTION_HOURS: i32 = 24;
+
+/// A claim still `in_progress` after this long is presumed abandoned (its process died): the next
+/// retry takes it over. Commands answer in well under a second; a first attempt still running
+/// this long is fenced out, so this choice never lets a command run twice.
+pub const ABANDONED_AFTER_SECONDS: f64 = 10.0;
+
+/// The claim a command request runs under (a request extension), for its events' metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimId(pub Uuid);
 
 /// The middleware on command routes (after [`crate::auth::guard`]).
 pub async fn idempotency(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -60,10 +75,11 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
         Err(_) => return body_rejection(StatusCode::PAYLOAD_TOO_LARGE).into_response(),
     };
     let digest = request_digest(&bytes);
-    let claim = Claim {
+    let mut claim = Claim {
         staff_id: caller.staff_id,
         route,
         key,
+        id: Uuid::new_v4(),
     };
 
     match claim.try_take(&state, &digest).await {
@@ -72,7 +88,8 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
         Err(p) => return p.into_response(),
     }
 
-    let request = Request::from_parts(parts, Body::from(bytes));
+    let mut request = Request::from_parts(parts, Body::from(bytes));
+    request.extensions_mut().insert(ClaimId(claim.id));
     let pool = state.pool.clone();
     let task = tokio::spawn(async move {
         let response = next.run(request).await;
@@ -98,13 +115,16 @@ fn request_digest(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(&canonical).to_vec()
 }
 
-/// A stored key: request digest, status, response status and body.
-type StoredKey = (Vec<u8>, String, Option<i16>, Option<Vec<u8>>);
+/// A stored key: request digest, status, response status and body, claim id, and for how many
+/// seconds it has been claimed.
+type StoredKey = (Vec<u8>, String, Option<i16>, Option<Vec<u8>>, Uuid, f64);
 
 struct Claim {
     staff_id: Uuid,
     route: String,
     key: String,
+    /// This attempt's claim id (recorded on the command's events).
+    id: Uuid,
 }
 
 enum Taken {
@@ -113,16 +133,18 @@ enum Taken {
 }
 
 impl Claim {
-    async fn try_take(&self, state: &AppState, digest: &[u8]) -> Result<Taken, Problem> {
+    async fn try_take(&mut self, state: &AppState, digest: &[u8]) -> Result<Taken, Problem> {
         for _ in 0..3 {
             let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (staff_id, route, idempotency_key, request_digest) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                "INSERT INTO idempotency_keys \
+                 (staff_id, route, idempotency_key, request_digest, claim_id) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             )
             .bind(self.staff_id)
             .bind(&self.route)
             .bind(&self.key)
             .bind(digest)
+            .bind(self.id)
             .execute(&state.pool)
             .await?
             .rows_affected();
@@ -130,7 +152,8 @@ impl Claim {
                 return Ok(Taken::Ours);
             }
             let row: Option<StoredKey> = sqlx::query_as(
-                "SELECT request_digest, status, response_status, response_body \
+                "SELECT request_digest, status, response_status, response_body, claim_id, \
+                        extract(epoch FROM clock_timestamp() - claimed_at)::float8 \
                  FROM idempotency_keys \
                  WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3",
             )
@@ -140,7 +163,7 @@ impl Claim {
             .fetch_optional(&state.pool)
             .await?;
             // Released between the insert and the select: try to claim it again.
-            let Some((stored, status, response_status, response_body)) = row else {
+            let Some((stored, status, response_status, response_body, claim_id, age)) = row else {
                 continue;
             };
             if stored != digest {
@@ -150,27 +173,22 @@ impl Claim {
                 )
                 .with_code("idempotency.key_reused"));
             }
-            if status != "completed" {
+            if status == "completed" {
+                return Ok(Taken::Replay(replay(response_status, response_body)));
+            }
+            if age < ABANDONED_AFTER_SECONDS {
+                let wait = (ABANDONED_AFTER_SECONDS - age).ceil().max(1.0);
                 return Err(Problem::new(
                     ProblemKind::Conflict,
                     "a request with this Idempotency-Key is still being processed; retry shortly",
                 )
                 .with_code("idempotency.in_progress")
-                .retry_after(1));
+                // In whole seconds, at most ABANDONED_AFTER_SECONDS.
+                .retry_after(wait as u64));
             }
-            let status = response_status
-                .and_then(|s| StatusCode::from_u16(u16::try_from(s).ok()?).ok())
-                .unwrap_or(StatusCode::OK);
-            let mut response = (status, response_body.unwrap_or_default()).into_response();
-            let content_type = if status.is_success() {
-                "application/json"
-            } else {
-                "application/problem+json"
-            };
-            let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-            return Ok(Taken::Replay(response));
+            if let Some(taken) = self.take_over(state, claim_id).await? {
+                return Ok(taken);
+            }
         }
         Err(Problem::new(
             ProblemKind::Conflict,
@@ -180,19 +198,65 @@ impl Claim {
         .retry_after(1))
     }
 
-    /// Stores the answer (or releases the claim after a server failure) and returns it.
-    async fn finish(self, pool: &sqlx::PgPool, response: Response) -> Response {
+    /// Takes over the abandoned claim `old`: gives the key this attempt's claim id, which fences
+    /// the first attempt out (waiting for it if it is committing right now). If the first attempt
+    /// had committed, answers from its events; otherwise the command is ours to run. `None` when
+    /// another retry got there first.
+    async fn take_over(&self, state: &AppState, old: Uuid) -> Result<Option<Taken>, Problem> {
+        let moved = sqlx::query(
+            "UPDATE idempotency_keys SET claim_id = $2, claimed_at = now() \
+             WHERE claim_id = $1 AND status = 'in_progress'",
+        )
+        .bind(old)
+        .bind(self.id)
+        .execute(&state.pool)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            return Ok(None);
+        }
+        let events: Vec<WrittenEvent> = sqlx::query_as(
+            "SELECT aggregate_type, aggregate_id, sequence, global_position, payload::text AS payload \
+             FROM events WHERE metadata ->> 'idempotency_claim' = $1 \
+             ORDER BY global_position",
+        )
+        .bind(old.to_string())
+        .fetch_all(&state.pool)
+        .await?;
+        tracing::warn!(
+            route = %self.route,
+            committed_events = events.len(),
+            "took over an abandoned idempotency claim"
+        );
+        if events.is_empty() {
+            return Ok(Some(Taken::Ours));
+        }
+        let path = self.route.split_once(' ').map_or("", |(_, path)| path);
+        let Some(answer) = answer_from_events(path, &events) else {
+            return Err(Problem::internal(
+                "the first attempt of this request wrote events that cannot be read back",
+            ));
+        };
+        let response = answer.into_response();
         let status = response.status();
-        if status.is_server_error() {
-            if let Err(e) = sqlx::query(
-                "DELETE FROM idempotency_keys \
-                 WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3",
-            )
-            .bind(self.staff_id)
-            .bind(&self.route)
-            .bind(&self.key)
-            .execute(pool)
+        let body = to_bytes(response.into_body(), 1024 * 1024)
             .await
+            .map_err(|e| Problem::internal(format!("reading a response: {e}")))?;
+        self.store(&state.pool, status, &body).await;
+        Ok(Some(Taken::Replay(replay(
+            Some(stored_status(status)),
+            Some(body.to_vec()),
+        ))))
+    }
+
+    /// Stores the answer (or releases the claim after a server failure) and returns it. A claim
+    /// taken over meanwhile is left to the retry that took it.
+    async fn finish(self, pool: &sqlx::PgPool, response: Response) -> Response {
+        if response.status().is_server_error() {
+            if let Err(e) = sqlx::query("DELETE FROM idempotency_keys WHERE claim_id = $1")
+                .bind(self.id)
+                .execute(pool)
+                .await
             {
                 tracing::error!(error = %e, "cannot release an idempotency key");
             }
@@ -203,23 +267,46 @@ impl Claim {
             Ok(b) => b,
             Err(e) => return Problem::internal(format!("reading a response: {e}")).into_response(),
         };
+        self.store(pool, parts.status, &bytes).await;
+        Response::from_parts(parts, Body::from(bytes))
+    }
+
+    async fn store(&self, pool: &sqlx::PgPool, status: StatusCode, body: &[u8]) {
         if let Err(e) = sqlx::query(
-            "UPDATE idempotency_keys SET status = 'completed', response_status = $4, \
-             response_body = $5, completed_at = now() \
-             WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3",
+            "UPDATE idempotency_keys SET status = 'completed', response_status = $2, \
+             response_body = $3, completed_at = now() \
+             WHERE claim_id = $1 AND status = 'in_progress'",
         )
-        .bind(self.staff_id)
-        .bind(&self.route)
-        .bind(&self.key)
-        .bind(i16::try_from(status.as_u16()).unwrap_or(500))
-        .bind(bytes.as_ref())
+        .bind(self.id)
+        .bind(stored_status(status))
+        .bind(body)
         .execute(pool)
         .await
         {
             tracing::error!(error = %e, "cannot store an idempotent answer");
         }
-        Response::from_parts(parts, Body::from(bytes))
     }
+}
+
+fn stored_status(status: StatusCode) -> i16 {
+    i16::try_from(status.as_u16()).unwrap_or(500)
+}
+
+/// A stored answer, sent again.
+fn replay(status: Option<i16>, body: Option<Vec<u8>>) -> Response {
+    let status = status
+        .and_then(|s| StatusCode::from_u16(u16::try_from(s).ok()?).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = (status, body.unwrap_or_default()).into_response();
+    let content_type = if status.is_success() {
+        "application/json"
+    } else {
+        "application/problem+json"
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
 }
 
 /// Deletes keys older than the retention.

@@ -64,6 +64,10 @@ pub enum CommandError {
     /// A human code is taken already.
     #[error("the code {0} is already taken")]
     CodeTaken(String),
+    /// A retry of the same request (same `Idempotency-Key`) took this command's claim over
+    /// while it ran, so it was not written; the retry answers for the request.
+    #[error("a retry of this request took it over; its answer is the request's answer")]
+    Superseded,
     /// The database failed; logged, never shown in detail.
     #[error("the event store failed: {0}")]
     Store(String),
@@ -105,6 +109,7 @@ impl CommandError {
                         detail: None,
                     };
                 }
+                Some("SX003") => return Self::Superseded,
                 Some("SX001") => {
                     return Self::CodeTaken(
                         pg.and_then(|p| p.detail()).unwrap_or_default().to_string(),

@@ -103,6 +103,9 @@ pub struct CommandMetadata {
     /// What caused this command: a request id, or an event (`Lead/<id>/<sequence>`).
     pub causation_id: String,
     pub request_id: String,
+    /// The `Idempotency-Key` claim the command runs under, if the request sent a key: the
+    /// database writes its events only while the claim is current (a retry may take it over).
+    pub idempotency_claim: Option<Uuid>,
 }
 
 impl CommandMetadata {
@@ -114,6 +117,7 @@ impl CommandMetadata {
             correlation_id: Uuid::now_v7().to_string(),
             causation_id: request_id.clone(),
             request_id,
+            idempotency_claim: None,
         }
     }
 
@@ -124,6 +128,7 @@ impl CommandMetadata {
             request_id: causation_id.clone(),
             correlation_id,
             causation_id,
+            idempotency_claim: None,
         }
     }
 
@@ -146,6 +151,9 @@ impl CommandMetadata {
         }
         if let Some(role) = self.actor.role {
             m.insert("actor_role".into(), role.as_str().to_string());
+        }
+        if let Some(claim) = self.idempotency_claim {
+            m.insert("idempotency_claim".into(), claim.to_string());
         }
         m
     }

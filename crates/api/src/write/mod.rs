@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use commands::{Executor, Outcome};
 use cqrs_es::Aggregate;
 use domain::DomainError;
+use domain::booking::BookingEvent;
+use domain::deal::DealEvent;
+use domain::lead::LeadEvent;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -102,6 +105,75 @@ impl IntoResponse for Answer {
         }
         response
     }
+}
+
+/// An event a command wrote, as far as the command's answer needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WrittenEvent {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub global_position: i64,
+    /// The payload as stored (JSON text).
+    pub payload: String,
+}
+
+/// The answer a command route gives, rebuilt from the events its command wrote (in log order):
+/// for a retry that finds the first attempt committed but unanswered because its process died
+/// in between. `route_path` is the request's path (a creation's `Location` is below it). `None`
+/// when there are no events or they cannot be read.
+pub fn answer_from_events(route_path: &str, events: &[WrittenEvent]) -> Option<Answer> {
+    let last = events.iter().max_by_key(|e| e.global_position)?;
+    let id = Uuid::parse_str(&last.aggregate_id).ok()?;
+    let outcome = Outcome {
+        id,
+        version: last.sequence,
+        position: last.global_position,
+        events: events.len(),
+    };
+    // Only a creation writes an aggregate's first event.
+    let mut answer = if events.iter().any(|e| e.sequence == 1) {
+        Answer::created(&outcome, format!("{route_path}/{id}"), None)
+    } else {
+        Answer::ok(&outcome)
+    };
+    let a = &mut answer.body;
+    for e in events {
+        match e.aggregate_type.as_str() {
+            "Booking" => match serde_json::from_str(&e.payload).ok()? {
+                BookingEvent::BookingCreated { external_code, .. } => a.code = Some(external_code),
+                BookingEvent::BookingServiceAdded { line, .. } => a.line_id = Some(line.line_id),
+                BookingEvent::BookingInvoiceIssued { invoice_id, .. } => {
+                    a.invoice_id = Some(invoice_id);
+                }
+                BookingEvent::BookingPaymentRecorded { payment_id, .. } => {
+                    a.payment_id = Some(payment_id);
+                }
+                _ => {}
+            },
+            "Lead" => match serde_json::from_str(&e.payload).ok()? {
+                LeadEvent::LeadCreated { lead_code, .. } => a.code = Some(lead_code),
+                LeadEvent::LeadWon {
+                    booking_id,
+                    booking_code,
+                    ..
+                } => {
+                    a.booking_id = Some(booking_id);
+                    a.booking_code = Some(booking_code);
+                }
+                _ => {}
+            },
+            "Deal" => match serde_json::from_str(&e.payload).ok()? {
+                DealEvent::DealDrafted { deal_number, .. } => a.code = Some(deal_number),
+                DealEvent::DealPaymentRecorded { payment_id, .. } => {
+                    a.payment_id = Some(payment_id);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    Some(answer)
 }
 
 /// Runs `command` on aggregate `id` for the caller.
