@@ -166,6 +166,7 @@ impl TestApp {
             std::sync::Arc::new(crm::LocalPacer::from_rps(6)),
             Duration::from_secs(5),
             10,
+            std::sync::Arc::new(crm::Unshared),
         )
         .unwrap();
         let mut worker_config = outbox_worker::worker::WorkerConfig::from_env();

@@ -14,7 +14,7 @@ use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority};
 use domain::client::ClientCommand;
 use domain::{Actor, CommandMetadata, Role};
 use outbox_worker::backoff::Backoff;
-use outbox_worker::pg::{EncryptionKey, PgPacer, PgTokenStore};
+use outbox_worker::pg::{EncryptionKey, PgCallSlots, PgPacer, PgTokenStore};
 use outbox_worker::projector::OutboxProjector;
 use outbox_worker::worker::{Worker, WorkerConfig};
 use rust_decimal::Decimal;
@@ -53,15 +53,15 @@ impl Harness {
     }
 
     fn worker(&self, pacer: Arc<dyn Pacer>, max_attempts: i32) -> Worker {
-        self.worker_with(pacer, max_attempts, 10)
+        self.worker_with(pacer, max_attempts, Arc::new(crm::Unshared))
     }
 
-    /// `zoho_concurrency`: this worker's share of Zoho's concurrency limit (10 on the fake).
+    /// `zoho_slots`: Zoho's concurrency limit (10 on the fake), shared or not.
     fn worker_with(
         &self,
         pacer: Arc<dyn Pacer>,
         max_attempts: i32,
-        zoho_concurrency: usize,
+        zoho_slots: Arc<dyn crm::CallSlots>,
     ) -> Worker {
         let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(self.db.pool.clone(), key()));
         let targets = outbox_worker::setup::for_fakes(
@@ -70,7 +70,8 @@ impl Harness {
             store,
             pacer,
             Duration::from_millis(500),
-            zoho_concurrency,
+            10,
+            zoho_slots,
         )
         .unwrap();
         let config = WorkerConfig {
@@ -454,10 +455,19 @@ async fn three_workers_drain_a_large_backlog_once_each_in_order_within_kommo_pac
         .unwrap();
     assert_eq!(total, (CLIENTS * (ROWS_PER_CLIENT + 1)) as i64);
 
-    // Kommo pacing is shared through the database by the three workers.
+    // Kommo pacing and Zoho's concurrency are shared through the database by the three workers.
     let workers: Vec<Arc<Worker>> = (0..3)
         .map(|_| {
-            Arc::new(h.worker_with(Arc::new(PgPacer::new(h.db.pool.clone(), "kommo", 6)), 5, 3))
+            Arc::new(h.worker_with(
+                Arc::new(PgPacer::new(h.db.pool.clone(), "kommo", 6)),
+                5,
+                Arc::new(PgCallSlots::new(
+                    h.db.pool.clone(),
+                    "zoho",
+                    10,
+                    Duration::from_secs(5),
+                )),
+            ))
         })
         .collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -506,6 +516,11 @@ async fn three_workers_drain_a_large_backlog_once_each_in_order_within_kommo_pac
         h.kommo.max_rps_observed()
     );
     assert_eq!(h.kommo.rate_limited(), 0, "never throttled by Kommo");
+    assert!(
+        h.zoho.max_concurrency_observed() <= 10,
+        "Zoho saw {} calls at once",
+        h.zoho.max_concurrency_observed()
+    );
     // Per entity and target, rows were completed in log order.
     let rows: Vec<(Uuid, String, i64, chrono::DateTime<Utc>)> = sqlx::query_as(
         "SELECT entity_id, target_system, source_position, processed_at FROM integrations_outbox ORDER BY source_position",
@@ -522,4 +537,78 @@ async fn three_workers_drain_a_large_backlog_once_each_in_order_within_kommo_pac
             );
         }
     }
+}
+
+/// Three processes' worth of Zoho clients (each its own `PgCallSlots`, as each process has) share
+/// one limit of 4 calls at once through the database: 24 calls racing never hold more than 4
+/// slots, and do use all 4.
+#[tokio::test]
+async fn call_slots_bound_the_calls_in_flight_across_processes() {
+    let db = TestDb::new().await;
+    let processes: Vec<Arc<PgCallSlots>> = (0..3)
+        .map(|_| {
+            Arc::new(PgCallSlots::new(
+                db.pool.clone(),
+                "zoho",
+                4,
+                Duration::from_secs(30),
+            ))
+        })
+        .collect();
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls: Vec<_> = (0..24)
+        .map(|i| {
+            let slots = processes[i % 3].clone();
+            let (in_flight, most) = (in_flight.clone(), most.clone());
+            tokio::spawn(async move {
+                let _slot = crm::CallSlots::acquire(&*slots).await;
+                let now = in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 4);
+    // Released slots are free again (the releases run in tasks of their own).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let held: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM call_slots WHERE holder IS NOT NULL")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if held == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{held} slots held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A process that dies holding slots (its guards are never dropped) holds them only until their
+/// leases end; then another process's calls get them.
+#[tokio::test]
+async fn call_slots_of_a_dead_process_come_back_when_their_leases_end() {
+    let db = TestDb::new().await;
+    let lease = Duration::from_secs(1);
+    let dead = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
+    for _ in 0..2 {
+        std::mem::forget(crm::CallSlots::acquire(&dead).await);
+    }
+    let alive = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
+    let asked = tokio::time::Instant::now();
+    let waited = tokio::time::timeout(Duration::from_secs(10), crm::CallSlots::acquire(&alive))
+        .await
+        .expect("a slot came back");
+    let after = asked.elapsed();
+    assert!(
+        after >= Duration::from_millis(500),
+        "the slots were held while leased ({after:?})"
+    );
+    drop(waited);
 }

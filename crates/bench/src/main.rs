@@ -494,13 +494,20 @@ async fn drain(
     let mut tasks = Vec::new();
     let started = Instant::now();
     for _ in 0..workers {
+        // As in production: the workers share Zoho's 10 calls at once through the database.
         let targets = outbox_worker::setup::for_fakes(
             kommo,
             zoho,
             store.clone(),
             pacer(),
             Duration::from_secs(10),
-            10 / workers,
+            10,
+            Arc::new(outbox_worker::pg::PgCallSlots::new(
+                pool.clone(),
+                "zoho",
+                10,
+                Duration::from_secs(30),
+            )),
         )?;
         let mut config = outbox_worker::worker::WorkerConfig::from_env();
         config.batch = 32;

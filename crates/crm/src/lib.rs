@@ -8,12 +8,13 @@
 //! persisting the ids they return.
 //!
 //! **Architecture Invariant:** no database access here: token persistence and cross-process
-//! pacing are traits, implemented with the database code.
+//! pacing (Kommo's rate, Zoho's concurrency) are traits, implemented with the database code.
 
 mod error;
 mod http;
 mod kommo;
 mod pacer;
+mod slots;
 mod token;
 mod zoho;
 
@@ -22,6 +23,7 @@ pub use http::ConfigError;
 pub use kommo::{ContactInput, KommoAuth, KommoClient, KommoConfig, KommoOAuth, LeadInput};
 pub use pacer::{DEFAULT_KOMMO_RPS, LocalPacer, Pacer, Unpaced};
 pub use secrecy::SecretString;
+pub use slots::{CallSlots, SlotGuard, Unshared};
 pub use token::{
     KOMMO_SYSTEM, MemoryTokenStore, RefreshGuard, StoredToken, TokenStore, TokenStoreError,
     ZOHO_SYSTEM,

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::error::{CrmError, classify_zoho, classify_zoho_record, zoho_refresh_may_help};
 use crate::http::{self, ConfigError};
+use crate::slots::{CallSlots, Unshared};
 use crate::token::{
     EXPIRY_MARGIN, StoredToken, TokenStore, ZOHO_SYSTEM, fresh_token, refresh_candidates,
     refresh_once,
@@ -54,6 +55,9 @@ pub struct ZohoConfig {
     pub sales_order_external_field: String,
     /// Calls in flight at once from this client, at most.
     pub max_concurrency: usize,
+    /// The slots of the limit shared with other processes (each call holds one); by default
+    /// none beyond `max_concurrency`.
+    pub slots: Arc<dyn CallSlots>,
     /// Bound on one HTTP call.
     pub timeout: Duration,
 }
@@ -79,6 +83,7 @@ impl ZohoConfig {
             contact_external_field: DEFAULT_CONTACT_EXTERNAL_FIELD.into(),
             sales_order_external_field: DEFAULT_SALES_ORDER_EXTERNAL_FIELD.into(),
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            slots: Arc::new(Unshared),
             timeout: Duration::from_secs(30),
         }
     }
@@ -141,6 +146,7 @@ pub struct ZohoClient {
     contact_field: String,
     sales_order_field: String,
     permits: Semaphore,
+    slots: Arc<dyn CallSlots>,
     /// The access token last loaded or refreshed.
     token: Mutex<Option<StoredToken>>,
     /// Single records waiting to be sent, per module.
@@ -177,6 +183,7 @@ impl ZohoClient {
             contact_field: config.contact_external_field,
             sales_order_field: config.sales_order_external_field,
             permits: Semaphore::new(config.max_concurrency.max(1)),
+            slots: config.slots,
             token: Mutex::new(None),
             waiting_contacts: Mutex::new(Vec::new()),
             waiting_orders: Mutex::new(Vec::new()),
@@ -273,6 +280,8 @@ impl ZohoClient {
                 }
                 permit = self.permits.acquire() => {
                     let _permit = permit.map_err(|_| CrmError::transient(None, "zoho: client closed"))?;
+                    // Records keep queueing while the call waits for a shared slot.
+                    let _slot = self.slots.acquire().await;
                     let batch: Vec<Waiting> = {
                         let mut waiting = lock(queue);
                         let n = waiting.len().min(MAX_RECORDS_PER_CALL);
@@ -280,6 +289,7 @@ impl ZohoClient {
                     };
                     if batch.is_empty() {
                         // Another call took this record along: its answer is on the way.
+                        drop(_slot);
                         drop(_permit);
                         return (&mut answer).await.unwrap_or_else(|_| {
                             Err(CrmError::transient(None, "zoho: the call carrying this record was cancelled"))
@@ -308,6 +318,7 @@ impl ZohoClient {
         let Ok(_permit) = self.permits.acquire().await else {
             return vec![Err(CrmError::transient(None, "zoho: client closed")); count];
         };
+        let _slot = self.slots.acquire().await;
         self.upsert_permitted(module, records, duplicate_field)
             .await
     }

@@ -1,6 +1,6 @@
 //! What the workers share, kept in PostgreSQL: CRM tokens encrypted at rest (AES-256-GCM, key
-//! from `SKYLUXSE_ENCRYPTION_KEY`), a refresh lock so one worker refreshes at a time, and Kommo's
-//! request pacing across every worker process.
+//! from `SKYLUXSE_ENCRYPTION_KEY`), a refresh lock so one worker refreshes at a time, Kommo's
+//! request pacing and Zoho's concurrency limit across every worker process.
 
 use std::path::Path;
 use std::time::Duration;
@@ -296,6 +296,155 @@ impl Pacer for PgPacer {
                 Err(_) => {
                     tokio::time::sleep(self.interval).await;
                     return;
+                }
+            }
+        }
+    }
+}
+
+/// A concurrency limit shared by every process on the database (Zoho's calls in flight): `n`
+/// slot rows in `call_slots`, each call holding one under a lease. A process that dies holding
+/// slots loses them when their leases end, so the lease must outlast any call (its timeout and a
+/// retry). Within a process the waiters take turns (first come, first served): one of them
+/// polls the table, and a slot released by this process wakes it at once.
+pub struct PgCallSlots {
+    inner: std::sync::Arc<SlotsInner>,
+}
+
+struct SlotsInner {
+    pool: PgPool,
+    name: String,
+    slots: i32,
+    lease: Duration,
+    /// This process, as the holder of its slots.
+    holder: uuid::Uuid,
+    turn: tokio::sync::Mutex<()>,
+    released: tokio::sync::Notify,
+    rows_ensured: std::sync::atomic::AtomicBool,
+}
+
+/// How often a process waiting for a slot held elsewhere looks again.
+const SLOT_POLL: Duration = Duration::from_millis(10);
+
+impl PgCallSlots {
+    /// `slots` calls at once across every process using `name`, each held for at most `lease`.
+    pub fn new(pool: PgPool, name: impl Into<String>, slots: usize, lease: Duration) -> Self {
+        Self {
+            inner: std::sync::Arc::new(SlotsInner {
+                pool,
+                name: name.into(),
+                slots: i32::try_from(slots.max(1)).unwrap_or(i32::MAX),
+                lease,
+                holder: uuid::Uuid::new_v4(),
+                turn: tokio::sync::Mutex::new(()),
+                released: tokio::sync::Notify::new(),
+                rows_ensured: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Takes a free slot (never held, released, or with its lease over), if there is one.
+    async fn try_take(&self) -> Result<Option<i32>, sqlx::Error> {
+        let s = &self.inner;
+        // Its commit does not wait for the disk: a slot lost in a crash of the server is free
+        // again when its lease ends.
+        sqlx::query_scalar(
+            "WITH free AS ( \
+               SELECT slot FROM call_slots \
+               WHERE name = $1 AND slot < $3 \
+                 AND (holder IS NULL OR lease_until < clock_timestamp()) \
+               ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             UPDATE call_slots c \
+             SET holder = $2, lease_until = clock_timestamp() + make_interval(secs => $4) \
+             FROM free, (SELECT set_config('synchronous_commit', 'off', true)) AS local \
+             WHERE c.name = $1 AND c.slot = free.slot \
+             RETURNING c.slot",
+        )
+        .bind(&s.name)
+        .bind(s.holder)
+        .bind(s.slots)
+        .bind(s.lease.as_secs_f64())
+        .fetch_optional(&s.pool)
+        .await
+    }
+
+    /// Creates this process's slot rows the first time (another process may use fewer).
+    async fn ensure_rows(&self) -> Result<(), sqlx::Error> {
+        let s = &self.inner;
+        if s.rows_ensured.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO call_slots (name, slot) \
+             SELECT $1, g FROM generate_series(0, $2 - 1) AS g ON CONFLICT DO NOTHING",
+        )
+        .bind(&s.name)
+        .bind(s.slots)
+        .execute(&s.pool)
+        .await?;
+        s.rows_ensured
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn guard(&self, slot: i32) -> crm::SlotGuard {
+        let inner = self.inner.clone();
+        crm::SlotGuard::new(move || {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                // No runtime left (shutting down): the lease frees the slot.
+                return;
+            };
+            runtime.spawn(async move {
+                let released = sqlx::query(
+                    "UPDATE call_slots SET holder = NULL, lease_until = NULL \
+                     FROM (SELECT set_config('synchronous_commit', 'off', true)) AS local \
+                     WHERE name = $1 AND slot = $2 AND holder = $3",
+                )
+                .bind(&inner.name)
+                .bind(slot)
+                .bind(inner.holder)
+                .execute(&inner.pool)
+                .await;
+                if let Err(e) = released {
+                    tracing::warn!(error = %e, slot, "cannot release a call slot; its lease will");
+                }
+                inner.released.notify_waiters();
+            });
+        })
+    }
+}
+
+#[async_trait]
+impl crm::CallSlots for PgCallSlots {
+    async fn acquire(&self) -> crm::SlotGuard {
+        let _turn = self.inner.turn.lock().await;
+        loop {
+            // Registered before looking, so a release in between is not missed.
+            let released = self.inner.released.notified();
+            match self.try_take().await {
+                Ok(Some(slot)) => return self.guard(slot),
+                Ok(None)
+                    if !self
+                        .inner
+                        .rows_ensured
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    if let Err(e) = self.ensure_rows().await {
+                        tracing::warn!(error = %e, "cannot create the call slots; calling unshared");
+                        return crm::SlotGuard::none();
+                    }
+                }
+                Ok(None) => {
+                    let jitter = Duration::from_micros(fastrand::u64(0..=5_000));
+                    tokio::select! {
+                        () = released => {}
+                        () = tokio::time::sleep(SLOT_POLL + jitter) => {}
+                    }
+                }
+                // Without the database, the client's own bound still holds.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a call slot; calling unshared");
+                    return crm::SlotGuard::none();
                 }
             }
         }

@@ -10,7 +10,7 @@ use crm::{
 use crm_fakes::{FakeKommo, FakeZoho};
 use sqlx::PgPool;
 
-use crate::pg::{EncryptionKey, PgPacer, PgTokenStore};
+use crate::pg::{EncryptionKey, PgCallSlots, PgPacer, PgTokenStore};
 use crate::worker::Targets;
 
 /// The clients, and the sandbox servers when they are in use (kept alive with them).
@@ -42,6 +42,7 @@ pub fn for_fakes(
     pacer: Arc<dyn crm::Pacer>,
     timeout: Duration,
     zoho_concurrency: usize,
+    zoho_slots: Arc<dyn crm::CallSlots>,
 ) -> Result<Targets, SetupError> {
     let kommo = KommoClient::new(
         KommoConfig {
@@ -66,6 +67,7 @@ pub fn for_fakes(
     );
     zc.timeout = timeout;
     zc.max_concurrency = zoho_concurrency;
+    zc.slots = zoho_slots;
     let zoho = ZohoClient::new(zc).map_err(|e| SetupError::Config(e.to_string()))?;
     Ok(Targets {
         kommo: Arc::new(kommo),
@@ -107,6 +109,7 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
             Arc::new(LocalPacer::from_rps(rps)),
             timeout,
             crm::DEFAULT_MAX_CONCURRENCY,
+            Arc::new(crm::Unshared),
         )?;
         return Ok(Crms {
             targets,
@@ -159,6 +162,14 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
             .map_err(|_| SetupError::NotNumber("ZOHO_MAX_CONCURRENCY"))?;
     }
     zc.timeout = timeout;
+    // ZOHO_MAX_CONCURRENCY is the organisation's limit, so every worker process shares it. A
+    // slot's lease outlasts a call, a token refresh and its retry.
+    zc.slots = Arc::new(PgCallSlots::new(
+        pool.clone(),
+        "zoho",
+        zc.max_concurrency,
+        timeout * 3,
+    ));
     let zoho = ZohoClient::new(zc).map_err(|e| SetupError::Config(e.to_string()))?;
     Ok(Crms {
         targets: Targets {
