@@ -1,12 +1,15 @@
 -- An idempotency claim whose process died mid-command must not block its key for 24 hours, and
 -- taking it over must never run the command twice. Each claim gets an id, recorded in the
--- metadata of the events its command writes (`idempotency_claim`). A retry may take over a claim
--- left `in_progress` for a while by giving it a new id; from then on the old command cannot
--- commit (the trigger below refuses its events), and the events it did commit before the
--- takeover are found by the old id, so the retry answers from them instead of running again.
+-- metadata of the events its command writes (`idempotency_claim`). A retry takes over a claim
+-- left `in_progress` for a while in one transaction: it locks the claim row (waiting for a first
+-- attempt that is committing, which holds it FOR SHARE), then either finds the command's events
+-- under the id and stores the answer built from them, or gives the claim a new id, after which
+-- the first attempt can no longer commit (the trigger below refuses its events).
 
+-- A claim without an id (made before this migration, or on a route whose writes are not events)
+-- is not fenced: it is never taken over and waits for its answer or its expiry, as before.
 ALTER TABLE idempotency_keys
-    ADD COLUMN claim_id   uuid        NOT NULL DEFAULT gen_random_uuid(),
+    ADD COLUMN claim_id   uuid,
     ADD COLUMN claimed_at timestamptz NOT NULL DEFAULT now();
 
 CREATE UNIQUE INDEX idempotency_keys_claim_key ON idempotency_keys (claim_id);

@@ -345,6 +345,7 @@ async fn every_command_answer_equals_the_one_rebuilt_from_its_events() {
         let events = claimed_events(&app, claim).await;
         assert!(!events.is_empty(), "{path} wrote no events under its claim");
         let rebuilt = api::write::answer_from_events(&path, &events)
+            .unwrap()
             .unwrap_or_else(|| panic!("{path}: no answer from its events"));
         let rebuilt = axum::response::IntoResponse::into_response(rebuilt);
         assert_eq!(
@@ -407,7 +408,10 @@ async fn a_retry_answers_from_the_events_of_a_first_attempt_that_died_before_sto
     assert_eq!(app.event_count().await, events);
     let (claim, status, ..) = stored_answer(&app, "died-1").await;
     assert_eq!(status, "completed");
-    assert_ne!(claim, first_claim);
+    assert_eq!(
+        claim, first_claim,
+        "answered under the claim its events carry"
+    );
     // And that answer is now stored like any other.
     let again = app.send(create()).await;
     assert_eq!(again.body, first.body);
@@ -431,8 +435,8 @@ async fn wait_for_event_lock_waiters(app: &TestApp, n: i64) {
     panic!("{n} writers never queued for the events table");
 }
 
-/// A first attempt that is slow, not dead, is fenced out by the retry that took its claim over:
-/// whichever commits first, the booking is created once.
+/// A first attempt that is slow, not dead, and has not reached its commit is fenced out by the
+/// retry that took its claim over: the booking is created once, by the retry.
 #[tokio::test]
 async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_over() {
     let app = TestApp::spawn().await;
@@ -473,4 +477,134 @@ async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_ove
     let replayed = app.send(create()).await;
     assert_eq!(replayed.body, second.body);
     assert_eq!(booking_created_count(&app).await, before + 1);
+}
+
+/// Waits until a statement containing `query_part` waits for a lock of kind `wait_event`
+/// (`relation`: a table lock; `transactionid`: another transaction's row or constraint).
+async fn wait_for_lock_wait(app: &TestApp, wait_event: &str, query_part: &str) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND wait_event = $2 AND query ILIKE '%' || $1 || '%'",
+        )
+        .bind(query_part)
+        .bind(wait_event)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no `{query_part}` waited for a lock");
+}
+
+/// A retry that comes while the first attempt is inside its commit (past the fence, waiting for
+/// the vehicle schedule) waits for it, then answers from its events: confirmed once, one answer.
+#[tokio::test]
+async fn a_takeover_waits_for_a_committing_first_attempt_and_answers_from_its_events() {
+    use crate::helpers::GHOST;
+    let app = TestApp::spawn().await;
+    let client = app.client("Commit Case").await;
+    let created = app
+        .ok(
+            "sales",
+            "/v1/bookings",
+            json!({ "client_id": client, "vehicle_id": GHOST,
+                    "start_at": "2026-11-01T10:00:00Z", "end_at": "2026-11-03T10:00:00Z",
+                    "price_daily": "2800" }),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let confirm = || {
+        app.request(
+            Method::POST,
+            "operations",
+            &format!("/v1/bookings/{id}/confirm"),
+        )
+        .header("idempotency-key", "commit-1")
+        .json(&json!({}))
+    };
+    // An uncommitted overlapping hold on the vehicle: the confirmation's schedule claim waits for
+    // it inside the event insert, after the fence trigger took its share of the claim.
+    let mut hold = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO vehicle_schedule (source_type, source_id, vehicle_id, period) \
+         VALUES ('block', 'test-hold', $1, \
+                 tstzrange('2026-11-01T00:00:00Z', '2026-11-02T00:00:00Z'))",
+    )
+    .bind(GHOST)
+    .execute(&mut *hold)
+    .await
+    .unwrap();
+    // And the first attempt waits before its insert until its claim looks abandoned.
+    let mut events_lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *events_lock)
+        .await
+        .unwrap();
+    let (first, second) = tokio::join!(app.send(confirm()), async {
+        wait_for_lock_wait(&app, "relation", "INSERT INTO events").await;
+        sqlx::query(
+            "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
+             WHERE idempotency_key = 'commit-1'",
+        )
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        events_lock.rollback().await.unwrap();
+        // Past the fence, waiting for the vehicle hold.
+        wait_for_lock_wait(&app, "transactionid", "INSERT INTO events").await;
+        let release = async {
+            // The retry's resolution waits for the first attempt's transaction.
+            wait_for_lock_wait(
+                &app,
+                "transactionid",
+                "FROM idempotency_keys WHERE claim_id",
+            )
+            .await;
+            hold.rollback().await.unwrap();
+        };
+        tokio::join!(app.send(confirm()), release).0
+    });
+    assert_eq!(first.status, 200, "{:#}", first.body);
+    assert_eq!(second.status, 200, "{:#}", second.body);
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    assert_eq!(second.body, first.body);
+    let confirmed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'BookingConfirmed' AND aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(confirmed, 1);
+}
+
+/// `win` attaches the client in a command of its own before winning: a first attempt that got
+/// only that far did not win, so its answer is not built from the attachment.
+#[test]
+fn a_win_that_only_attached_the_client_is_not_an_answer() {
+    let lead = uuid::Uuid::now_v7();
+    let attached = api::write::WrittenEvent {
+        aggregate_type: "Lead".into(),
+        aggregate_id: lead.to_string(),
+        sequence: 2,
+        global_position: 10,
+        payload: json!({ "LeadClientAttached": { "client_id": uuid::Uuid::now_v7() } }).to_string(),
+    };
+    let path = format!("/v1/leads/{lead}/win");
+    assert!(
+        api::write::answer_from_events(&path, std::slice::from_ref(&attached))
+            .unwrap()
+            .is_none()
+    );
+    // Elsewhere the same event is a whole command's answer.
+    let attach = format!("/v1/leads/{lead}/attach-client");
+    let answer = api::write::answer_from_events(&attach, &[attached])
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.body.version, 2);
+    assert_eq!(answer.body.position, 10);
 }

@@ -9,14 +9,19 @@
 //! again. The command runs in a task of its own, so a client that hangs up does not leave the
 //! claim half done. Keys are kept for 24 hours.
 //!
-//! A process can die between running the command and storing its answer. Each claim has an id,
-//! recorded on the events its command writes (`idempotency_claim` in their metadata), and the
-//! database writes those events only while the claim is current (a trigger). A claim left
-//! `in_progress` for [`ABANDONED_AFTER_SECONDS`] is taken over by the next retry, which gives it
-//! a new id: from then on the first attempt cannot commit, and if it had committed, the retry
-//! finds its events by the old id and answers from them ([`crate::write::answer_from_events`])
-//! instead of running the command again. So a retry never runs a command twice, and a dead
-//! process blocks its key for seconds, not a day.
+//! A process can die between running the command and storing its answer, and a server failure
+//! can come after the command committed. Each claim on a command route has an id, recorded on
+//! the events its command writes (`idempotency_claim` in their metadata), and the database
+//! writes those events only while the claim is current (a trigger that holds the claim row
+//! `FOR SHARE` until the command's transaction ends). A claim is resolved in one transaction
+//! that locks its row (so it waits for a command that is committing): if the command's events
+//! are there, the answer is built from them ([`crate::write::answer_from_events`]) and stored;
+//! if not, the claim gets a new id (fencing the first attempt out) or is released. That happens
+//! when a retry finds a claim `in_progress` for [`ABANDONED_AFTER_SECONDS`] (its process died, or
+//! is stuck), and when the command answered with a server error. So a retry never runs a
+//! command twice, and a dead process blocks its key for seconds, not a day. Routes whose writes
+//! are not events (operations) keep unfenced claims: released on a server error, never taken
+//! over.
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -75,11 +80,13 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
         Err(_) => return body_rejection(StatusCode::PAYLOAD_TOO_LARGE).into_response(),
     };
     let digest = request_digest(&bytes);
+    let path = parts.uri.path().to_string();
     let mut claim = Claim {
         staff_id: caller.staff_id,
+        id: fenced(&path).then(Uuid::new_v4),
+        path,
         route,
         key,
-        id: Uuid::new_v4(),
     };
 
     match claim.try_take(&state, &digest).await {
@@ -89,7 +96,9 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
     }
 
     let mut request = Request::from_parts(parts, Body::from(bytes));
-    request.extensions_mut().insert(ClaimId(claim.id));
+    if let Some(id) = claim.id {
+        request.extensions_mut().insert(ClaimId(id));
+    }
     let pool = state.pool.clone();
     let task = tokio::spawn(async move {
         let response = next.run(request).await;
@@ -115,21 +124,47 @@ fn request_digest(bytes: &[u8]) -> Vec<u8> {
     Sha256::digest(&canonical).to_vec()
 }
 
+/// Whether a route's claims are fenced: every write of a command route is an event of its
+/// command, so its claims can be resolved from the log. The operations routes (requeue, rebuild)
+/// write no events.
+fn fenced(path: &str) -> bool {
+    !(path.starts_with("/v1/outbox/") || path.starts_with("/v1/projections/"))
+}
+
 /// A stored key: request digest, status, response status and body, claim id, and for how many
 /// seconds it has been claimed.
-type StoredKey = (Vec<u8>, String, Option<i16>, Option<Vec<u8>>, Uuid, f64);
+type StoredKey = (
+    Vec<u8>,
+    String,
+    Option<i16>,
+    Option<Vec<u8>>,
+    Option<Uuid>,
+    f64,
+);
 
 struct Claim {
     staff_id: Uuid,
     route: String,
+    /// The request's path (a creation's `Location` is below it).
+    path: String,
     key: String,
-    /// This attempt's claim id (recorded on the command's events).
-    id: Uuid,
+    /// This attempt's claim id (recorded on the command's events); none on unfenced routes.
+    id: Option<Uuid>,
 }
 
 enum Taken {
     Ours,
     Replay(Response),
+}
+
+/// What a claim's resolution found.
+enum Resolved {
+    /// The command's events are there: its answer, now stored.
+    Answered(Response),
+    /// The command did not happen, and cannot any more: the claim has the new id, or is gone.
+    NotDone,
+    /// Another attempt resolved the claim first.
+    Gone,
 }
 
 impl Claim {
@@ -176,18 +211,32 @@ impl Claim {
             if status == "completed" {
                 return Ok(Taken::Replay(replay(response_status, response_body)));
             }
-            if age < ABANDONED_AFTER_SECONDS {
-                let wait = (ABANDONED_AFTER_SECONDS - age).ceil().max(1.0);
-                return Err(Problem::new(
+            let in_progress = |wait: f64| {
+                Problem::new(
                     ProblemKind::Conflict,
                     "a request with this Idempotency-Key is still being processed; retry shortly",
                 )
                 .with_code("idempotency.in_progress")
                 // In whole seconds, at most ABANDONED_AFTER_SECONDS.
-                .retry_after(wait as u64));
+                .retry_after(wait.ceil().max(1.0) as u64)
+            };
+            // An unfenced claim is never taken over: it waits for its answer or its expiry.
+            let (Some(old), Some(new)) = (claim_id, self.id) else {
+                return Err(in_progress(1.0));
+            };
+            if age < ABANDONED_AFTER_SECONDS {
+                return Err(in_progress(ABANDONED_AFTER_SECONDS - age));
             }
-            if let Some(taken) = self.take_over(state, claim_id).await? {
-                return Ok(taken);
+            match resolve(&state.pool, &self.path, old, Some(new)).await? {
+                Resolved::Answered(response) => {
+                    tracing::warn!(route = %self.route, "answered an abandoned idempotency claim from its events");
+                    return Ok(Taken::Replay(response));
+                }
+                Resolved::NotDone => {
+                    tracing::warn!(route = %self.route, "took over an abandoned idempotency claim");
+                    return Ok(Taken::Ours);
+                }
+                Resolved::Gone => {}
             }
         }
         Err(Problem::new(
@@ -198,94 +247,144 @@ impl Claim {
         .retry_after(1))
     }
 
-    /// Takes over the abandoned claim `old`: gives the key this attempt's claim id, which fences
-    /// the first attempt out (waiting for it if it is committing right now). If the first attempt
-    /// had committed, answers from its events; otherwise the command is ours to run. `None` when
-    /// another retry got there first.
-    async fn take_over(&self, state: &AppState, old: Uuid) -> Result<Option<Taken>, Problem> {
-        let moved = sqlx::query(
-            "UPDATE idempotency_keys SET claim_id = $2, claimed_at = now() \
-             WHERE claim_id = $1 AND status = 'in_progress'",
-        )
-        .bind(old)
-        .bind(self.id)
-        .execute(&state.pool)
-        .await?
-        .rows_affected();
-        if moved == 0 {
-            return Ok(None);
-        }
-        let events: Vec<WrittenEvent> = sqlx::query_as(
-            "SELECT aggregate_type, aggregate_id, sequence, global_position, payload::text AS payload \
-             FROM events WHERE metadata ->> 'idempotency_claim' = $1 \
-             ORDER BY global_position",
-        )
-        .bind(old.to_string())
-        .fetch_all(&state.pool)
-        .await?;
-        tracing::warn!(
-            route = %self.route,
-            committed_events = events.len(),
-            "took over an abandoned idempotency claim"
-        );
-        if events.is_empty() {
-            return Ok(Some(Taken::Ours));
-        }
-        let path = self.route.split_once(' ').map_or("", |(_, path)| path);
-        let Some(answer) = answer_from_events(path, &events) else {
-            return Err(Problem::internal(
-                "the first attempt of this request wrote events that cannot be read back",
-            ));
-        };
-        let response = answer.into_response();
-        let status = response.status();
-        let body = to_bytes(response.into_body(), 1024 * 1024)
-            .await
-            .map_err(|e| Problem::internal(format!("reading a response: {e}")))?;
-        self.store(&state.pool, status, &body).await;
-        Ok(Some(Taken::Replay(replay(
-            Some(stored_status(status)),
-            Some(body.to_vec()),
-        ))))
-    }
-
-    /// Stores the answer (or releases the claim after a server failure) and returns it. A claim
-    /// taken over meanwhile is left to the retry that took it.
+    /// Stores the answer and returns it. After a server failure, the claim is resolved: the
+    /// command may have committed before the failure (then its answer is built from its events),
+    /// else the claim is released so a retry runs it. A claim taken over meanwhile is left to the
+    /// retry that took it.
     async fn finish(self, pool: &sqlx::PgPool, response: Response) -> Response {
         if response.status().is_server_error() {
-            if let Err(e) = sqlx::query("DELETE FROM idempotency_keys WHERE claim_id = $1")
-                .bind(self.id)
+            let Some(id) = self.id else {
+                if let Err(e) = sqlx::query(
+                    "DELETE FROM idempotency_keys \
+                     WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3 \
+                       AND claim_id IS NULL AND status = 'in_progress'",
+                )
+                .bind(self.staff_id)
+                .bind(&self.route)
+                .bind(&self.key)
                 .execute(pool)
                 .await
-            {
-                tracing::error!(error = %e, "cannot release an idempotency key");
-            }
-            return response;
+                {
+                    tracing::error!(error = %e, "cannot release an idempotency key");
+                }
+                return response;
+            };
+            return match resolve(pool, &self.path, id, None).await {
+                Ok(Resolved::Answered(answer)) => {
+                    tracing::warn!(route = %self.route, "a command failed after it committed; answered from its events");
+                    answer
+                }
+                Ok(_) => response,
+                // Left in progress: a retry resolves it once it is abandoned.
+                Err(e) => {
+                    tracing::error!(
+                        error = e.detail.as_deref().unwrap_or_default(),
+                        "cannot resolve an idempotency claim"
+                    );
+                    response
+                }
+            };
         }
         let (parts, body) = response.into_parts();
         let bytes = match to_bytes(body, 1024 * 1024).await {
             Ok(b) => b,
             Err(e) => return Problem::internal(format!("reading a response: {e}")).into_response(),
         };
-        self.store(pool, parts.status, &bytes).await;
-        Response::from_parts(parts, Body::from(bytes))
-    }
-
-    async fn store(&self, pool: &sqlx::PgPool, status: StatusCode, body: &[u8]) {
         if let Err(e) = sqlx::query(
-            "UPDATE idempotency_keys SET status = 'completed', response_status = $2, \
-             response_body = $3, completed_at = now() \
-             WHERE claim_id = $1 AND status = 'in_progress'",
+            "UPDATE idempotency_keys SET status = 'completed', response_status = $5, \
+             response_body = $6, completed_at = now() \
+             WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3 \
+               AND claim_id IS NOT DISTINCT FROM $4 AND status = 'in_progress'",
         )
+        .bind(self.staff_id)
+        .bind(&self.route)
+        .bind(&self.key)
         .bind(self.id)
-        .bind(stored_status(status))
-        .bind(body)
+        .bind(stored_status(parts.status))
+        .bind(bytes.as_ref())
         .execute(pool)
         .await
         {
             tracing::error!(error = %e, "cannot store an idempotent answer");
         }
+        Response::from_parts(parts, Body::from(bytes))
     }
+}
+
+/// Resolves claim `id` in one transaction. Its row lock waits for a command of the claim that is
+/// committing (the fence trigger holds the row `FOR SHARE`), so the events read after it are all
+/// the claim will ever have. If they hold the command's answer, it is stored; otherwise the claim
+/// moves to `new_id` (a takeover) or is released (`None`), either of which fences out anything
+/// still running under `id`. An unreadable answer leaves the claim as it was.
+async fn resolve(
+    pool: &sqlx::PgPool,
+    path: &str,
+    id: Uuid,
+    new_id: Option<Uuid>,
+) -> Result<Resolved, Problem> {
+    let mut tx = pool.begin().await?;
+    let locked: Option<String> =
+        sqlx::query_scalar("SELECT status FROM idempotency_keys WHERE claim_id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if locked.as_deref() != Some("in_progress") {
+        return Ok(Resolved::Gone);
+    }
+    let events: Vec<WrittenEvent> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id, sequence, global_position, payload::text AS payload \
+         FROM events WHERE metadata ->> 'idempotency_claim' = $1 \
+         ORDER BY global_position",
+    )
+    .bind(id.to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    let answer = answer_from_events(path, &events).map_err(|e| {
+        Problem::internal(format!(
+            "the events of an earlier attempt of this request cannot be read back: {e}"
+        ))
+    })?;
+    let Some(answer) = answer else {
+        match new_id {
+            Some(new_id) => {
+                sqlx::query(
+                    "UPDATE idempotency_keys SET claim_id = $2, claimed_at = now() \
+                     WHERE claim_id = $1",
+                )
+                .bind(id)
+                .bind(new_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM idempotency_keys WHERE claim_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        return Ok(Resolved::NotDone);
+    };
+    let response = answer.into_response();
+    let status = response.status();
+    let body = to_bytes(response.into_body(), 1024 * 1024)
+        .await
+        .map_err(|e| Problem::internal(format!("reading a response: {e}")))?;
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = 'completed', response_status = $2, \
+         response_body = $3, completed_at = now() WHERE claim_id = $1",
+    )
+    .bind(id)
+    .bind(stored_status(status))
+    .bind(body.as_ref())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Resolved::Answered(replay(
+        Some(stored_status(status)),
+        Some(body.to_vec()),
+    )))
 }
 
 fn stored_status(status: StatusCode) -> i16 {

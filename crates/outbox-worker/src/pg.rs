@@ -303,9 +303,11 @@ impl Pacer for PgPacer {
 }
 
 /// A concurrency limit shared by every process on the database (Zoho's calls in flight): `n`
-/// slot rows in `call_slots`, each call holding one under a lease. A process that dies holding
-/// slots loses them when their leases end, so the lease must outlast any call (its timeout and a
-/// retry). Within a process the waiters take turns (first come, first served): one of them
+/// slot rows in `call_slots`, each call holding one under a lease that a task of the holder
+/// renews every third of the lease while the call runs. A process that dies holding slots loses
+/// them when their leases end; a live holder never does, however long its call (token refresh
+/// and retry included). Each acquisition is its own holder, so a late release can only free its
+/// own slot. Within a process the waiters take turns (first come, first served): one of them
 /// polls the table, and a slot released by this process wakes it at once.
 pub struct PgCallSlots {
     inner: std::sync::Arc<SlotsInner>,
@@ -316,8 +318,6 @@ struct SlotsInner {
     name: String,
     slots: i32,
     lease: Duration,
-    /// This process, as the holder of its slots.
-    holder: uuid::Uuid,
     turn: tokio::sync::Mutex<()>,
     released: tokio::sync::Notify,
     rows_ensured: std::sync::atomic::AtomicBool,
@@ -325,17 +325,19 @@ struct SlotsInner {
 
 /// How often a process waiting for a slot held elsewhere looks again.
 const SLOT_POLL: Duration = Duration::from_millis(10);
+/// How long `acquire` retries a failing database before calling without a shared slot.
+const SLOT_DB_PATIENCE: Duration = Duration::from_secs(5);
 
 impl PgCallSlots {
-    /// `slots` calls at once across every process using `name`, each held for at most `lease`.
+    /// `slots` calls at once across every process using `name`; a dead holder's slot is free
+    /// again after `lease`.
     pub fn new(pool: PgPool, name: impl Into<String>, slots: usize, lease: Duration) -> Self {
         Self {
             inner: std::sync::Arc::new(SlotsInner {
                 pool,
                 name: name.into(),
                 slots: i32::try_from(slots.max(1)).unwrap_or(i32::MAX),
-                lease,
-                holder: uuid::Uuid::new_v4(),
+                lease: lease.max(Duration::from_millis(300)),
                 turn: tokio::sync::Mutex::new(()),
                 released: tokio::sync::Notify::new(),
                 rows_ensured: std::sync::atomic::AtomicBool::new(false),
@@ -343,11 +345,11 @@ impl PgCallSlots {
         }
     }
 
-    /// Takes a free slot (never held, released, or with its lease over), if there is one.
-    async fn try_take(&self) -> Result<Option<i32>, sqlx::Error> {
+    /// Takes a free slot (never held, released, or with its lease over) for `holder`, if any.
+    async fn try_take(&self, holder: uuid::Uuid) -> Result<Option<i32>, sqlx::Error> {
         let s = &self.inner;
-        // Its commit does not wait for the disk: a slot lost in a crash of the server is free
-        // again when its lease ends.
+        // Its commit does not wait for the disk: after a crash of the server the slot is free
+        // again once its lease ends (the holder's renewals find it gone and stop).
         sqlx::query_scalar(
             "WITH free AS ( \
                SELECT slot FROM call_slots \
@@ -361,7 +363,7 @@ impl PgCallSlots {
              RETURNING c.slot",
         )
         .bind(&s.name)
-        .bind(s.holder)
+        .bind(holder)
         .bind(s.slots)
         .bind(s.lease.as_secs_f64())
         .fetch_optional(&s.pool)
@@ -371,9 +373,6 @@ impl PgCallSlots {
     /// Creates this process's slot rows the first time (another process may use fewer).
     async fn ensure_rows(&self) -> Result<(), sqlx::Error> {
         let s = &self.inner;
-        if s.rows_ensured.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(());
-        }
         sqlx::query(
             "INSERT INTO call_slots (name, slot) \
              SELECT $1, g FROM generate_series(0, $2 - 1) AS g ON CONFLICT DO NOTHING",
@@ -387,9 +386,37 @@ impl PgCallSlots {
         Ok(())
     }
 
-    fn guard(&self, slot: i32) -> crm::SlotGuard {
+    /// The guard of slot `slot` held by `holder`: renews the lease while held, releases on drop.
+    fn guard(&self, slot: i32, holder: uuid::Uuid) -> crm::SlotGuard {
         let inner = self.inner.clone();
+        let renewing = {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(inner.lease / 3).await;
+                    let renewed = sqlx::query(
+                        "UPDATE call_slots SET lease_until = clock_timestamp() + make_interval(secs => $4) \
+                         FROM (SELECT set_config('synchronous_commit', 'off', true)) AS local \
+                         WHERE name = $1 AND slot = $2 AND holder = $3",
+                    )
+                    .bind(&inner.name)
+                    .bind(slot)
+                    .bind(holder)
+                    .bind(inner.lease.as_secs_f64())
+                    .execute(&inner.pool)
+                    .await;
+                    match renewed {
+                        Ok(r) if r.rows_affected() == 0 => return,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, slot, "cannot renew a call slot's lease")
+                        }
+                    }
+                }
+            })
+        };
         crm::SlotGuard::new(move || {
+            renewing.abort();
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                 // No runtime left (shutting down): the lease frees the slot.
                 return;
@@ -402,7 +429,7 @@ impl PgCallSlots {
                 )
                 .bind(&inner.name)
                 .bind(slot)
-                .bind(inner.holder)
+                .bind(holder)
                 .execute(&inner.pool)
                 .await;
                 if let Err(e) = released {
@@ -418,33 +445,45 @@ impl PgCallSlots {
 impl crm::CallSlots for PgCallSlots {
     async fn acquire(&self) -> crm::SlotGuard {
         let _turn = self.inner.turn.lock().await;
+        let holder = uuid::Uuid::new_v4();
+        let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             // Registered before looking, so a release in between is not missed.
             let released = self.inner.released.notified();
-            match self.try_take().await {
-                Ok(Some(slot)) => return self.guard(slot),
+            let pause = match self.try_take(holder).await {
+                Ok(Some(slot)) => return self.guard(slot, holder),
                 Ok(None)
                     if !self
                         .inner
                         .rows_ensured
                         .load(std::sync::atomic::Ordering::Relaxed) =>
                 {
-                    if let Err(e) = self.ensure_rows().await {
-                        tracing::warn!(error = %e, "cannot create the call slots; calling unshared");
-                        return crm::SlotGuard::none();
+                    match self.ensure_rows().await {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
                     }
                 }
-                Ok(None) => {
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            match pause {
+                Ok(()) => {
+                    failing_since = None;
                     let jitter = Duration::from_micros(fastrand::u64(0..=5_000));
                     tokio::select! {
                         () = released => {}
                         () = tokio::time::sleep(SLOT_POLL + jitter) => {}
                     }
                 }
-                // Without the database, the client's own bound still holds.
+                // The database is failing: retry a while, then call without a shared slot (the
+                // client's own bound still holds; deliveries need the database anyway).
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot take a call slot; calling unshared");
-                    return crm::SlotGuard::none();
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= SLOT_DB_PATIENCE {
+                        tracing::warn!(error = %e, "cannot take a call slot; calling unshared");
+                        return crm::SlotGuard::none();
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }

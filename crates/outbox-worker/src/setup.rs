@@ -163,12 +163,12 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     }
     zc.timeout = timeout;
     // ZOHO_MAX_CONCURRENCY is the organisation's limit, so every worker process shares it. A
-    // slot's lease outlasts a call, a token refresh and its retry.
+    // live holder renews its slot's lease; a dead one's slot is free again after 15 s.
     zc.slots = Arc::new(PgCallSlots::new(
         pool.clone(),
         "zoho",
         zc.max_concurrency,
-        timeout * 3,
+        Duration::from_secs(15),
     ));
     let zoho = ZohoClient::new(zc).map_err(|e| SetupError::Config(e.to_string()))?;
     Ok(Crms {

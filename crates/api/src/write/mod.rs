@@ -118,13 +118,20 @@ pub struct WrittenEvent {
     pub payload: String,
 }
 
-/// The answer a command route gives, rebuilt from the events its command wrote (in log order):
-/// for a retry that finds the first attempt committed but unanswered because its process died
-/// in between. `route_path` is the request's path (a creation's `Location` is below it). `None`
-/// when there are no events or they cannot be read.
-pub fn answer_from_events(route_path: &str, events: &[WrittenEvent]) -> Option<Answer> {
-    let last = events.iter().max_by_key(|e| e.global_position)?;
-    let id = Uuid::parse_str(&last.aggregate_id).ok()?;
+/// The answer a command route gives, rebuilt from the events its command wrote under one
+/// `Idempotency-Key` claim (in log order): for a retry that finds the first attempt committed but
+/// unanswered (its process died, or failed after the commit). `route_path` is the request's path
+/// (a creation's `Location` is below it). `Ok(None)` when the command did not happen: no events,
+/// or, for `win` (which attaches the client in a command of its own first), no `LeadWon`; running
+/// the route again is then safe. `Err` when the events cannot be read.
+pub fn answer_from_events(
+    route_path: &str,
+    events: &[WrittenEvent],
+) -> Result<Option<Answer>, String> {
+    let Some(last) = events.iter().max_by_key(|e| e.global_position) else {
+        return Ok(None);
+    };
+    let id = Uuid::parse_str(&last.aggregate_id).map_err(|e| e.to_string())?;
     let outcome = Outcome {
         id,
         version: last.sequence,
@@ -138,9 +145,11 @@ pub fn answer_from_events(route_path: &str, events: &[WrittenEvent]) -> Option<A
         Answer::ok(&outcome)
     };
     let a = &mut answer.body;
+    let mut won = false;
     for e in events {
+        let bad = |err: serde_json::Error| format!("{} event: {err}", e.aggregate_type);
         match e.aggregate_type.as_str() {
-            "Booking" => match serde_json::from_str(&e.payload).ok()? {
+            "Booking" => match serde_json::from_str(&e.payload).map_err(bad)? {
                 BookingEvent::BookingCreated { external_code, .. } => a.code = Some(external_code),
                 BookingEvent::BookingServiceAdded { line, .. } => a.line_id = Some(line.line_id),
                 BookingEvent::BookingInvoiceIssued { invoice_id, .. } => {
@@ -151,19 +160,20 @@ pub fn answer_from_events(route_path: &str, events: &[WrittenEvent]) -> Option<A
                 }
                 _ => {}
             },
-            "Lead" => match serde_json::from_str(&e.payload).ok()? {
+            "Lead" => match serde_json::from_str(&e.payload).map_err(bad)? {
                 LeadEvent::LeadCreated { lead_code, .. } => a.code = Some(lead_code),
                 LeadEvent::LeadWon {
                     booking_id,
                     booking_code,
                     ..
                 } => {
+                    won = true;
                     a.booking_id = Some(booking_id);
                     a.booking_code = Some(booking_code);
                 }
                 _ => {}
             },
-            "Deal" => match serde_json::from_str(&e.payload).ok()? {
+            "Deal" => match serde_json::from_str(&e.payload).map_err(bad)? {
                 DealEvent::DealDrafted { deal_number, .. } => a.code = Some(deal_number),
                 DealEvent::DealPaymentRecorded { payment_id, .. } => {
                     a.payment_id = Some(payment_id);
@@ -173,7 +183,10 @@ pub fn answer_from_events(route_path: &str, events: &[WrittenEvent]) -> Option<A
             _ => {}
         }
     }
-    Some(answer)
+    if route_path.starts_with("/v1/leads/") && route_path.ends_with("/win") && !won {
+        return Ok(None);
+    }
+    Ok(Some(answer))
 }
 
 /// Runs `command` on aggregate `id` for the caller.
