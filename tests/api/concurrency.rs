@@ -418,23 +418,6 @@ async fn a_retry_answers_from_the_events_of_a_first_attempt_that_died_before_sto
     assert_eq!(app.event_count().await, events);
 }
 
-/// Waits until `n` statements wait for a lock on the events table.
-async fn wait_for_event_lock_waiters(app: &TestApp, n: i64) {
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass AND NOT granted",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        if waiting >= n {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("{n} writers never queued for the events table");
-}
-
 /// A first attempt that is slow, not dead, and has not reached its commit is fenced out by the
 /// retry that took its claim over: the booking is created once, by the retry.
 #[tokio::test]
@@ -455,7 +438,7 @@ async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_ove
         .await
         .unwrap();
     let (first, second) = tokio::join!(app.send(create()), async {
-        wait_for_event_lock_waiters(&app, 1).await;
+        wait_for_lock_waits(&app, "relation", "INSERT INTO events", 1).await;
         sqlx::query(
             "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
              WHERE idempotency_key = 'fence-1'",
@@ -464,7 +447,7 @@ async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_ove
         .await
         .unwrap();
         let release = async {
-            wait_for_event_lock_waiters(&app, 2).await;
+            wait_for_lock_waits(&app, "relation", "INSERT INTO events", 2).await;
             lock.rollback().await.unwrap();
         };
         tokio::join!(app.send(create()), release).0
@@ -479,9 +462,9 @@ async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_ove
     assert_eq!(booking_created_count(&app).await, before + 1);
 }
 
-/// Waits until a statement containing `query_part` waits for a lock of kind `wait_event`
+/// Waits until `n` statements containing `query_part` wait for a lock of kind `wait_event`
 /// (`relation`: a table lock; `transactionid`: another transaction's row or constraint).
-async fn wait_for_lock_wait(app: &TestApp, wait_event: &str, query_part: &str) {
+async fn wait_for_lock_waits(app: &TestApp, wait_event: &str, query_part: &str, n: i64) {
     for _ in 0..500 {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
@@ -492,12 +475,12 @@ async fn wait_for_lock_wait(app: &TestApp, wait_event: &str, query_part: &str) {
         .fetch_one(&app.pool)
         .await
         .unwrap();
-        if waiting > 0 {
+        if waiting >= n {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    panic!("no `{query_part}` waited for a lock");
+    panic!("{n} `{query_part}` never waited for a lock");
 }
 
 /// A retry that comes while the first attempt is inside its commit (past the fence, waiting for
@@ -545,7 +528,7 @@ async fn a_takeover_waits_for_a_committing_first_attempt_and_answers_from_its_ev
         .await
         .unwrap();
     let (first, second) = tokio::join!(app.send(confirm()), async {
-        wait_for_lock_wait(&app, "relation", "INSERT INTO events").await;
+        wait_for_lock_waits(&app, "relation", "INSERT INTO events", 1).await;
         sqlx::query(
             "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
              WHERE idempotency_key = 'commit-1'",
@@ -555,13 +538,14 @@ async fn a_takeover_waits_for_a_committing_first_attempt_and_answers_from_its_ev
         .unwrap();
         events_lock.rollback().await.unwrap();
         // Past the fence, waiting for the vehicle hold.
-        wait_for_lock_wait(&app, "transactionid", "INSERT INTO events").await;
+        wait_for_lock_waits(&app, "transactionid", "INSERT INTO events", 1).await;
         let release = async {
             // The retry's resolution waits for the first attempt's transaction.
-            wait_for_lock_wait(
+            wait_for_lock_waits(
                 &app,
                 "transactionid",
                 "FROM idempotency_keys WHERE claim_id",
+                1,
             )
             .await;
             hold.rollback().await.unwrap();

@@ -1189,18 +1189,18 @@ async fn a_retry_after_its_api_process_was_killed_mid_command_gets_the_one_answe
             "the killed API never answered"
         );
 
-        // The caller retries on the other API with the same key until it gets an answer.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut waited = 0;
-        let answer = loop {
-            let r = http
-                .post(format!("{survivor}/v1/bookings"))
+        let retry = || {
+            http.post(format!("{survivor}/v1/bookings"))
                 .bearer_auth(&sales)
                 .header("idempotency-key", &key)
                 .json(&body)
                 .send()
-                .await
-                .unwrap();
+        };
+        // The caller retries on the other API with the same key until it gets an answer.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut waited = 0;
+        let answer = loop {
+            let r = retry().await.unwrap();
             let status = r.status().as_u16();
             let replayed = r.headers().contains_key("idempotent-replayed");
             let retry_after = r.headers().get("retry-after").cloned();
@@ -1241,17 +1241,7 @@ async fn a_retry_after_its_api_process_was_killed_mid_command_gets_the_one_answe
         let stored = &created[0];
         assert_eq!(answer["id"], stored.as_str(), "{case}");
         // Later retries replay that answer.
-        let again: Value = http
-            .post(format!("{survivor}/v1/bookings"))
-            .bearer_auth(&sales)
-            .header("idempotency-key", &key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let again: Value = retry().await.unwrap().json().await.unwrap();
         assert_eq!(again, answer, "{case}");
 
         cluster.procs.remove(victim);
