@@ -422,7 +422,7 @@ async fn a_retry_answers_from_the_events_of_a_first_attempt_that_died_before_sto
 /// retry that took its claim over: the booking is created once, by the retry.
 #[tokio::test]
 async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_over() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(without_claim_renewals).await;
     let client = app.client("Fence Case").await;
     let create = || {
         app.request(Method::POST, "sales", "/v1/bookings")
@@ -462,13 +462,75 @@ async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_ove
     assert_eq!(booking_created_count(&app).await, before + 1);
 }
 
+/// A first attempt that is slow but alive (its event insert waits for a lock past the takeover
+/// age) keeps renewing its claim: a retry meanwhile is told to wait, not given the command; the
+/// first attempt then answers, and the retry gets that answer.
+#[tokio::test]
+async fn a_slow_first_attempt_that_is_alive_keeps_its_claim_past_the_takeover_age() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Alive Case").await;
+    let create = || {
+        app.request(Method::POST, "sales", "/v1/bookings")
+            .header("idempotency-key", "alive-1")
+            .json(&booking_body(&client))
+    };
+    let before = booking_created_count(&app).await;
+
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let (first, (waited, age)) = tokio::join!(app.send(create()), async {
+        wait_for_lock_waits(&app, "relation", "INSERT INTO events", 1).await;
+        // Past the age at which a claim that is not renewed is taken over.
+        tokio::time::sleep(std::time::Duration::from_secs_f64(
+            api::idempotency::ABANDONED_AFTER_SECONDS + 1.0,
+        ))
+        .await;
+        let age: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM clock_timestamp() - claimed_at)::float8 \
+             FROM idempotency_keys WHERE idempotency_key = 'alive-1'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        let waited = app.send(create()).await;
+        lock.rollback().await.unwrap();
+        (waited, age)
+    });
+
+    assert!(
+        age < api::idempotency::ABANDONED_AFTER_SECONDS,
+        "the running command renews its claim (last {age:.1} s ago)"
+    );
+    waited.assert_problem(409, "conflict");
+    assert_eq!(waited.body["code"], "idempotency.in_progress");
+    assert_eq!(first.status, 201, "{:#}", first.body);
+    let replayed = app.send(create()).await;
+    assert_eq!(replayed.status, 201);
+    assert_eq!(replayed.body, first.body);
+    assert_eq!(booking_created_count(&app).await, before + 1);
+}
+
+/// For tests that make a live attempt's claim look abandoned (as when its process stopped
+/// renewing it): the attempt does not renew it behind the test's back.
+fn without_claim_renewals(config: api::ApiConfig) -> api::ApiConfig {
+    api::ApiConfig {
+        claim_heartbeat: std::time::Duration::from_secs(3600),
+        ..config
+    }
+}
+
 /// Waits until `n` statements containing `query_part` wait for a lock of kind `wait_event`
-/// (`relation`: a table lock; `transactionid`: another transaction's row or constraint).
+/// (`relation`: a table lock; `transactionid`: another transaction's row or constraint), in this
+/// test's database (other tests run at the same time on the same server).
 async fn wait_for_lock_waits(app: &TestApp, wait_event: &str, query_part: &str, n: i64) {
     for _ in 0..500 {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND wait_event = $2 AND query ILIKE '%' || $1 || '%'",
+             WHERE datname = current_database() \
+               AND wait_event_type = 'Lock' AND wait_event = $2 AND query ILIKE '%' || $1 || '%'",
         )
         .bind(query_part)
         .bind(wait_event)
@@ -488,7 +550,7 @@ async fn wait_for_lock_waits(app: &TestApp, wait_event: &str, query_part: &str, 
 #[tokio::test]
 async fn a_takeover_waits_for_a_committing_first_attempt_and_answers_from_its_events() {
     use crate::helpers::GHOST;
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(without_claim_renewals).await;
     let client = app.client("Commit Case").await;
     let created = app
         .ok(

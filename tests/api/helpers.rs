@@ -79,16 +79,23 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn() -> Self {
+        Self::spawn_with(|config| config).await
+    }
+
+    /// With the API's configuration changed by `configure`.
+    pub async fn spawn_with(configure: impl FnOnce(api::ApiConfig) -> api::ApiConfig) -> Self {
         if std::env::var("TEST_LOG").is_ok() {
             let _ = tracing_subscriber_init();
         }
         let db = TestDb::new().await;
         let pool = db.pool.clone();
-        let config = api::ApiConfig {
-            read_wait: Duration::from_secs(5),
-            ..api::ApiConfig::default()
-        }
-        .with_kommo_webhook_secret(WEBHOOK_SECRET);
+        let config = configure(
+            api::ApiConfig {
+                read_wait: Duration::from_secs(5),
+                ..api::ApiConfig::default()
+            }
+            .with_kommo_webhook_secret(WEBHOOK_SECRET),
+        );
         let state = api::AppState::new(pool.clone(), config);
         let (stop, stopped) = watch::channel(false);
         let mut tasks = Vec::new();

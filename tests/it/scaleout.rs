@@ -1082,7 +1082,8 @@ async fn wait_lock_wait(pool: &PgPool, query_part: &str) {
     loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query ILIKE '%' || $1 || '%'",
+             WHERE datname = current_database() \
+               AND wait_event_type = 'Lock' AND query ILIKE '%' || $1 || '%'",
         )
         .bind(query_part)
         .fetch_one(pool)

@@ -17,8 +17,9 @@
 //! that locks its row (so it waits for a command that is committing): if the command's events
 //! are there, the answer is built from them ([`crate::write::answer_from_events`]) and stored;
 //! if not, the claim gets a new id (fencing the first attempt out) or is released. That happens
-//! when a retry finds a claim `in_progress` for [`ABANDONED_AFTER_SECONDS`] (its process died, or
-//! is stuck), and when the command answered with a server error. So a retry never runs a
+//! when a retry finds a claim `in_progress` and not renewed for [`ABANDONED_AFTER_SECONDS`] (a
+//! running command renews its claim every [`HEARTBEAT`], for up to [`HEARTBEAT_FOR`]: so its
+//! process died, or the command is stuck), and when the command answered with a server error. So a retry never runs a
 //! command twice, and a dead process blocks its key for seconds, not a day. Routes whose writes
 //! are not events (operations) keep unfenced claims: released on a server error, never taken
 //! over.
@@ -42,10 +43,19 @@ pub const HEADER: &str = "idempotency-key";
 /// How long keys are kept.
 pub const RETENTION_HOURS: i32 = 24;
 
-/// A claim still `in_progress` after this long is presumed abandoned (its process died): the next
-/// retry takes it over. Commands answer in well under a second; a first attempt still running
-/// this long is fenced out, so this choice never lets a command run twice.
+/// A claim `in_progress` and not renewed for this long is presumed abandoned (its process died):
+/// the next retry takes it over. A first attempt that is still running after all is fenced out,
+/// so this choice never lets a command run twice.
 pub const ABANDONED_AFTER_SECONDS: f64 = 10.0;
+
+/// While a command runs, its claim's `claimed_at` is renewed this often, so a retry takes over
+/// only a claim whose process stopped renewing it (died), not a command that is slow (waiting
+/// for a lock, say).
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A command still running after this long is presumed stuck: its claim is no longer renewed,
+/// so a retry can take it over (fencing the stuck attempt out). Twice the request timeout.
+pub const HEARTBEAT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The claim a command request runs under (a request extension), for its events' metadata.
 #[derive(Debug, Clone, Copy)]
@@ -100,14 +110,66 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
         request.extensions_mut().insert(ClaimId(id));
     }
     let pool = state.pool.clone();
+    let heartbeat = state.config.claim_heartbeat;
     let task = tokio::spawn(async move {
-        let response = next.run(request).await;
+        let response = match claim.id {
+            Some(id) => while_alive(&pool, id, heartbeat, next.run(request)).await,
+            None => next.run(request).await,
+        };
         claim.finish(&pool, response).await
     });
     match task.await {
         Ok(response) => response,
         Err(e) => Problem::internal(format!("command task failed: {e}")).into_response(),
     }
+}
+
+/// Runs `command` while renewing claim `id` every `heartbeat` ([`HEARTBEAT`]; for at most
+/// [`HEARTBEAT_FOR`]). The renewals run in a task of their own: one may wait for the claim row
+/// while the command's own transaction holds it (the fence, until its commit), so it must not
+/// stop the command from being polled; and it is never dropped mid-statement, only told to
+/// stop between renewals.
+async fn while_alive(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    heartbeat: std::time::Duration,
+    command: impl std::future::Future<Output = Response>,
+) -> Response {
+    let done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let renewals = tokio::spawn({
+        let (pool, done) = (pool.clone(), done.clone());
+        async move {
+            let until = tokio::time::Instant::now() + HEARTBEAT_FOR;
+            loop {
+                tokio::select! {
+                    () = done.notified() => return,
+                    () = tokio::time::sleep(heartbeat) => {}
+                }
+                if tokio::time::Instant::now() >= until {
+                    tracing::warn!(
+                        "a command has run for a minute; its idempotency claim is no longer renewed"
+                    );
+                    return;
+                }
+                // (A claim taken over or finished has another id or status: nothing changes.)
+                if let Err(e) = sqlx::query(
+                    "UPDATE idempotency_keys SET claimed_at = now() \
+                     WHERE claim_id = $1 AND status = 'in_progress'",
+                )
+                .bind(id)
+                .execute(&pool)
+                .await
+                {
+                    tracing::warn!(error = %e, "cannot renew an idempotency claim");
+                }
+            }
+        }
+    });
+    let response = command.await;
+    // `notify_one` keeps the permit if the task is mid-renewal: it stops at its next look.
+    done.notify_one();
+    drop(renewals);
+    response
 }
 
 /// SHA-256 of the body in canonical form: JSON is re-serialized (object keys sorted), so the

@@ -90,6 +90,9 @@ pub struct ApiConfig {
     pub kommo_webhook_secret: Option<SecretString>,
     /// How long a query with `min_position` waits for the read models.
     pub read_wait: Duration,
+    /// How often a running command renews its `Idempotency-Key` claim
+    /// ([`idempotency::HEARTBEAT`]).
+    pub claim_heartbeat: Duration,
 }
 
 impl Default for ApiConfig {
@@ -97,6 +100,7 @@ impl Default for ApiConfig {
         Self {
             kommo_webhook_secret: None,
             read_wait: Duration::from_secs(2),
+            claim_heartbeat: idempotency::HEARTBEAT,
         }
     }
 }
