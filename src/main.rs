@@ -269,6 +269,8 @@ async fn run_outbox(
         stopped.clone(),
     );
     tokio::join!(projector, worker.run(stopped));
+    // The calls the worker abandoned on its way out give their Zoho slots back now.
+    crms.zoho_slots.close().await;
     // The sandbox servers, if any, live until here.
     drop(crms.sandbox);
     Ok(())

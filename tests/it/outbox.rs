@@ -640,3 +640,58 @@ async fn a_live_call_keeps_its_slot_beyond_the_lease() {
         .expect("the released slot is free");
     drop(slot);
 }
+
+/// A graceful shutdown gives back the slots of the calls it abandoned (whose guards may never
+/// get to release them) at once, not after their leases.
+#[tokio::test]
+async fn closing_call_slots_gives_back_the_slots_still_held() {
+    let db = TestDb::new().await;
+    let lease = Duration::from_secs(60);
+    let stopping = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
+    for _ in 0..2 {
+        std::mem::forget(crm::CallSlots::acquire(&stopping).await);
+    }
+    let other = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), crm::CallSlots::acquire(&other))
+            .await
+            .is_err(),
+        "both slots are held"
+    );
+    crm::CallSlots::close(&stopping).await;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM call_slots WHERE holder IS NOT NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 0, "closing gave every slot back");
+    let slot = tokio::time::timeout(Duration::from_secs(5), crm::CallSlots::acquire(&other))
+        .await
+        .expect("a slot given back on close is free");
+    drop(slot);
+}
+
+/// An acquisition cancelled at any point (here by timeouts racing the claim of the one slot)
+/// never keeps the slot it may just have taken: afterwards the slot is free long before its lease
+/// would end.
+#[tokio::test]
+async fn a_cancelled_acquisition_does_not_keep_its_slot() {
+    let db = TestDb::new().await;
+    let lease = Duration::from_secs(60);
+    let slots = PgCallSlots::new(db.pool.clone(), "zoho", 1, lease);
+    // The slot row exists before the race.
+    drop(crm::CallSlots::acquire(&slots).await);
+    let mut cancelled = 0;
+    for i in 0..60u64 {
+        let wait = Duration::from_micros(200 + (i * 397) % 3_000);
+        match tokio::time::timeout(wait, crm::CallSlots::acquire(&slots)).await {
+            Ok(guard) => drop(guard),
+            Err(_) => cancelled += 1,
+        }
+    }
+    assert!(cancelled > 0, "no acquisition was cancelled");
+    let other = PgCallSlots::new(db.pool.clone(), "zoho", 1, lease);
+    let slot = tokio::time::timeout(Duration::from_secs(10), crm::CallSlots::acquire(&other))
+        .await
+        .expect("the slot is free again, not held until its lease ends");
+    drop(slot);
+}

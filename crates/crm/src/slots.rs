@@ -10,6 +10,11 @@ use async_trait::async_trait;
 pub trait CallSlots: Send + Sync {
     /// Waits for a free slot; it is held until the guard is dropped.
     async fn acquire(&self) -> SlotGuard;
+
+    /// Gives back, and waits until it has given back, every slot this instance still holds (a
+    /// graceful shutdown: the calls are over or abandoned); the guards' own releases are then
+    /// no-ops.
+    async fn close(&self) {}
 }
 
 /// A held slot, released when dropped.

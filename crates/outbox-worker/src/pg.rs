@@ -321,33 +321,14 @@ struct SlotsInner {
     turn: tokio::sync::Mutex<()>,
     released: tokio::sync::Notify,
     rows_ensured: std::sync::atomic::AtomicBool,
+    /// The holders of this instance that may hold a slot: taken, or being taken.
+    holders: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
-/// How often a process waiting for a slot held elsewhere looks again.
-const SLOT_POLL: Duration = Duration::from_millis(10);
-/// How long `acquire` retries a failing database before calling without a shared slot.
-const SLOT_DB_PATIENCE: Duration = Duration::from_secs(5);
-
-impl PgCallSlots {
-    /// `slots` calls at once across every process using `name`; a dead holder's slot is free
-    /// again after `lease`.
-    pub fn new(pool: PgPool, name: impl Into<String>, slots: usize, lease: Duration) -> Self {
-        Self {
-            inner: std::sync::Arc::new(SlotsInner {
-                pool,
-                name: name.into(),
-                slots: i32::try_from(slots.max(1)).unwrap_or(i32::MAX),
-                lease: lease.max(Duration::from_millis(300)),
-                turn: tokio::sync::Mutex::new(()),
-                released: tokio::sync::Notify::new(),
-                rows_ensured: std::sync::atomic::AtomicBool::new(false),
-            }),
-        }
-    }
-
+impl SlotsInner {
     /// Takes a free slot (never held, released, or with its lease over) for `holder`, if any.
     async fn try_take(&self, holder: uuid::Uuid) -> Result<Option<i32>, sqlx::Error> {
-        let s = &self.inner;
+        let s = self;
         // Its commit does not wait for the disk: after a crash of the server the slot is free
         // again once its lease ends (the holder's renewals find it gone and stop).
         sqlx::query_scalar(
@@ -368,6 +349,110 @@ impl PgCallSlots {
         .bind(s.lease.as_secs_f64())
         .fetch_optional(&s.pool)
         .await
+    }
+
+    fn forget(&self, holder: uuid::Uuid) {
+        if let Ok(mut holders) = self.holders.lock() {
+            holders.remove(&holder);
+        }
+    }
+
+    /// Frees the slots of `holders` (none: a no-op) and wakes this process's waiters.
+    async fn release(&self, holders: Vec<uuid::Uuid>) -> Result<(), sqlx::Error> {
+        if holders.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE call_slots SET holder = NULL, lease_until = NULL \
+             FROM (SELECT set_config('synchronous_commit', 'off', true)) AS local \
+             WHERE name = $1 AND holder = ANY($2)",
+        )
+        .bind(&self.name)
+        .bind(holders)
+        .execute(&self.pool)
+        .await?;
+        self.released.notify_waiters();
+        Ok(())
+    }
+
+    /// [`Self::release`] in a task of its own (from a `Drop`), if a runtime is still there;
+    /// otherwise the lease frees the slot.
+    fn release_later(self: &std::sync::Arc<Self>, holder: uuid::Uuid) {
+        self.forget(holder);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.clone();
+        runtime.spawn(async move {
+            if let Err(e) = inner.release(vec![holder]).await {
+                tracing::warn!(error = %e, "cannot release a call slot; its lease will");
+            }
+        });
+    }
+}
+
+/// An acquisition under way: if it is dropped before it hands out its guard (cancelled), the
+/// slot it may have taken is released once its attempt to take one has ended (each attempt runs
+/// in a task of its own, so a cancellation cannot leave a statement in flight that takes a slot
+/// after the release).
+struct Acquiring {
+    inner: std::sync::Arc<SlotsInner>,
+    holder: uuid::Uuid,
+    done: bool,
+    attempt: Option<tokio::task::JoinHandle<Result<Option<i32>, sqlx::Error>>>,
+}
+
+impl Acquiring {
+    async fn try_take(&mut self) -> Result<Option<i32>, sqlx::Error> {
+        let (inner, holder) = (self.inner.clone(), self.holder);
+        let attempt = self
+            .attempt
+            .insert(tokio::spawn(async move { inner.try_take(holder).await }));
+        let taken = attempt.await;
+        self.attempt = None;
+        taken.unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("taking a call slot: {e}"))))
+    }
+}
+
+impl Drop for Acquiring {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        match (self.attempt.take(), tokio::runtime::Handle::try_current()) {
+            (Some(attempt), Ok(runtime)) => {
+                let (inner, holder) = (self.inner.clone(), self.holder);
+                runtime.spawn(async move {
+                    let _ = attempt.await;
+                    inner.release_later(holder);
+                });
+            }
+            _ => self.inner.release_later(self.holder),
+        }
+    }
+}
+
+/// How often a process waiting for a slot held elsewhere looks again.
+const SLOT_POLL: Duration = Duration::from_millis(10);
+/// How long `acquire` retries a failing database before calling without a shared slot.
+const SLOT_DB_PATIENCE: Duration = Duration::from_secs(5);
+
+impl PgCallSlots {
+    /// `slots` calls at once across every process using `name`; a dead holder's slot is free
+    /// again after `lease`.
+    pub fn new(pool: PgPool, name: impl Into<String>, slots: usize, lease: Duration) -> Self {
+        Self {
+            inner: std::sync::Arc::new(SlotsInner {
+                pool,
+                name: name.into(),
+                slots: i32::try_from(slots.max(1)).unwrap_or(i32::MAX),
+                lease: lease.max(Duration::from_millis(300)),
+                turn: tokio::sync::Mutex::new(()),
+                released: tokio::sync::Notify::new(),
+                rows_ensured: std::sync::atomic::AtomicBool::new(false),
+                holders: std::sync::Mutex::new(std::collections::HashSet::new()),
+            }),
+        }
     }
 
     /// Creates this process's slot rows the first time (another process may use fewer).
@@ -417,26 +502,7 @@ impl PgCallSlots {
         };
         crm::SlotGuard::new(move || {
             renewing.abort();
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                // No runtime left (shutting down): the lease frees the slot.
-                return;
-            };
-            runtime.spawn(async move {
-                let released = sqlx::query(
-                    "UPDATE call_slots SET holder = NULL, lease_until = NULL \
-                     FROM (SELECT set_config('synchronous_commit', 'off', true)) AS local \
-                     WHERE name = $1 AND slot = $2 AND holder = $3",
-                )
-                .bind(&inner.name)
-                .bind(slot)
-                .bind(holder)
-                .execute(&inner.pool)
-                .await;
-                if let Err(e) = released {
-                    tracing::warn!(error = %e, slot, "cannot release a call slot; its lease will");
-                }
-                inner.released.notify_waiters();
-            });
+            inner.release_later(holder);
         })
     }
 }
@@ -446,12 +512,24 @@ impl crm::CallSlots for PgCallSlots {
     async fn acquire(&self) -> crm::SlotGuard {
         let _turn = self.inner.turn.lock().await;
         let holder = uuid::Uuid::new_v4();
+        if let Ok(mut holders) = self.inner.holders.lock() {
+            holders.insert(holder);
+        }
+        let mut acquiring = Acquiring {
+            inner: self.inner.clone(),
+            holder,
+            done: false,
+            attempt: None,
+        };
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
             // Registered before looking, so a release in between is not missed.
             let released = self.inner.released.notified();
-            let pause = match self.try_take(holder).await {
-                Ok(Some(slot)) => return self.guard(slot, holder),
+            let pause = match acquiring.try_take().await {
+                Ok(Some(slot)) => {
+                    acquiring.done = true;
+                    return self.guard(slot, holder);
+                }
                 Ok(None)
                     if !self
                         .inner
@@ -481,11 +559,23 @@ impl crm::CallSlots for PgCallSlots {
                     let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= SLOT_DB_PATIENCE {
                         tracing::warn!(error = %e, "cannot take a call slot; calling unshared");
+                        // (`acquiring` releases whatever a failed attempt may have taken.)
                         return crm::SlotGuard::none();
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+    }
+
+    async fn close(&self) {
+        let holders: Vec<uuid::Uuid> = match self.inner.holders.lock() {
+            Ok(mut holders) => holders.drain().collect(),
+            Err(_) => return,
+        };
+        let count = holders.len();
+        if let Err(e) = self.inner.release(holders).await {
+            tracing::warn!(error = %e, count, "cannot give back call slots; their leases will");
         }
     }
 }

@@ -17,6 +17,9 @@ use crate::worker::Targets;
 pub struct Crms {
     pub targets: Targets,
     pub sandbox: Option<(FakeKommo, FakeZoho)>,
+    /// The Zoho client's shared call slots: closed when the worker stops, so that the slots of
+    /// calls it abandoned are free at once (not after their leases).
+    pub zoho_slots: Arc<dyn crm::CallSlots>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
         return Ok(Crms {
             targets,
             sandbox: Some((kommo_fake, zoho_fake)),
+            zoho_slots: Arc::new(crm::Unshared),
         });
     }
 
@@ -164,12 +168,13 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     zc.timeout = timeout;
     // ZOHO_MAX_CONCURRENCY is the organisation's limit, so every worker process shares it. A
     // live holder renews its slot's lease; a dead one's slot is free again after 15 s.
-    zc.slots = Arc::new(PgCallSlots::new(
+    let zoho_slots: Arc<dyn crm::CallSlots> = Arc::new(PgCallSlots::new(
         pool.clone(),
         "zoho",
         zc.max_concurrency,
         Duration::from_secs(15),
     ));
+    zc.slots = zoho_slots.clone();
     let zoho = ZohoClient::new(zc).map_err(|e| SetupError::Config(e.to_string()))?;
     Ok(Crms {
         targets: Targets {
@@ -177,5 +182,6 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
             zoho: Arc::new(zoho),
         },
         sandbox: None,
+        zoho_slots,
     })
 }
