@@ -641,54 +641,87 @@ async fn a_live_call_keeps_its_slot_beyond_the_lease() {
     drop(slot);
 }
 
-/// A graceful shutdown gives back the slots of the calls it abandoned (whose guards may never
-/// get to release them) at once, not after their leases.
+async fn held_slots(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM call_slots WHERE holder IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// A graceful shutdown gives back, before it returns, the slots of this worker: those of calls
+/// whose guards never get to release them, and those whose releases are still under way (guards
+/// dropped just before), so that none is held on until its lease ends.
 #[tokio::test]
 async fn closing_call_slots_gives_back_the_slots_still_held() {
     let db = TestDb::new().await;
     let lease = Duration::from_secs(60);
-    let stopping = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
+    let stopping = PgCallSlots::new(db.pool.clone(), "zoho", 4, lease);
     for _ in 0..2 {
         std::mem::forget(crm::CallSlots::acquire(&stopping).await);
     }
-    let other = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), crm::CallSlots::acquire(&other))
-            .await
-            .is_err(),
-        "both slots are held"
-    );
+    let dropped = [
+        crm::CallSlots::acquire(&stopping).await,
+        crm::CallSlots::acquire(&stopping).await,
+    ];
+    assert_eq!(held_slots(&db.pool).await, 4);
+    drop(dropped);
     crm::CallSlots::close(&stopping).await;
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM call_slots WHERE holder IS NOT NULL")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(held, 0, "closing gave every slot back");
-    let slot = tokio::time::timeout(Duration::from_secs(5), crm::CallSlots::acquire(&other))
-        .await
-        .expect("a slot given back on close is free");
-    drop(slot);
+    assert_eq!(
+        held_slots(&db.pool).await,
+        0,
+        "closing gave every slot back"
+    );
 }
 
-/// An acquisition cancelled at any point (here by timeouts racing the claim of the one slot)
-/// never keeps the slot it may just have taken: afterwards the slot is free long before its lease
-/// would end.
+/// An acquisition cancelled while its attempt to take the slot is inside the database (here made
+/// slow by a trigger) does not keep the slot that attempt goes on to take: it is free long before
+/// its lease would end. (A release sent at once would find no row of its holder yet, and the take
+/// would commit after it.)
 #[tokio::test]
 async fn a_cancelled_acquisition_does_not_keep_its_slot() {
     let db = TestDb::new().await;
     let lease = Duration::from_secs(60);
-    let slots = PgCallSlots::new(db.pool.clone(), "zoho", 1, lease);
-    // The slot row exists before the race.
-    drop(crm::CallSlots::acquire(&slots).await);
-    let mut cancelled = 0;
-    for i in 0..60u64 {
-        let wait = Duration::from_micros(200 + (i * 397) % 3_000);
-        match tokio::time::timeout(wait, crm::CallSlots::acquire(&slots)).await {
-            Ok(guard) => drop(guard),
-            Err(_) => cancelled += 1,
-        }
+    let slots = Arc::new(PgCallSlots::new(db.pool.clone(), "zoho", 1, lease));
+    // The slot row exists before.
+    drop(crm::CallSlots::acquire(&*slots).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(held_slots(&db.pool).await, 0);
+
+    for statement in [
+        "CREATE FUNCTION slow_take() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(1.5); RETURN NEW; END $$",
+        "CREATE TRIGGER slow_take BEFORE UPDATE ON call_slots FOR EACH ROW \
+         WHEN (NEW.holder IS NOT NULL) EXECUTE FUNCTION slow_take()",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
     }
-    assert!(cancelled > 0, "no acquisition was cancelled");
+    let acquiring = tokio::spawn({
+        let slots = slots.clone();
+        async move { crm::CallSlots::acquire(&*slots).await }
+    });
+    // The attempt is taking the slot; then the acquisition is cancelled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let taking: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+               AND wait_event = 'PgSleep' AND query ILIKE '%UPDATE call_slots%'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if taking > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the take never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    acquiring.abort();
+    assert!(acquiring.await.unwrap_err().is_cancelled());
+    sqlx::query("DROP TRIGGER slow_take ON call_slots")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
     let other = PgCallSlots::new(db.pool.clone(), "zoho", 1, lease);
     let slot = tokio::time::timeout(Duration::from_secs(10), crm::CallSlots::acquire(&other))
         .await

@@ -151,10 +151,14 @@ async fn while_alive(
                     );
                     return;
                 }
-                // (A claim taken over or finished has another id or status: nothing changes.)
+                // (A claim taken over or finished has another id or status: nothing changes.
+                // While the command's transaction holds the row, past the fence, the renewal is
+                // skipped rather than waited for: a takeover waits for that transaction anyway.)
                 if let Err(e) = sqlx::query(
-                    "UPDATE idempotency_keys SET claimed_at = now() \
-                     WHERE claim_id = $1 AND status = 'in_progress'",
+                    "UPDATE idempotency_keys SET claimed_at = now() WHERE claim_id = ( \
+                       SELECT claim_id FROM idempotency_keys \
+                       WHERE claim_id = $1 AND status = 'in_progress' \
+                       FOR NO KEY UPDATE SKIP LOCKED)",
                 )
                 .bind(id)
                 .execute(&pool)
@@ -165,11 +169,17 @@ async fn while_alive(
             }
         }
     });
-    let response = command.await;
-    // `notify_one` keeps the permit if the task is mid-renewal: it stops at its next look.
-    done.notify_one();
+    // Told to stop when the command ends, however it ends (a panic too). `notify_one` keeps the
+    // permit if the task is mid-renewal: it stops at its next look.
+    struct Stop(std::sync::Arc<tokio::sync::Notify>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.notify_one();
+        }
+    }
+    let _stop = Stop(done);
     drop(renewals);
-    response
+    command.await
 }
 
 /// SHA-256 of the body in canonical form: JSON is re-serialized (object keys sorted), so the

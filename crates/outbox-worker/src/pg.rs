@@ -321,11 +321,57 @@ struct SlotsInner {
     turn: tokio::sync::Mutex<()>,
     released: tokio::sync::Notify,
     rows_ensured: std::sync::atomic::AtomicBool,
-    /// The holders of this instance that may hold a slot: taken, or being taken.
+    /// The holders of this instance that may hold a slot: from the start of their acquisition
+    /// until their release has committed.
     holders: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Set by `close`: a slot taken after it is given back at once.
+    closed: std::sync::atomic::AtomicBool,
+    /// Attempts to take a slot and releases under way (in tasks of their own); `close` waits
+    /// for them.
+    busy: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One attempt or release under way (see [`SlotsInner::busy`]).
+struct Busy(std::sync::Arc<SlotsInner>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self
+            .0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl SlotsInner {
+    fn busy(self: &std::sync::Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// One attempt of `holder` to take a slot; a slot taken after `close` is given back.
+    async fn attempt(
+        self: std::sync::Arc<Self>,
+        holder: uuid::Uuid,
+    ) -> Result<Option<i32>, sqlx::Error> {
+        let _busy = self.busy();
+        let taken = self.try_take(holder).await?;
+        if taken.is_some() && self.is_closed() {
+            self.release(vec![holder]).await?;
+            return Ok(None);
+        }
+        Ok(taken)
+    }
+
     /// Takes a free slot (never held, released, or with its lease over) for `holder`, if any.
     async fn try_take(&self, holder: uuid::Uuid) -> Result<Option<i32>, sqlx::Error> {
         let s = self;
@@ -375,18 +421,28 @@ impl SlotsInner {
         Ok(())
     }
 
-    /// [`Self::release`] in a task of its own (from a `Drop`), if a runtime is still there;
-    /// otherwise the lease frees the slot.
-    fn release_later(self: &std::sync::Arc<Self>, holder: uuid::Uuid) {
-        self.forget(holder);
+    /// [`Self::release`] in a task of its own (from a `Drop`), after `attempt` (one under way
+    /// when an acquisition was cancelled), if a runtime is still there; otherwise the lease frees
+    /// the slot.
+    fn release_later(
+        self: &std::sync::Arc<Self>,
+        holder: uuid::Uuid,
+        attempt: Option<tokio::task::JoinHandle<Result<Option<i32>, sqlx::Error>>>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.forget(holder);
             return;
         };
-        let inner = self.clone();
+        let busy = self.busy();
         runtime.spawn(async move {
-            if let Err(e) = inner.release(vec![holder]).await {
+            if let Some(attempt) = attempt {
+                let _ = attempt.await;
+            }
+            if let Err(e) = busy.0.release(vec![holder]).await {
                 tracing::warn!(error = %e, "cannot release a call slot; its lease will");
             }
+            busy.0.forget(holder);
+            drop(busy);
         });
     }
 }
@@ -404,10 +460,9 @@ struct Acquiring {
 
 impl Acquiring {
     async fn try_take(&mut self) -> Result<Option<i32>, sqlx::Error> {
-        let (inner, holder) = (self.inner.clone(), self.holder);
         let attempt = self
             .attempt
-            .insert(tokio::spawn(async move { inner.try_take(holder).await }));
+            .insert(tokio::spawn(self.inner.clone().attempt(self.holder)));
         let taken = attempt.await;
         self.attempt = None;
         taken.unwrap_or_else(|e| Err(sqlx::Error::Protocol(format!("taking a call slot: {e}"))))
@@ -419,16 +474,7 @@ impl Drop for Acquiring {
         if self.done {
             return;
         }
-        match (self.attempt.take(), tokio::runtime::Handle::try_current()) {
-            (Some(attempt), Ok(runtime)) => {
-                let (inner, holder) = (self.inner.clone(), self.holder);
-                runtime.spawn(async move {
-                    let _ = attempt.await;
-                    inner.release_later(holder);
-                });
-            }
-            _ => self.inner.release_later(self.holder),
-        }
+        self.inner.release_later(self.holder, self.attempt.take());
     }
 }
 
@@ -451,6 +497,9 @@ impl PgCallSlots {
                 released: tokio::sync::Notify::new(),
                 rows_ensured: std::sync::atomic::AtomicBool::new(false),
                 holders: std::sync::Mutex::new(std::collections::HashSet::new()),
+                closed: std::sync::atomic::AtomicBool::new(false),
+                busy: std::sync::atomic::AtomicUsize::new(0),
+                idle: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -502,7 +551,7 @@ impl PgCallSlots {
         };
         crm::SlotGuard::new(move || {
             renewing.abort();
-            inner.release_later(holder);
+            inner.release_later(holder, None);
         })
     }
 }
@@ -511,6 +560,10 @@ impl PgCallSlots {
 impl crm::CallSlots for PgCallSlots {
     async fn acquire(&self) -> crm::SlotGuard {
         let _turn = self.inner.turn.lock().await;
+        if self.inner.is_closed() {
+            // (Stopping: nothing is shared any more.)
+            return crm::SlotGuard::none();
+        }
         let holder = uuid::Uuid::new_v4();
         if let Ok(mut holders) = self.inner.holders.lock() {
             holders.insert(holder);
@@ -541,6 +594,7 @@ impl crm::CallSlots for PgCallSlots {
                         Err(e) => Err(e),
                     }
                 }
+                Ok(None) if self.inner.is_closed() => return crm::SlotGuard::none(),
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };
@@ -569,7 +623,23 @@ impl crm::CallSlots for PgCallSlots {
     }
 
     async fn close(&self) {
-        let holders: Vec<uuid::Uuid> = match self.inner.holders.lock() {
+        let inner = &self.inner;
+        inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        // Attempts and releases under way end first (a take that commits now gives its slot
+        // back itself); a stuck database is not waited for long.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let idle = inner.idle.notified();
+                if inner.busy.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        let holders: Vec<uuid::Uuid> = match inner.holders.lock() {
             Ok(mut holders) => holders.drain().collect(),
             Err(_) => return,
         };
