@@ -432,20 +432,10 @@ async fn a_slow_first_attempt_is_fenced_out_by_the_retry_that_took_its_claim_ove
     let before = booking_created_count(&app).await;
 
     // Writers of events queue behind this lock (readers do not).
-    let mut lock = app.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_event_writes(&app).await;
     let (first, second) = tokio::join!(app.send(create()), async {
         wait_for_lock_waits(&app, "relation", "INSERT INTO events", 1).await;
-        sqlx::query(
-            "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
-             WHERE idempotency_key = 'fence-1'",
-        )
-        .execute(&app.pool)
-        .await
-        .unwrap();
+        backdate_claim(&app, "fence-1").await;
         let release = async {
             wait_for_lock_waits(&app, "relation", "INSERT INTO events", 2).await;
             lock.rollback().await.unwrap();
@@ -476,11 +466,7 @@ async fn a_slow_first_attempt_that_is_alive_keeps_its_claim_past_the_takeover_ag
     };
     let before = booking_created_count(&app).await;
 
-    let mut lock = app.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_event_writes(&app).await;
     let (first, (waited, age)) = tokio::join!(app.send(create()), async {
         wait_for_lock_waits(&app, "relation", "INSERT INTO events", 1).await;
         // Past the age at which a claim that is not renewed is taken over.
@@ -520,6 +506,29 @@ fn without_claim_renewals(config: api::ApiConfig) -> api::ApiConfig {
         claim_heartbeat: std::time::Duration::from_secs(3600),
         ..config
     }
+}
+
+/// Holds a lock that makes every writer of events wait (readers do not), until the transaction
+/// ends.
+async fn lock_event_writes(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+/// Makes the key's claim look abandoned (not renewed for a minute) while its attempt still runs.
+async fn backdate_claim(app: &TestApp, key: &str) {
+    sqlx::query(
+        "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .execute(&app.pool)
+    .await
+    .unwrap();
 }
 
 /// Waits until `n` statements containing `query_part` wait for a lock of kind `wait_event`
@@ -584,20 +593,10 @@ async fn a_takeover_waits_for_a_committing_first_attempt_and_answers_from_its_ev
     .await
     .unwrap();
     // And the first attempt waits before its insert until its claim looks abandoned.
-    let mut events_lock = app.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *events_lock)
-        .await
-        .unwrap();
+    let events_lock = lock_event_writes(&app).await;
     let (first, second) = tokio::join!(app.send(confirm()), async {
         wait_for_lock_waits(&app, "relation", "INSERT INTO events", 1).await;
-        sqlx::query(
-            "UPDATE idempotency_keys SET claimed_at = now() - interval '1 minute' \
-             WHERE idempotency_key = 'commit-1'",
-        )
-        .execute(&app.pool)
-        .await
-        .unwrap();
+        backdate_claim(&app, "commit-1").await;
         events_lock.rollback().await.unwrap();
         // Past the fence, waiting for the vehicle hold.
         wait_for_lock_waits(&app, "transactionid", "INSERT INTO events", 1).await;

@@ -578,11 +578,7 @@ async fn call_slots_bound_the_calls_in_flight_across_processes() {
     // Released slots are free again (the releases run in tasks of their own).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let held: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM call_slots WHERE holder IS NOT NULL")
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
+        let held = held_slots(&db.pool).await;
         if held == 0 {
             break;
         }
@@ -613,10 +609,12 @@ async fn call_slots_of_a_dead_process_come_back_when_their_leases_end() {
     .join()
     .unwrap();
     let alive = PgCallSlots::new(db.pool.clone(), "zoho", 2, lease);
-    let slot = tokio::time::timeout(Duration::from_secs(10), crm::CallSlots::acquire(&alive))
-        .await
-        .expect("a slot came back when its lease ended");
-    drop(slot);
+    acquire_within(
+        &alive,
+        Duration::from_secs(10),
+        "a slot came back when its lease ended",
+    )
+    .await;
 }
 
 /// A live holder keeps its slot past the lease (its lease is renewed while the call runs), and
@@ -635,9 +633,14 @@ async fn a_live_call_keeps_its_slot_beyond_the_lease() {
         "the slot was taken from a live call"
     );
     drop(held);
-    let slot = tokio::time::timeout(Duration::from_secs(5), crm::CallSlots::acquire(&other))
+    acquire_within(&other, Duration::from_secs(5), "the released slot is free").await;
+}
+
+/// Takes a slot and gives it back, failing with `why` unless one is free within `wait`.
+async fn acquire_within(slots: &PgCallSlots, wait: Duration, why: &str) {
+    let slot = tokio::time::timeout(wait, crm::CallSlots::acquire(slots))
         .await
-        .expect("the released slot is free");
+        .expect(why);
     drop(slot);
 }
 
@@ -723,8 +726,10 @@ async fn a_cancelled_acquisition_does_not_keep_its_slot() {
         .unwrap();
 
     let other = PgCallSlots::new(db.pool.clone(), "zoho", 1, lease);
-    let slot = tokio::time::timeout(Duration::from_secs(10), crm::CallSlots::acquire(&other))
-        .await
-        .expect("the slot is free again, not held until its lease ends");
-    drop(slot);
+    acquire_within(
+        &other,
+        Duration::from_secs(10),
+        "the slot is free again, not held until its lease ends",
+    )
+    .await;
 }

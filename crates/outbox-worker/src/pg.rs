@@ -374,7 +374,6 @@ impl SlotsInner {
 
     /// Takes a free slot (never held, released, or with its lease over) for `holder`, if any.
     async fn try_take(&self, holder: uuid::Uuid) -> Result<Option<i32>, sqlx::Error> {
-        let s = self;
         // Its commit does not wait for the disk: after a crash of the server the slot is free
         // again once its lease ends (the holder's renewals find it gone and stop).
         sqlx::query_scalar(
@@ -389,11 +388,11 @@ impl SlotsInner {
              WHERE c.name = $1 AND c.slot = free.slot \
              RETURNING c.slot",
         )
-        .bind(&s.name)
+        .bind(&self.name)
         .bind(holder)
-        .bind(s.slots)
-        .bind(s.lease.as_secs_f64())
-        .fetch_optional(&s.pool)
+        .bind(self.slots)
+        .bind(self.lease.as_secs_f64())
+        .fetch_optional(&self.pool)
         .await
     }
 
