@@ -151,15 +151,81 @@ async fn calls_without_a_valid_key_are_refused_with_401() {
     }
     assert_eq!(app.event_count().await, before);
 
-    // A revoked key stops working at once.
+    // A revoked key stops working as soon as the API hears of the revocation, although its
+    // lookup was cached a moment ago.
+    assert_eq!(app.get("sales", "/v1/clients").await.status, 200);
     sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE staff_id = $1")
         .bind(crate::helpers::SALES_ID)
         .execute(&app.pool)
         .await
         .unwrap();
+    refused_soon(&app, "sales").await;
     app.post("sales", "/v1/clients", body)
         .await
         .assert_problem(401, "unauthorized");
+}
+
+/// Waits until the role's key is refused, for far less than a cached lookup may live
+/// ([`api::auth::KeyCache::REUSE_FOR`]): the change must have ended it, not its age.
+async fn refused_soon(app: &TestApp, role: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let r = app.get(role, "/v1/bookings").await;
+        if r.status == 401 {
+            r.assert_problem(401, "unauthorized");
+            return;
+        }
+        assert_eq!(r.status, 200, "{:#}", r.body);
+        assert!(
+            started.elapsed() < api::auth::KeyCache::REUSE_FOR / 4,
+            "the {role} key still works {:?} after the change",
+            started.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Deactivating a staff account refuses its keys, and so does a change made while the API's
+/// listening connection is down (it then looks every key up until it listens again).
+#[tokio::test]
+async fn a_deactivated_account_is_refused_even_while_the_api_is_not_listening() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.get("operations", "/v1/bookings").await.status, 200);
+    sqlx::query("UPDATE staff_accounts SET is_active = false WHERE id = $1")
+        .bind(crate::helpers::OPS_ID)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    refused_soon(&app, "operations").await;
+
+    // Cached while listening...
+    assert_eq!(app.get("sales", "/v1/bookings").await.status, 200);
+    let listening = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    assert!(listening().await > 0, "the API listens for key changes");
+    // ...then the listening connection dies, and the account is deactivated before the API
+    // can listen again: its notification is never delivered.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%') t",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(killed > 0);
+    sqlx::query("UPDATE staff_accounts SET is_active = false WHERE id = $1")
+        .bind(crate::helpers::SALES_ID)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    refused_soon(&app, "sales").await;
 }
 
 #[tokio::test]

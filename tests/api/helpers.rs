@@ -15,6 +15,7 @@ pub const WEBHOOK_SECRET: &str = "kommo-hook-5ecret";
 
 /// Seeded reference data (migrations/…_seed_reference_data.sql).
 pub const GHOST: Uuid = Uuid::from_u128(0x00000000_0000_4000_c000_000000000001);
+pub const OPS_ID: Uuid = Uuid::from_u128(0x00000000_0000_4000_a000_000000000002);
 pub const SALES_ID: Uuid = Uuid::from_u128(0x00000000_0000_4000_a000_000000000003);
 pub const DRIVER_PROFILE: Uuid = Uuid::from_u128(0x00000000_0000_4000_b000_000000000004);
 pub const CHILD_SEAT: Uuid = Uuid::from_u128(0x00000000_0000_4000_d000_000000000001);

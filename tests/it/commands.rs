@@ -515,3 +515,78 @@ async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_run
             .unwrap();
     assert_eq!(links, 1, "linked once");
 }
+
+/// Each command reports the global position of its own last event (what a client passes as
+/// `min_position` to read its write): learned from the commit's notification while the process
+/// listens, and from the database when it does not (the listening connection is killed before
+/// the second round). Many commands commit at once, on different aggregates; each gets its own
+/// event's position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_command_reports_the_global_position_of_its_own_last_event() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let listeners = |kill: bool| {
+        let pool = db.pool.clone();
+        async move {
+            let select = if kill {
+                "pg_terminate_backend(pid)"
+            } else {
+                "pid"
+            };
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM (SELECT {select} FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query ILIKE 'LISTEN%') t"
+            ))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    create(&bus, None, 0, 1).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while listeners(false).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "nobody listens");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    for round in 0..2 {
+        if round == 1 {
+            assert!(listeners(true).await > 0);
+        }
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let bus = bus.clone();
+            tasks.push(tokio::spawn(async move {
+                let code = codes::allocate(&bus.pool, CodeKind::Booking).await.unwrap();
+                let from = 300 * round + 10 * i;
+                let command = create_cmd(code, Some(GHOST), from, from + 1);
+                let id = Uuid::now_v7();
+                let created = bus
+                    .bookings
+                    .execute(id, BookingCommand::Create(Box::new(command)), &meta(), None)
+                    .await
+                    .unwrap();
+                let confirmed = confirm(&bus, id).await.unwrap();
+                [(id, created), (id, confirmed)]
+            }));
+        }
+        let mut positions = std::collections::BTreeSet::new();
+        for (id, outcome) in futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .flat_map(|t| t.unwrap())
+        {
+            assert_eq!(outcome.events, 1);
+            assert!(positions.insert(outcome.position));
+            let stored: i64 = sqlx::query_scalar(
+                "SELECT global_position FROM events \
+                 WHERE aggregate_type = 'Booking' AND aggregate_id = $1 AND sequence = $2",
+            )
+            .bind(id.to_string())
+            .bind(outcome.version)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            assert_eq!(outcome.position, stored, "round {round}");
+        }
+    }
+}

@@ -1161,24 +1161,18 @@ async fn a_retry_after_its_api_process_was_killed_mid_command_gets_the_one_answe
         );
         wait_lock_wait(&db.pool, "INSERT INTO events").await;
         if committed {
-            // Queue an exclusive lock behind the victim's INSERT: once the command commits, the
-            // lock is granted before the victim can read its event's position, so it never gets
-            // to store its answer.
-            let pool = db.pool.clone();
-            let exclusive = tokio::spawn(async move {
-                let mut tx = pool.begin().await.unwrap();
-                sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-                    .execute(&mut *tx)
-                    .await
-                    .unwrap();
-                tx
-            });
-            wait_lock_wait(&db.pool, "LOCK TABLE events IN ACCESS EXCLUSIVE MODE").await;
+            // Hold off every write to idempotency_keys but not the command's fence (which only
+            // reads its claim FOR SHARE): the command commits, then waits to store its answer.
+            let mut answers_lock = db.pool.begin().await.unwrap();
+            sqlx::query("LOCK TABLE idempotency_keys IN SHARE MODE")
+                .execute(&mut *answers_lock)
+                .await
+                .unwrap();
             events_lock.rollback().await.unwrap();
-            wait_lock_wait(&db.pool, "SELECT global_position FROM events").await;
+            wait_lock_wait(&db.pool, "SET status = 'completed'").await;
             cluster.procs[victim].child.start_kill().unwrap();
             cluster.procs[victim].child.wait().await.unwrap();
-            exclusive.await.unwrap().rollback().await.unwrap();
+            answers_lock.rollback().await.unwrap();
             assert_eq!(bookings_of_client().await.unwrap(), before + 1, "committed");
         } else {
             cluster.procs[victim].child.start_kill().unwrap();

@@ -150,7 +150,7 @@ pub async fn guard(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let caller = match authenticate(&state.pool, request.headers()).await {
+    let caller = match authenticate(&state.pool, &state.keys, request.headers()).await {
         Ok(c) => c,
         Err(p) => {
             let mut response = p.into_response();
@@ -192,6 +192,7 @@ pub async fn guard(
 /// The caller behind the request's bearer key.
 pub async fn authenticate(
     pool: &PgPool,
+    keys: &KeyCache,
     headers: &axum::http::HeaderMap,
 ) -> Result<Caller, Problem> {
     let missing = || Problem::unauthorized("send an API key: Authorization: Bearer <key>");
@@ -214,6 +215,12 @@ pub async fn authenticate(
         return Err(invalid());
     }
     let digest = key_digest(key);
+    // Read before the lookup: a change committed after it is then sure to end what it finds.
+    let epoch = keys.notifications.auth_epoch();
+    if let Some(caller) = epoch.and_then(|e| keys.get(&digest, e)) {
+        touch(pool.clone(), caller.key_id);
+        return Ok(caller);
+    }
     let row: Option<(Uuid, Vec<u8>, Uuid, String, bool)> = sqlx::query_as(
         "SELECT k.id, k.key_digest, s.id, s.role::text, s.is_active \
          FROM api_keys k JOIN staff_accounts s ON s.id = k.staff_id \
@@ -231,11 +238,72 @@ pub async fn authenticate(
     let role =
         Role::parse(&role).ok_or_else(|| Problem::internal("unknown role in staff_accounts"))?;
     touch(pool.clone(), key_id);
-    Ok(Caller {
+    let caller = Caller {
         staff_id,
         role,
         key_id,
-    })
+    };
+    if let Some(e) = epoch {
+        keys.put(digest, &caller, e);
+    }
+    Ok(caller)
+}
+
+/// The key lookups this process has made, reused while no API key and no staff account has
+/// changed since: every such change notifies every API process (`skyluxse_auth`, see
+/// `store::listener`), which then looks keys up again. A revoked key thus stops working as soon
+/// as each process has heard of it (milliseconds). A process that cannot listen looks every key
+/// up, and no lookup is reused for longer than [`KeyCache::REUSE_FOR`] anyway. Only keys that
+/// were found are kept; a refused key is looked up on every request.
+pub struct KeyCache {
+    notifications: store::listener::Notifications,
+    entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, CachedKey>>,
+}
+
+struct CachedKey {
+    caller: Caller,
+    epoch: u64,
+    at: std::time::Instant,
+}
+
+impl KeyCache {
+    /// The longest a lookup is reused, notifications or not.
+    pub const REUSE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+    /// At most this many keys are kept.
+    const MAX_KEYS: usize = 10_000;
+
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            notifications: store::listener::Notifications::new(pool),
+            entries: Default::default(),
+        }
+    }
+
+    fn get(&self, digest: &[u8], epoch: u64) -> Option<Caller> {
+        let entries = self.entries.lock().ok()?;
+        let hit = entries.get(digest)?;
+        (hit.epoch == epoch && hit.at.elapsed() < Self::REUSE_FOR).then(|| hit.caller.clone())
+    }
+
+    fn put(&self, digest: Vec<u8>, caller: &Caller, epoch: u64) {
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries.len() >= Self::MAX_KEYS {
+            entries.retain(|_, c| c.epoch == epoch && c.at.elapsed() < Self::REUSE_FOR);
+            if entries.len() >= Self::MAX_KEYS {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            digest,
+            CachedKey {
+                caller: caller.clone(),
+                epoch,
+                at: std::time::Instant::now(),
+            },
+        );
+    }
 }
 
 /// Records when a key was last used (at most once a minute; best effort, off the request path).

@@ -131,6 +131,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Wakes the Kommo intake when a delivery was stored.
     pub intake: Arc<tokio::sync::Notify>,
+    /// Key lookups reused while no key or staff account changes.
+    pub keys: Arc<auth::KeyCache>,
     rebuilding: Arc<Mutex<BTreeSet<String>>>,
 }
 
@@ -138,6 +140,7 @@ impl AppState {
     pub fn new(pool: PgPool, config: ApiConfig) -> Self {
         Self {
             bus: Arc::new(CommandBus::new(pool.clone())),
+            keys: Arc::new(auth::KeyCache::new(pool.clone())),
             pool,
             config: Arc::new(config),
             intake: Arc::new(tokio::sync::Notify::new()),

@@ -13,6 +13,8 @@ use domain::{CommandMetadata, DomainError, ErrorKind};
 use postgres_es::PostgresEventRepository;
 use serde::Serialize;
 use sqlx::PgPool;
+use std::time::Duration;
+use store::listener::Notifications;
 use uuid::Uuid;
 
 /// The event store of one aggregate type.
@@ -20,6 +22,10 @@ pub type Store<A> = PersistedEventStore<PostgresEventRepository, A>;
 
 /// How often a command without `If-Match` is decided again after losing a race.
 const CONFLICT_RETRIES: usize = 5;
+
+/// How long a command waits for its event's notification (which carries the event's global
+/// position) before asking the database instead.
+const NOTIFICATION_WAIT: Duration = Duration::from_secs(1);
 
 /// What a successful command reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -126,6 +132,8 @@ impl CommandError {
 pub struct Executor<A: Aggregate<Services = ()>> {
     store: Store<A>,
     pool: PgPool,
+    /// Where the commit's notification tells the position of the written event.
+    notifications: Notifications,
 }
 
 impl<A> Executor<A>
@@ -142,7 +150,11 @@ where
             None => PersistedEventStore::new_event_store(repo),
         }
         .with_upcasters(domain::upcasting::upcasters());
-        Self { store, pool }
+        Self {
+            store,
+            notifications: Notifications::new(pool.clone()),
+            pool,
+        }
     }
 
     /// Decides and commits `command` on aggregate `id`.
@@ -188,13 +200,27 @@ where
                 });
             }
             let written = events.len();
+            let last = current + written as i64;
+            // Before committing, so that a notification arriving before `commit` returns is
+            // not missed.
+            let expected = self
+                .notifications
+                .expect_commit(A::TYPE, &aggregate_id, last);
             match self.store.commit(events, context, metadata.to_map()).await {
                 Ok(envelopes) => {
                     let version = envelopes.last().map_or(current, |e| e.sequence as i64);
+                    let notified = match expected {
+                        Some(e) if version == last => e.position(NOTIFICATION_WAIT).await,
+                        _ => None,
+                    };
+                    let position = match notified {
+                        Some(p) => p,
+                        None => self.position_of(&aggregate_id, version).await?,
+                    };
                     return Ok(Outcome {
                         id,
                         version,
-                        position: self.position_of(&aggregate_id, version).await?,
+                        position,
                         events: written,
                     });
                 }

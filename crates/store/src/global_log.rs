@@ -12,11 +12,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::PgPool;
 use sqlx::{PgExecutor, Row};
 
-/// The channel the events table's trigger notifies on commit.
-pub const CHANNEL: &str = "skyluxse_events";
+pub use crate::listener::EVENTS_CHANNEL as CHANNEL;
+use crate::listener::Wakeups;
 
 /// How soon a follower looks again when events exist but are not final yet.
 const PENDING_RETRY: Duration = Duration::from_millis(20);
@@ -352,150 +352,5 @@ impl LogFollower {
             }
         }
         self.linger().await;
-    }
-}
-
-/// One LISTEN connection per process (per pool), shared by every follower in the process:
-/// each notification is then delivered (and signalled) once per process, not once per consumer,
-/// and a process holds one listening connection instead of one per projection. Followers see a
-/// counter of notifications; the connection is re-opened when it drops (followers poll
-/// meanwhile), and closed when the last follower is gone.
-struct Wakeups {
-    seen: tokio::sync::watch::Receiver<u64>,
-    listening: tokio::sync::watch::Receiver<bool>,
-}
-
-/// A pool (its clones share one set of connect options, kept alive by the hub's own clone):
-/// a hub holds a connection of its followers' pool, never of another one, so closing one pool
-/// never waits for another pool's followers.
-type HubKey = usize;
-
-struct Hub {
-    seen: tokio::sync::watch::Sender<u64>,
-    listening: tokio::sync::watch::Sender<bool>,
-    /// Keeps the key's address taken while the hub is registered.
-    _options: std::sync::Arc<sqlx::postgres::PgConnectOptions>,
-}
-
-type Hubs = std::collections::HashMap<HubKey, std::sync::Arc<Hub>>;
-
-/// The process's hubs, locked (a panic elsewhere while holding the lock leaves the map usable).
-fn registry() -> std::sync::MutexGuard<'static, Hubs> {
-    static HUBS: std::sync::OnceLock<std::sync::Mutex<Hubs>> = std::sync::OnceLock::new();
-    match HUBS.get_or_init(Default::default).lock() {
-        Ok(h) => h,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
-impl Wakeups {
-    fn join(pool: &PgPool) -> Self {
-        let options = pool.connect_options();
-        let key: HubKey = std::sync::Arc::as_ptr(&options) as usize;
-        let (wakeups, leave) = {
-            let mut hubs = registry();
-            if let Some(hub) = hubs.get(&key) {
-                return Self {
-                    seen: hub.seen.subscribe(),
-                    listening: hub.listening.subscribe(),
-                };
-            }
-            let hub = std::sync::Arc::new(Hub {
-                seen: tokio::sync::watch::Sender::new(0),
-                listening: tokio::sync::watch::Sender::new(false),
-                _options: options,
-            });
-            hubs.insert(key, hub.clone());
-            let wakeups = Self {
-                seen: hub.seen.subscribe(),
-                listening: hub.listening.subscribe(),
-            };
-            (wakeups, Leave { key, hub })
-        };
-        // Spawned with the registry unlocked: if the task never runs (a runtime shutting
-        // down), dropping it drops `leave`, which takes the lock to unregister the hub.
-        tokio::spawn(listen(pool.clone(), leave));
-        wakeups
-    }
-}
-
-/// Takes a hub out of the registry when its task ends, however it ends (also when its runtime
-/// shuts down and drops it): its followers then see it gone and join a new one.
-struct Leave {
-    key: HubKey,
-    hub: std::sync::Arc<Hub>,
-}
-
-impl Drop for Leave {
-    fn drop(&mut self) {
-        let mut hubs = registry();
-        if hubs
-            .get(&self.key)
-            .is_some_and(|h| std::sync::Arc::ptr_eq(h, &self.hub))
-        {
-            hubs.remove(&self.key);
-        }
-    }
-}
-
-/// The hub's task: listens, counts notifications, reconnects; ends with its last follower.
-async fn listen(pool: PgPool, leave: Leave) {
-    let hub = leave.hub.clone();
-    loop {
-        // The last follower is gone: leave (under the registry's lock, so that no follower
-        // joins a hub that is leaving).
-        {
-            let mut hubs = registry();
-            if hub.seen.receiver_count() == 0 {
-                hubs.remove(&leave.key);
-                return;
-            }
-        }
-        let listener = match PgListener::connect_with(&pool).await {
-            Ok(mut l) => match l.listen(CHANNEL).await {
-                Ok(()) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "LISTEN failed; followers poll");
-                    None
-                }
-            },
-            // The pool is closed: nobody can read any more; leave.
-            Err(sqlx::Error::PoolClosed) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open a LISTEN connection; followers poll");
-                None
-            }
-        };
-        let Some(mut listener) = listener else {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = hub.seen.closed() => {}
-            }
-            continue;
-        };
-        hub.listening.send_replace(true);
-        // Whatever was committed while nobody listened is found by the followers' next read.
-        hub.seen.send_modify(|n| *n += 1);
-        let opened = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                received = listener.try_recv() => match received {
-                    Ok(Some(_)) => hub.seen.send_modify(|n| *n += 1),
-                    // The connection dropped and the listener has opened a new one and listens
-                    // again: what was committed in between is found by the next read.
-                    Ok(None) => hub.seen.send_modify(|n| *n += 1),
-                    Err(_) => break,
-                },
-                () = hub.seen.closed() => break,
-            }
-        }
-        hub.listening.send_replace(false);
-        if opened.elapsed() < Duration::from_secs(1) {
-            // A connection that fails at once is not retried in a loop.
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = hub.seen.closed() => {}
-            }
-        }
     }
 }

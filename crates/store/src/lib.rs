@@ -4,6 +4,7 @@
 pub mod checkpoints;
 pub mod db;
 pub mod global_log;
+pub mod listener;
 pub mod local_pg;
 #[cfg(feature = "testing")]
 pub mod testing;
