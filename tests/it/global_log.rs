@@ -293,3 +293,174 @@ async fn the_followers_of_a_process_share_one_listen_connection_that_comes_back_
     tx.commit().await.unwrap();
     every_follower_sees(&mut seen_rx, FOLLOWERS, second).await;
 }
+
+/// A TCP proxy in front of PostgreSQL that can stop delivering to the connections that have
+/// sent `LISTEN` (as a half-open connection or a proxy in transaction mode would), while
+/// everything else goes on.
+struct StallingProxy {
+    port: u16,
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, _) = tokio::sync::watch::channel(false);
+        let stalled_rx = stalled.subscribe();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let listens = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let marks = listens.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = client_read.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if buf[..n].windows(8).any(|w| w == b"LISTEN \"") {
+                            marks.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut stalled = stalled_rx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = server_read.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if listens.load(std::sync::atomic::Ordering::SeqCst) {
+                            // Hold what the server sent for as long as the stall lasts.
+                            let _ = stalled.wait_for(|s| !*s).await;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, stalled }
+    }
+}
+
+/// A listening connection that silently stops delivering is found out by the hub's probes: it
+/// stops being trusted (a command that waited for its notification in vain asks the database, and
+/// API key lookups are no longer reused) within seconds, long before a cached key lookup would
+/// expire on its own; a connection that delivers again is trusted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_connection_that_stops_delivering_stops_being_trusted() {
+    use store::listener::Notifications;
+    let db = TestDb::new().await;
+    let options = db.connect_options();
+    let upstream: std::net::SocketAddr = format!("{}:{}", options.get_host(), options.get_port())
+        .parse()
+        .unwrap();
+    let proxy = StallingProxy::start(upstream).await;
+    let proxied = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(
+            options
+                .port(proxy.port)
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let notifications = Notifications::new(proxied.clone());
+    let trusted = |n: &Notifications| n.auth_epoch().is_some();
+    notifications.auth_epoch();
+    until("the listening connection is trusted", || async {
+        trusted(&notifications)
+    })
+    .await;
+
+    // Trusted: an event's position comes with its notification.
+    let expected = notifications.expect_commit("Test", "p", 1).unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let position = append(&mut tx, "p", 1, json!({})).await;
+    tx.commit().await.unwrap();
+    assert_eq!(
+        expected.position(Duration::from_secs(5)).await,
+        Some(position)
+    );
+
+    // The connection stalls: the next event's notification never comes.
+    proxy.stalled.send_replace(true);
+    let stalled_at = std::time::Instant::now();
+    let expected = notifications.expect_commit("Test", "p", 2);
+    let mut tx = db.pool.begin().await.unwrap();
+    append(&mut tx, "p", 2, json!({})).await;
+    tx.commit().await.unwrap();
+    if let Some(e) = expected {
+        assert_eq!(e.position(Duration::from_secs(1)).await, None);
+    }
+    let deadline = Duration::from_secs(8);
+    while trusted(&notifications) {
+        assert!(
+            stalled_at.elapsed() < deadline,
+            "still trusted {:?} after the stall",
+            stalled_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(notifications.expect_commit("Test", "p", 3).is_none());
+
+    // Delivering again: a new connection is opened and trusted.
+    proxy.stalled.send_replace(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !trusted(&notifications) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never trusted again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxied.close().await;
+}
+
+/// One statement that inserts many events (a bulk load) announces them in as few notifications
+/// as fit the payload limit, and each event's writer still learns its event's position.
+#[tokio::test]
+async fn every_event_of_a_bulk_insert_is_announced_with_its_position() {
+    use store::listener::Notifications;
+    let db = TestDb::new().await;
+    let notifications = Notifications::new(db.pool.clone());
+    notifications.auth_epoch();
+    until("the listening connection is trusted", || async {
+        notifications.auth_epoch().is_some()
+    })
+    .await;
+    // 400 lines of about 60 bytes: several notifications of at most 8,000 bytes.
+    let ids: Vec<String> = (0..400).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let waits: Vec<_> = ids
+        .iter()
+        .map(|id| notifications.expect_commit("Test", id, 1).unwrap())
+        .collect();
+    let positions: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         SELECT 'Test', id, 1, 'Tested', '1.0', '{}', '{}' FROM unnest($1::text[]) AS u(id) \
+         RETURNING aggregate_id, global_position",
+    )
+    .bind(&ids)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let stored: std::collections::HashMap<String, i64> = positions.into_iter().collect();
+    for (id, wait) in ids.iter().zip(waits) {
+        assert_eq!(
+            wait.position(Duration::from_secs(5)).await,
+            Some(stored[id]),
+            "{id}"
+        );
+    }
+}

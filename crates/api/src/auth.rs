@@ -252,8 +252,9 @@ pub async fn authenticate(
 /// The key lookups this process has made, reused while no API key and no staff account has
 /// changed since: every such change notifies every API process (`skyluxse_auth`, see
 /// `store::listener`), which then looks keys up again. A revoked key thus stops working as soon
-/// as each process has heard of it (milliseconds). A process that cannot listen looks every key
-/// up, and no lookup is reused for longer than [`KeyCache::REUSE_FOR`] anyway. Only keys that
+/// as each process has heard of it (milliseconds), or within seconds when a process's listening
+/// connection has silently died (its probes find that out). A process whose connection is not
+/// trusted looks every key up, and no lookup is reused for longer than [`KeyCache::REUSE_FOR`]. Only keys that
 /// were found are kept; a refused key is looked up on every request.
 pub struct KeyCache {
     notifications: store::listener::Notifications,
@@ -280,15 +281,19 @@ impl KeyCache {
     }
 
     fn get(&self, digest: &[u8], epoch: u64) -> Option<Caller> {
-        let entries = self.entries.lock().ok()?;
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let hit = entries.get(digest)?;
         (hit.epoch == epoch && hit.at.elapsed() < Self::REUSE_FOR).then(|| hit.caller.clone())
     }
 
     fn put(&self, digest: Vec<u8>, caller: &Caller, epoch: u64) {
-        let Ok(mut entries) = self.entries.lock() else {
-            return;
-        };
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() >= Self::MAX_KEYS {
             entries.retain(|_, c| c.epoch == epoch && c.at.elapsed() < Self::REUSE_FOR);
             if entries.len() >= Self::MAX_KEYS {

@@ -15,7 +15,6 @@ use serde_json::Value;
 use sqlx::postgres::PgPool;
 use sqlx::{PgExecutor, Row};
 
-pub use crate::listener::EVENTS_CHANNEL as CHANNEL;
 use crate::listener::Wakeups;
 
 /// How soon a follower looks again when events exist but are not final yet.

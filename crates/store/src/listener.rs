@@ -6,7 +6,11 @@
 //! - the API's key cache ([`Notifications::auth_epoch`]): a `skyluxse_auth` notification (a key
 //!   or a staff account changed) ends every lookup cached before it.
 //!
-//! Notifications are trusted only while the connection listens. When it drops, followers poll,
+//! Notifications are trusted only while the connection is known to listen: after `LISTEN`, the hub
+//! sends itself a probe (a notification on a channel of its own, through the pool) and trusts the
+//! connection once the probe comes back; it probes again every few seconds and whenever a command
+//! waited in vain, so a connection that silently stopped delivering (a half-open TCP connection,
+//! a proxy in transaction mode) is found within seconds. While it is not trusted, followers poll,
 //! commands query, the key cache is bypassed, and waiting commands are released at once; the
 //! connection is then opened again. The hub ends with its last member.
 
@@ -16,15 +20,25 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
-/// The channel the events table notifies on, once per event (see `commit_key`).
+/// The channel the events table notifies on: one notification per insert statement, one line per
+/// event (see `commit_key`).
 pub const EVENTS_CHANNEL: &str = "skyluxse_events";
 /// The channel `api_keys` and `staff_accounts` notify on when a row changes.
 pub const AUTH_CHANNEL: &str = "skyluxse_auth";
 
-/// What a command waits for: the rest of its event's notification after the position. The
-/// `events_announce` trigger writes `<global_position> <sequence> <aggregate_type> <aggregate_id>`.
+/// How often a trusted connection is probed again.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// How long a probe may take to come back before the connection is given up.
+const PROBE_WITHIN: Duration = Duration::from_secs(2);
+/// Events whose type and id are longer than this are announced without their line (the
+/// trigger's limit, which keeps a line well under a payload's 8000 bytes).
+const MAX_KEY_BYTES: usize = 1000;
+
+/// What a command waits for: the rest of its event's line after the position. The
+/// `events_announce` trigger writes one line per event,
+/// `<global_position> <sequence> <aggregate_type> <aggregate_id>`.
 fn commit_key(aggregate_type: &str, aggregate_id: &str, sequence: i64) -> String {
     format!("{sequence} {aggregate_type} {aggregate_id}")
 }
@@ -66,6 +80,9 @@ impl Notifications {
         aggregate_id: &str,
         sequence: i64,
     ) -> Option<ExpectedCommit> {
+        if aggregate_type.len() + aggregate_id.len() > MAX_KEY_BYTES {
+            return None;
+        }
         let hub = self.hub();
         let key = commit_key(aggregate_type, aggregate_id, sequence);
         let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +125,14 @@ impl ExpectedCommit {
     /// The event's global position, once its notification arrives; `None` if it does not arrive
     /// `within` (or the connection dropped meanwhile): then ask the database.
     pub async fn position(mut self, within: Duration) -> Option<i64> {
-        tokio::time::timeout(within, &mut self.rx).await.ok()?.ok()
+        match tokio::time::timeout(within, &mut self.rx).await {
+            Ok(received) => received.ok(),
+            Err(_) => {
+                // Committed, yet not announced: have the hub check its connection now.
+                self.hub.doubt.notify_one();
+                None
+            }
+        }
     }
 }
 
@@ -131,7 +155,7 @@ static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
 
 /// A follower's view of the hub: a counter of event notifications, and whether the connection
-/// listens now.
+/// is trusted now (it listens and its probe came back).
 pub(crate) struct Wakeups {
     pub(crate) seen: watch::Receiver<u64>,
     pub(crate) listening: watch::Receiver<bool>,
@@ -147,7 +171,8 @@ impl Wakeups {
     }
 }
 
-/// Keeps a hub running without keeping it from ending when its task has ended.
+/// Keeps a hub running without keeping it from ending when its task has ended: the hub's task
+/// runs while anyone holds a receiver of its counter (the member's is only held, never read).
 struct Member {
     hub: Weak<Hub>,
     _seen: watch::Receiver<u64>,
@@ -162,10 +187,15 @@ struct Hub {
     /// Counts event notifications; every member holds a receiver, so the hub knows when the
     /// last one is gone.
     seen: watch::Sender<u64>,
+    /// Whether the connection is trusted (it listens and its probe came back).
     listening: watch::Sender<bool>,
-    /// 0 while not listening; a new value on every auth notification and every connection.
+    /// 0 while not trusted; a new value on every auth notification and every trusted connection.
     auth_epoch: AtomicU64,
     commits: Mutex<Commits>,
+    /// Wakes the hub to probe its connection at once.
+    doubt: Notify,
+    /// The channel of this hub's probes, which nobody else listens on.
+    probe_channel: String,
     /// Keeps the key's address taken while the hub is registered.
     _options: Arc<sqlx::postgres::PgConnectOptions>,
 }
@@ -204,12 +234,17 @@ impl Hub {
             );
             return;
         }
-        if let Some((position, key)) = payload.split_once(' ')
-            && let Ok(position) = position.parse::<i64>()
         {
-            let waiting = lock(&self.commits).waiting.remove(key);
-            if let Some((_, tx)) = waiting {
-                let _ = tx.send(position);
+            let mut commits = lock(&self.commits);
+            if !commits.waiting.is_empty() {
+                for line in payload.lines() {
+                    if let Some((position, key)) = line.split_once(' ')
+                        && let Ok(position) = position.parse::<i64>()
+                        && let Some((_, tx)) = commits.waiting.remove(key)
+                    {
+                        let _ = tx.send(position);
+                    }
+                }
             }
         }
         self.seen.send_modify(|n| *n += 1);
@@ -246,6 +281,12 @@ fn join(pool: &PgPool) -> (Arc<Hub>, watch::Receiver<u64>) {
             listening: watch::Sender::new(false),
             auth_epoch: AtomicU64::new(0),
             commits: Mutex::new(Commits::default()),
+            doubt: Notify::new(),
+            probe_channel: format!(
+                "skyluxse_probe_{}_{}",
+                std::process::id(),
+                NEXT_TOKEN.fetch_add(1, Ordering::Relaxed)
+            ),
             _options: options,
         });
         hubs.insert(key, hub.clone());
@@ -292,13 +333,21 @@ async fn listen(pool: PgPool, leave: Leave) {
             }
         }
         let listener = match PgListener::connect_with(&pool).await {
-            Ok(mut l) => match l.listen_all([EVENTS_CHANNEL, AUTH_CHANNEL]).await {
-                Ok(()) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "LISTEN failed; followers poll, commands query");
-                    None
+            Ok(mut l) => {
+                // A lost connection is reported at once (`Ok(None)`), not after the listener has
+                // found a new one: nothing is trusted in between.
+                l.eager_reconnect(false);
+                match l
+                    .listen_all([EVENTS_CHANNEL, AUTH_CHANNEL, hub.probe_channel.as_str()])
+                    .await
+                {
+                    Ok(()) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed; followers poll, commands query");
+                        None
+                    }
                 }
-            },
+            }
             // The pool is closed: nobody can read any more; leave.
             Err(sqlx::Error::PoolClosed) => return,
             Err(e) => {
@@ -313,19 +362,50 @@ async fn listen(pool: PgPool, leave: Leave) {
             }
             continue;
         };
-        hub.set_listening(true);
-        // Whatever was committed while nobody listened is found by the followers' next read.
-        hub.seen.send_modify(|n| *n += 1);
         let opened = tokio::time::Instant::now();
+        // Not trusted until the first probe is back.
+        let mut trusted = false;
+        let mut probe_due = tokio::time::Instant::now();
+        // The probe sent and not back yet, and when it is given up.
+        let mut outstanding: Option<(String, tokio::time::Instant)> = None;
         loop {
+            if outstanding.is_none() && tokio::time::Instant::now() >= probe_due {
+                outstanding = Some((
+                    send_probe(&pool, &hub.probe_channel),
+                    tokio::time::Instant::now() + PROBE_WITHIN,
+                ));
+            }
+            let wake_at = outstanding.as_ref().map_or(probe_due, |(_, by)| *by);
             tokio::select! {
                 received = listener.try_recv() => match received {
+                    Ok(Some(n)) if n.channel() == hub.probe_channel => {
+                        if outstanding.as_ref().is_some_and(|(token, _)| token == n.payload()) {
+                            outstanding = None;
+                            probe_due = tokio::time::Instant::now() + PROBE_EVERY;
+                            if !trusted {
+                                trusted = true;
+                                hub.set_listening(true);
+                                // What was committed while nobody listened is found by the
+                                // followers' next read.
+                                hub.seen.send_modify(|n| *n += 1);
+                            }
+                        }
+                    }
                     Ok(Some(n)) => hub.received(n.channel(), n.payload()),
-                    // The connection dropped (`Ok(None)`; the listener would reconnect on its
-                    // own, but what was sent meanwhile is lost) or failed: stop trusting it
-                    // now, and open a new one.
+                    // The connection dropped or failed: stop trusting it, open a new one.
                     Ok(None) | Err(_) => break,
                 },
+                () = tokio::time::sleep_until(wake_at) => {
+                    if outstanding.is_some() {
+                        tracing::warn!("the LISTEN connection did not deliver its probe; reconnecting");
+                        break;
+                    }
+                }
+                () = hub.doubt.notified() => {
+                    if outstanding.is_none() {
+                        probe_due = tokio::time::Instant::now();
+                    }
+                }
                 () = hub.seen.closed() => break,
             }
         }
@@ -339,4 +419,23 @@ async fn listen(pool: PgPool, leave: Leave) {
             }
         }
     }
+}
+
+/// Sends a probe on `channel` through the pool, in a task of its own (the hub keeps receiving
+/// meanwhile), and returns its payload. A probe that cannot be sent is simply never received.
+fn send_probe(pool: &PgPool, channel: &str) -> String {
+    let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed).to_string();
+    let pool = pool.clone();
+    let (channel, payload) = (channel.to_string(), token.clone());
+    tokio::spawn(async move {
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot send a LISTEN probe");
+        }
+    });
+    token
 }
