@@ -1,33 +1,18 @@
--- Each insert statement's notification now names its events and carries their global positions,
--- one line per event ("<global_position> <sequence> <aggregate_type> <aggregate_id>", lines
--- joined with a newline, a new notification whenever one would pass 7,900 bytes), so the command
--- that wrote an event learns its position from the notification instead of querying for it after
--- the commit. Delivered on commit only. An event whose type and id are longer than 1,000 bytes
--- gets no line (its writer queries). A statement that inserted nothing announces nothing.
+-- Each event's notification now names the event and carries its global position
+-- ("<global_position> <sequence> <aggregate_type> <aggregate_id>"), so the command that wrote it
+-- learns its position from the notification instead of querying for it after the commit.
+-- One notification per event (per row), delivered on commit only; an aggregate id too long for a
+-- payload sends an empty one (the writer then queries).
 CREATE OR REPLACE FUNCTION events_notify() RETURNS trigger
     LANGUAGE plpgsql AS
 $$
-DECLARE
-    line  text;
-    batch text := '';
 BEGIN
-    FOR line IN
-        SELECT n.global_position || ' ' || n.sequence || ' ' || n.aggregate_type || ' ' ||
-               n.aggregate_id
-        FROM new_events n
-        WHERE octet_length(n.aggregate_type) + octet_length(n.aggregate_id) <= 1000
-    LOOP
-        IF octet_length(batch) + octet_length(line) > 7900 THEN
-            PERFORM pg_notify('skyluxse_events', batch);
-            batch := '';
-        END IF;
-        batch := CASE WHEN batch = '' THEN line ELSE batch || E'\n' || line END;
-    END LOOP;
-    IF batch <> '' THEN
-        PERFORM pg_notify('skyluxse_events', batch);
-    ELSIF EXISTS (SELECT 1 FROM new_events) THEN
-        -- Only overlong ids: still wake the log's followers.
+    IF octet_length(NEW.aggregate_id) + octet_length(NEW.aggregate_type) > 1000 THEN
         PERFORM pg_notify('skyluxse_events', '');
+    ELSE
+        PERFORM pg_notify('skyluxse_events',
+                          NEW.global_position || ' ' || NEW.sequence || ' ' ||
+                          NEW.aggregate_type || ' ' || NEW.aggregate_id);
     END IF;
     RETURN NULL;
 END
@@ -36,8 +21,7 @@ $$;
 DROP TRIGGER events_announce ON events;
 CREATE TRIGGER events_announce
     AFTER INSERT ON events
-    REFERENCING NEW TABLE AS new_events
-    FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
+    FOR EACH ROW EXECUTE FUNCTION events_notify();
 
 -- A change to a key or to a staff account (revocation, deactivation, a new role) ends every API
 -- process's cached key lookups. Touching last_used_at does not.

@@ -8,9 +8,10 @@
 //!
 //! Notifications are trusted only while the connection is known to listen: after `LISTEN`, the hub
 //! sends itself a probe (a notification on a channel of its own, through the pool) and trusts the
-//! connection once the probe comes back; it probes again every few seconds and whenever a command
-//! waited in vain, so a connection that silently stopped delivering (a half-open TCP connection,
-//! a proxy in transaction mode) is found within seconds. While it is not trusted, followers poll,
+//! connection once the probe comes back within 2 s of being sent; it probes again after 5 s
+//! without any notification and whenever a command waited in vain, so a connection that silently
+//! stopped delivering (a half-open TCP connection, a proxy in transaction mode) is found within
+//! seconds. The connection is a pool of its own (one connection, outside the shared pool). While it is not trusted, followers poll,
 //! commands query, the key cache is bypassed, and waiting commands are released at once; the
 //! connection is then opened again. The hub ends with its last member.
 
@@ -228,10 +229,13 @@ impl Hub {
 
     fn received(&self, channel: &str, payload: &str) {
         if channel == AUTH_CHANNEL {
-            self.auth_epoch.store(
-                NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
-                Ordering::Release,
-            );
+            // Stays 0 while the connection is not trusted yet.
+            if self.auth_epoch.load(Ordering::Acquire) != 0 {
+                self.auth_epoch.store(
+                    NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
+                    Ordering::Release,
+                );
+            }
             return;
         }
         {
@@ -282,9 +286,13 @@ fn join(pool: &PgPool) -> (Arc<Hub>, watch::Receiver<u64>) {
             auth_epoch: AtomicU64::new(0),
             commits: Mutex::new(Commits::default()),
             doubt: Notify::new(),
+            // Unique also across containers (where every process may be pid 1).
             probe_channel: format!(
-                "skyluxse_probe_{}_{}",
+                "skyluxse_probe_{}_{}_{}",
                 std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
                 NEXT_TOKEN.fetch_add(1, Ordering::Relaxed)
             ),
             _options: options,
@@ -319,20 +327,39 @@ impl Drop for Leave {
     }
 }
 
+/// A probe sent and not back yet.
+struct Probe {
+    token: String,
+    /// When it is given up: set once the probe has been sent (committed), so that waiting for
+    /// a connection of a busy pool does not count against the listening connection.
+    by: Option<tokio::time::Instant>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// The hub's task: listens, dispatches notifications, reconnects; ends with its last member.
 async fn listen(pool: PgPool, leave: Leave) {
     let hub = leave.hub.clone();
+    // Connections in a row that never became trusted (a proxy in transaction mode never
+    // delivers): each waits longer before the next.
+    let mut failures: u32 = 0;
+    // Probes report here once sent: Ok(token), or Err(token) when they could not be.
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Result<String, String>>();
     loop {
-        // The last member is gone: leave (under the registry's lock, so that nobody joins a
-        // hub that is leaving).
+        // The last member is gone, or the pool is closed: leave (under the registry's lock, so
+        // that nobody joins a hub that is leaving).
         {
             let mut hubs = registry();
-            if hub.seen.receiver_count() == 0 {
+            if hub.seen.receiver_count() == 0 || pool.is_closed() {
                 hubs.remove(&leave.key);
                 return;
             }
         }
-        let listener = match PgListener::connect_with(&pool).await {
+        // A pool of its own, so that a connection given up as silent (whose closing may hang
+        // until TCP gives up) never holds one of the shared pool's connections.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let listener = match PgListener::connect_with(&own).await {
             Ok(mut l) => {
                 // A lost connection is reported at once (`Ok(None)`), not after the listener has
                 // found a new one: nothing is trusted in between.
@@ -348,8 +375,6 @@ async fn listen(pool: PgPool, leave: Leave) {
                     }
                 }
             }
-            // The pool is closed: nobody can read any more; leave.
-            Err(sqlx::Error::PoolClosed) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot open a LISTEN connection; followers poll");
                 None
@@ -362,28 +387,30 @@ async fn listen(pool: PgPool, leave: Leave) {
             }
             continue;
         };
-        let opened = tokio::time::Instant::now();
+        let closed = pool.close_event();
+        tokio::pin!(closed);
         // Not trusted until the first probe is back.
         let mut trusted = false;
         let mut probe_due = tokio::time::Instant::now();
-        // The probe sent and not back yet, and when it is given up.
-        let mut outstanding: Option<(String, tokio::time::Instant)> = None;
+        let mut probe: Option<Probe> = None;
         loop {
-            if outstanding.is_none() && tokio::time::Instant::now() >= probe_due {
-                outstanding = Some((
-                    send_probe(&pool, &hub.probe_channel),
-                    tokio::time::Instant::now() + PROBE_WITHIN,
-                ));
+            let now = tokio::time::Instant::now();
+            if probe.is_none() && now >= probe_due {
+                probe = Some(send_probe(&pool, &hub.probe_channel, sent_tx.clone()));
             }
-            let wake_at = outstanding.as_ref().map_or(probe_due, |(_, by)| *by);
+            let wake_at = match &probe {
+                Some(p) => p.by,
+                None => Some(probe_due),
+            };
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(n)) if n.channel() == hub.probe_channel => {
-                        if outstanding.as_ref().is_some_and(|(token, _)| token == n.payload()) {
-                            outstanding = None;
+                        if probe.as_ref().is_some_and(|p| p.token == n.payload()) {
+                            probe = None;
                             probe_due = tokio::time::Instant::now() + PROBE_EVERY;
                             if !trusted {
                                 trusted = true;
+                                failures = 0;
                                 hub.set_listening(true);
                                 // What was committed while nobody listened is found by the
                                 // followers' next read.
@@ -391,51 +418,97 @@ async fn listen(pool: PgPool, leave: Leave) {
                             }
                         }
                     }
-                    Ok(Some(n)) => hub.received(n.channel(), n.payload()),
+                    Ok(Some(n)) => {
+                        hub.received(n.channel(), n.payload());
+                        // Delivering, so no need to ask.
+                        if probe.is_none() {
+                            probe_due = tokio::time::Instant::now() + PROBE_EVERY;
+                        }
+                    }
                     // The connection dropped or failed: stop trusting it, open a new one.
                     Ok(None) | Err(_) => break,
                 },
-                () = tokio::time::sleep_until(wake_at) => {
-                    if outstanding.is_some() {
-                        tracing::warn!("the LISTEN connection did not deliver its probe; reconnecting");
+                sent = sent_rx.recv() => match (sent, &mut probe) {
+                    (Some(Ok(token)), Some(p)) if p.token == token => {
+                        p.by = Some(tokio::time::Instant::now() + PROBE_WITHIN);
+                    }
+                    // The pool could not send it (busy or failing): that says nothing about
+                    // this connection; try again later.
+                    (Some(Err(token)), Some(p)) if p.token == token => {
+                        probe = None;
+                        probe_due = tokio::time::Instant::now() + PROBE_EVERY;
+                    }
+                    _ => {}
+                },
+                () = sleep_until(wake_at) => {
+                    if probe.as_ref().is_some_and(|p| p.by.is_some()) {
+                        if failures == 0 {
+                            tracing::warn!("the LISTEN connection did not deliver its probe; reconnecting");
+                        }
                         break;
                     }
                 }
                 () = hub.doubt.notified() => {
-                    if outstanding.is_none() {
+                    if probe.is_none() {
                         probe_due = tokio::time::Instant::now();
                     }
                 }
+                () = &mut closed => break,
                 () = hub.seen.closed() => break,
             }
         }
         hub.set_listening(false);
+        if let Some(p) = probe.take() {
+            p.task.abort();
+        }
         drop(listener);
-        if opened.elapsed() < Duration::from_secs(1) {
-            // A connection that fails at once is not retried in a loop.
+        if !trusted {
+            failures += 1;
+            let pause =
+                Duration::from_secs(1 << (failures - 1).min(6)).min(Duration::from_secs(60));
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = hub.seen.closed() => {}
             }
         }
     }
 }
 
+/// Sleeps until `at`, or for ever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends a probe on `channel` through the pool, in a task of its own (the hub keeps receiving
-/// meanwhile), and returns its payload. A probe that cannot be sent is simply never received.
-fn send_probe(pool: &PgPool, channel: &str) -> String {
+/// meanwhile), which reports on `sent` whether it could.
+fn send_probe(
+    pool: &PgPool,
+    channel: &str,
+    sent: tokio::sync::mpsc::UnboundedSender<Result<String, String>>,
+) -> Probe {
     let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed).to_string();
     let pool = pool.clone();
     let (channel, payload) = (channel.to_string(), token.clone());
-    tokio::spawn(async move {
-        if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+    let task = tokio::spawn(async move {
+        let result = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(channel)
-            .bind(payload)
+            .bind(&payload)
             .execute(&pool)
-            .await
-        {
-            tracing::debug!(error = %e, "cannot send a LISTEN probe");
-        }
+            .await;
+        let _ = sent.send(match result {
+            Ok(_) => Ok(payload),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot send a LISTEN probe");
+                Err(payload)
+            }
+        });
     });
-    token
+    Probe {
+        token,
+        by: None,
+        task,
+    }
 }
