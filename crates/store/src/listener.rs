@@ -6,14 +6,15 @@
 //! - the API's key cache ([`Notifications::auth_epoch`]): a `skyluxse_auth` notification (a key
 //!   or a staff account changed) ends every lookup cached before it.
 //!
-//! Notifications are trusted only while the connection is known to listen: after `LISTEN`, the hub
-//! sends itself a probe (a notification on a channel of its own, through the pool) and trusts the
-//! connection once the probe comes back within 2 s of being sent; it probes again after 5 s
+//! Notifications are trusted only while the connection is known to deliver: after `LISTEN`, the
+//! hub sends itself a probe (a notification on a channel of its own, through the pool) and trusts
+//! the connection once the probe comes back within 2 s of being sent; it probes again after 5 s
 //! without any notification and whenever a command waited in vain, so a connection that silently
 //! stopped delivering (a half-open TCP connection, a proxy in transaction mode) is found within
-//! seconds. The connection is a pool of its own (one connection, outside the shared pool). While it is not trusted, followers poll,
-//! commands query, the key cache is bypassed, and waiting commands are released at once; the
-//! connection is then opened again. The hub ends with its last member.
+//! seconds. The connection is a pool of its own (one connection, outside the shared pool). While
+//! it is not trusted, followers poll, commands query, the key cache is bypassed, and waiting
+//! commands are released at once; the connection is then opened again. The hub ends with its last
+//! member.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,8 +74,8 @@ impl Notifications {
     }
 
     /// Starts waiting for the notification of event `sequence` of the aggregate, to learn its
-    /// global position once it is committed. Call it before committing. `None` when the process
-    /// is not listening right now (then ask the database).
+    /// global position once it is committed. Call it before committing. `None` when the
+    /// connection is not trusted right now (then ask the database).
     pub fn expect_commit(
         &self,
         aggregate_type: &str,
@@ -104,7 +105,7 @@ impl Notifications {
     }
 
     /// A value that stays the same as long as no API key or staff account has changed and the
-    /// connection has listened throughout; `None` while it does not listen. A lookup made
+    /// connection has been trusted throughout; `None` while it is not trusted. A lookup made
     /// while the epoch was `e` may be reused as long as the epoch is still `e`.
     pub fn auth_epoch(&self) -> Option<u64> {
         match self.hub().auth_epoch.load(Ordering::Acquire) {
