@@ -303,6 +303,34 @@ struct StallingProxy {
 }
 
 impl StallingProxy {
+    /// A proxy in front of the test's database, and a pool of `size` connections through it.
+    async fn in_front_of(db: &TestDb, size: u32) -> (Self, sqlx::PgPool) {
+        let options = db.connect_options();
+        // The first address PostgreSQL answers on (a host name may resolve to ::1 first).
+        let mut upstream = None;
+        for address in tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .unwrap()
+        {
+            if tokio::net::TcpStream::connect(address).await.is_ok() {
+                upstream = Some(address);
+                break;
+            }
+        }
+        let upstream = upstream.expect("PostgreSQL answers on some address of its host");
+        let proxy = Self::start(upstream).await;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(size)
+            .connect_with(
+                options
+                    .port(proxy.port)
+                    .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+            )
+            .await
+            .unwrap();
+        (proxy, pool)
+    }
+
     async fn start(upstream: std::net::SocketAddr) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -362,22 +390,7 @@ impl StallingProxy {
 async fn a_listening_connection_that_stops_delivering_stops_being_trusted() {
     use store::listener::Notifications;
     let db = TestDb::new().await;
-    let options = db.connect_options();
-    let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = StallingProxy::start(upstream).await;
-    let proxied = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(
-            options
-                .port(proxy.port)
-                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
-        )
-        .await
-        .unwrap();
+    let (proxy, proxied) = StallingProxy::in_front_of(&db, 4).await;
     let notifications = Notifications::new(proxied.clone());
     let trusted = |n: &Notifications| n.auth_epoch().is_some();
     notifications.auth_epoch();
@@ -467,4 +480,36 @@ async fn every_event_of_a_bulk_insert_is_announced_with_its_position() {
             "{id}"
         );
     }
+}
+
+/// A connection that stops delivering while the pool is too busy to even send a probe is not
+/// trusted for long: trust lapses once nothing has confirmed delivery for a probe cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_lapses_when_no_probe_can_be_sent() {
+    use store::listener::Notifications;
+    let db = TestDb::new().await;
+    let (proxy, proxied) = StallingProxy::in_front_of(&db, 2).await;
+    let notifications = Notifications::new(proxied.clone());
+    notifications.auth_epoch();
+    until("the listening connection is trusted", || async {
+        notifications.auth_epoch().is_some()
+    })
+    .await;
+    // Every connection of the pool is taken (probes wait for one), and the listener stalls.
+    let held = [
+        proxied.acquire().await.unwrap(),
+        proxied.acquire().await.unwrap(),
+    ];
+    proxy.stalled.send_replace(true);
+    let stalled_at = std::time::Instant::now();
+    // 5 s without confirmation plus 2 s, then some slack; a pool wait lasts 30 s.
+    while notifications.auth_epoch().is_some() {
+        assert!(
+            stalled_at.elapsed() < Duration::from_secs(10),
+            "still trusted {:?} after the stall",
+            stalled_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
 }

@@ -11,7 +11,8 @@
 //! the connection once the probe comes back within 2 s of being sent; it probes again after 5 s
 //! without any notification and whenever a command waited in vain, so a connection that silently
 //! stopped delivering (a half-open TCP connection, a proxy in transaction mode) is found within
-//! seconds. The connection is a pool of its own (one connection, outside the shared pool). While
+//! seconds; trust also lapses after 7 s without any sign of delivery (when the pool is too busy
+//! to send a probe). The connection is a pool of its own (one connection, outside the shared pool). While
 //! it is not trusted, followers poll, commands query, the key cache is bypassed, and waiting
 //! commands are released at once; the connection is then opened again. The hub ends with its last
 //! member.
@@ -355,62 +356,47 @@ async fn listen(pool: PgPool, leave: Leave) {
                 return;
             }
         }
-        // A pool of its own, so that a connection given up as silent (whose closing may hang
-        // until TCP gives up) never holds one of the shared pool's connections.
-        let own = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with((*pool.connect_options()).clone());
-        let listener = match PgListener::connect_with(&own).await {
-            Ok(mut l) => {
-                // A lost connection is reported at once (`Ok(None)`), not after the listener has
-                // found a new one: nothing is trusted in between.
-                l.eager_reconnect(false);
-                match l
-                    .listen_all([EVENTS_CHANNEL, AUTH_CHANNEL, hub.probe_channel.as_str()])
-                    .await
-                {
-                    Ok(()) => Some(l),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN failed; followers poll, commands query");
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open a LISTEN connection; followers poll");
-                None
-            }
-        };
-        let Some(mut listener) = listener else {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = hub.seen.closed() => {}
-            }
+        let Some(mut listener) = open(&pool, &hub).await else {
+            pause(&pool, &hub, Duration::from_secs(1)).await;
             continue;
         };
         let closed = pool.close_event();
         tokio::pin!(closed);
-        // Not trusted until the first probe is back.
+        // Not trusted until the first probe is back; no longer trusted once nothing has shown
+        // that it delivers for longer than a probe cycle (a probe that cannot even be sent
+        // proves nothing either way).
         let mut trusted = false;
+        let mut ever_trusted = false;
+        let mut confirmed = tokio::time::Instant::now();
         let mut probe_due = tokio::time::Instant::now();
         let mut probe: Option<Probe> = None;
         loop {
             let now = tokio::time::Instant::now();
+            if trusted && now >= confirmed + PROBE_EVERY + PROBE_WITHIN {
+                trusted = false;
+                hub.set_listening(false);
+            }
             if probe.is_none() && now >= probe_due {
                 probe = Some(send_probe(&pool, &hub.probe_channel, sent_tx.clone()));
             }
-            let wake_at = match &probe {
+            let mut wake_at = match &probe {
                 Some(p) => p.by,
                 None => Some(probe_due),
             };
+            if trusted {
+                let lapse = confirmed + PROBE_EVERY + PROBE_WITHIN;
+                wake_at = Some(wake_at.map_or(lapse, |w| w.min(lapse)));
+            }
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(n)) if n.channel() == hub.probe_channel => {
                         if probe.as_ref().is_some_and(|p| p.token == n.payload()) {
                             probe = None;
-                            probe_due = tokio::time::Instant::now() + PROBE_EVERY;
+                            confirmed = tokio::time::Instant::now();
+                            probe_due = confirmed + PROBE_EVERY;
                             if !trusted {
                                 trusted = true;
+                                ever_trusted = true;
                                 failures = 0;
                                 hub.set_listening(true);
                                 // What was committed while nobody listened is found by the
@@ -422,8 +408,9 @@ async fn listen(pool: PgPool, leave: Leave) {
                     Ok(Some(n)) => {
                         hub.received(n.channel(), n.payload());
                         // Delivering, so no need to ask.
+                        confirmed = tokio::time::Instant::now();
                         if probe.is_none() {
-                            probe_due = tokio::time::Instant::now() + PROBE_EVERY;
+                            probe_due = confirmed + PROBE_EVERY;
                         }
                     }
                     // The connection dropped or failed: stop trusting it, open a new one.
@@ -434,15 +421,15 @@ async fn listen(pool: PgPool, leave: Leave) {
                         p.by = Some(tokio::time::Instant::now() + PROBE_WITHIN);
                     }
                     // The pool could not send it (busy or failing): that says nothing about
-                    // this connection; try again later.
+                    // this connection; try again soon.
                     (Some(Err(token)), Some(p)) if p.token == token => {
                         probe = None;
-                        probe_due = tokio::time::Instant::now() + PROBE_EVERY;
+                        probe_due = tokio::time::Instant::now() + PROBE_WITHIN;
                     }
                     _ => {}
                 },
                 () = sleep_until(wake_at) => {
-                    if probe.as_ref().is_some_and(|p| p.by.is_some()) {
+                    if probe.as_ref().is_some_and(|p| p.by.is_some_and(|by| by <= tokio::time::Instant::now())) {
                         if failures == 0 {
                             tracing::warn!("the LISTEN connection did not deliver its probe; reconnecting");
                         }
@@ -463,15 +450,54 @@ async fn listen(pool: PgPool, leave: Leave) {
             p.task.abort();
         }
         drop(listener);
-        if !trusted {
+        if !ever_trusted {
             failures += 1;
-            let pause =
-                Duration::from_secs(1 << (failures - 1).min(6)).min(Duration::from_secs(60));
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = hub.seen.closed() => {}
-            }
+            let backoff = Duration::from_secs(1 << (failures - 1).min(6));
+            pause(&pool, &hub, backoff.min(Duration::from_secs(60))).await;
         }
+    }
+}
+
+/// Opens the hub's connection and listens: on a pool of its own, so that a connection given up
+/// as silent (whose closing may hang until TCP gives up) never holds one of the shared pool's
+/// connections. Gives up after 10 s, or when the shared pool closes or the last member leaves.
+async fn open(pool: &PgPool, hub: &Hub) -> Option<PgListener> {
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let attempt = async {
+        let mut l = PgListener::connect_with(&own).await?;
+        // A lost connection is reported at once (`Ok(None)`), not after the listener has found
+        // a new one: nothing is trusted in between.
+        l.eager_reconnect(false);
+        l.listen_all([EVENTS_CHANNEL, AUTH_CHANNEL, hub.probe_channel.as_str()])
+            .await?;
+        Ok::<_, sqlx::Error>(l)
+    };
+    tokio::select! {
+        opened = tokio::time::timeout(Duration::from_secs(10), attempt) => match opened {
+            Ok(Ok(l)) => Some(l),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot LISTEN; followers poll, commands query");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("LISTEN took over 10 s; followers poll, commands query");
+                None
+            }
+        },
+        () = pool.close_event() => None,
+        () = hub.seen.closed() => None,
+    }
+}
+
+/// Waits `how_long`, or less if the shared pool closes or the last member leaves.
+async fn pause(pool: &PgPool, hub: &Hub, how_long: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(how_long) => {}
+        () = pool.close_event() => {}
+        () = hub.seen.closed() => {}
     }
 }
 
