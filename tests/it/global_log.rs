@@ -294,6 +294,17 @@ async fn the_followers_of_a_process_share_one_listen_connection_that_comes_back_
     every_follower_sees(&mut seen_rx, FOLLOWERS, second).await;
 }
 
+/// This process's notifications on `pool`, once its listening connection is trusted.
+async fn trusted_notifications(pool: &sqlx::PgPool) -> store::listener::Notifications {
+    let notifications = store::listener::Notifications::new(pool.clone());
+    notifications.auth_epoch();
+    until("the listening connection is trusted", || async {
+        notifications.auth_epoch().is_some()
+    })
+    .await;
+    notifications
+}
+
 /// A TCP proxy in front of PostgreSQL that can stop delivering to the connections that have
 /// sent `LISTEN` (as a half-open connection or a proxy in transaction mode would), while
 /// everything else goes on.
@@ -391,13 +402,8 @@ async fn a_listening_connection_that_stops_delivering_stops_being_trusted() {
     use store::listener::Notifications;
     let db = TestDb::new().await;
     let (proxy, proxied) = StallingProxy::in_front_of(&db, 4).await;
-    let notifications = Notifications::new(proxied.clone());
+    let notifications = trusted_notifications(&proxied).await;
     let trusted = |n: &Notifications| n.auth_epoch().is_some();
-    notifications.auth_epoch();
-    until("the listening connection is trusted", || async {
-        trusted(&notifications)
-    })
-    .await;
 
     // Trusted: an event's position comes with its notification.
     let expected = notifications.expect_commit("Test", "p", 1).unwrap();
@@ -449,14 +455,8 @@ async fn a_listening_connection_that_stops_delivering_stops_being_trusted() {
 /// as fit the payload limit, and each event's writer still learns its event's position.
 #[tokio::test]
 async fn every_event_of_a_bulk_insert_is_announced_with_its_position() {
-    use store::listener::Notifications;
     let db = TestDb::new().await;
-    let notifications = Notifications::new(db.pool.clone());
-    notifications.auth_epoch();
-    until("the listening connection is trusted", || async {
-        notifications.auth_epoch().is_some()
-    })
-    .await;
+    let notifications = trusted_notifications(&db.pool).await;
     // 400 lines of about 60 bytes: several notifications of at most 8,000 bytes.
     let ids: Vec<String> = (0..400).map(|_| uuid::Uuid::now_v7().to_string()).collect();
     let waits: Vec<_> = ids
@@ -486,15 +486,9 @@ async fn every_event_of_a_bulk_insert_is_announced_with_its_position() {
 /// trusted for long: trust lapses once nothing has confirmed delivery for a probe cycle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_lapses_when_no_probe_can_be_sent() {
-    use store::listener::Notifications;
     let db = TestDb::new().await;
     let (proxy, proxied) = StallingProxy::in_front_of(&db, 2).await;
-    let notifications = Notifications::new(proxied.clone());
-    notifications.auth_epoch();
-    until("the listening connection is trusted", || async {
-        notifications.auth_epoch().is_some()
-    })
-    .await;
+    let notifications = trusted_notifications(&proxied).await;
     // Every connection of the pool is taken (probes wait for one), and the listener stalls.
     let held = [
         proxied.acquire().await.unwrap(),
