@@ -65,7 +65,7 @@ async fn a_later_commit_with_a_higher_position_waits_for_the_earlier_one() {
         .unwrap();
     let order: Vec<i64> = batch.iter().map(|e| e.position.global_position).collect();
     assert_eq!(order, vec![pos_a, pos_b]);
-    assert_eq!(batch[0].payload, json!({"who": "A"}));
+    assert_eq!(*batch[0].payload, json!({"who": "A"}));
     assert_eq!(follower.position(), batch[1].position);
     // Nothing more, and nothing twice.
     assert!(follower.poll().await.unwrap().is_empty());

@@ -948,3 +948,76 @@ async fn an_unreadable_event_stops_its_projection_there_and_the_others_go_on() {
         .unwrap();
     assert_eq!(registered, 1, "the events before the bad one were applied");
 }
+
+/// A stored event of an older shape reaches the read models upcast: its timeline payload is the
+/// current shape (not the stored text), while a current event's timeline payload is the stored
+/// document itself; and a rebuild gives the same.
+#[tokio::test]
+async fn a_stored_v1_booking_created_reaches_the_read_models_upcast() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let client = Uuid::now_v7();
+    bus.clients
+        .execute(client, register("Omar"), &meta(), None)
+        .await
+        .unwrap();
+    let id = Uuid::now_v7();
+    // `BookingCreated` 1.0 had no currency (every booking was in AED).
+    let v1 = serde_json::json!({"BookingCreated": {
+        "external_code": "BK-1001", "client_id": client,
+        "owner_id": OPS, "booking_type": "rental", "priority": "high", "channel": "Kommo",
+        "start_at": "2025-11-01T10:00:00Z", "end_at": "2025-11-03T10:00:00Z",
+        "rental_duration_days": 2, "vehicle_id": null, "driver_id": null,
+        "price_daily": "6500.00", "deposit_amount": "5000.00", "advance_payment": "0.00",
+        "full_insurance_fee": "0.00", "pickup_location": null, "dropoff_location": null,
+        "services": [], "lead_id": null, "total_amount": "13000.00"
+    }});
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Booking', $1, 1, 'BookingCreated', '1.0', $2, '{\"actor_type\": \"system\"}')",
+    )
+    .bind(id.to_string())
+    .bind(&v1)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    bus.bookings
+        .execute(
+            id,
+            BookingCommand::AssignDriver {
+                driver_id: Uuid::now_v7(),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    project_all(&db.pool, 100).await;
+
+    let currency: String = sqlx::query_scalar("SELECT currency FROM bookings WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(currency, "AED");
+    let timeline: Vec<(String, serde_json::Value, serde_json::Value)> = sqlx::query_as(
+        "SELECT t.event_type, t.payload, e.payload FROM booking_timeline_events t \
+         JOIN events e ON e.aggregate_id = t.booking_id::text AND e.sequence = t.sequence \
+         WHERE t.booking_id = $1 ORDER BY t.sequence",
+    )
+    .bind(id)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(timeline.len(), 2);
+    let (created, shown, stored) = &timeline[0];
+    assert_eq!(created, "BookingCreated");
+    assert_eq!(stored, &v1);
+    assert_eq!(shown["BookingCreated"]["currency"], "AED");
+    assert_eq!(shown["BookingCreated"]["external_code"], "BK-1001");
+    let (confirmed, shown, stored) = &timeline[1];
+    assert_eq!(confirmed, "BookingDriverAssigned");
+    assert_eq!(shown, stored);
+
+    assert_every_read_model_equals_its_rebuild(&db.pool, true).await;
+}

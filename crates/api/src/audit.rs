@@ -281,7 +281,7 @@ pub async fn feed(
     let events: Vec<Value> = events
         .into_iter()
         .map(|e| {
-            let mut payload = e.payload;
+            let mut payload = e.payload.into_value();
             redact(&mut payload);
             json!({
                 "global_position": e.position.global_position,
@@ -291,7 +291,7 @@ pub async fn feed(
                 "event_type": e.event_type,
                 "event_version": e.event_version,
                 "payload": payload,
-                "metadata": e.metadata,
+                "metadata": e.metadata.into_value(),
                 "recorded_at": e.recorded_at,
             })
         })

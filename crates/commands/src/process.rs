@@ -50,7 +50,7 @@ pub async fn handle(bus: &CommandBus, event: &RecordedEvent) -> Result<Handled, 
     let payload = domain::upcasting::upcast(
         &event.event_type,
         &event.event_version,
-        event.payload.clone(),
+        event.payload.value().clone(),
     );
     let won: LeadEvent =
         serde_json::from_value(payload).map_err(|source| ProcessError::BadEvent {

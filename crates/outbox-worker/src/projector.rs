@@ -205,8 +205,8 @@ mod tests {
             sequence: 1,
             event_type: event_type.into(),
             event_version: "1.0".into(),
-            payload: json!({}),
-            metadata: json!({ "actor_type": actor }),
+            payload: json!({}).into(),
+            metadata: json!({ "actor_type": actor }).into(),
             recorded_at: chrono::Utc::now(),
             decoded: Default::default(),
         }

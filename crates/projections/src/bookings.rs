@@ -16,7 +16,7 @@ use sqlx::PgConnection;
 use store::RecordedEvent;
 use uuid::Uuid;
 
-use crate::util::{actor, aggregate_uuid, decode, event_row_id};
+use crate::util::{actor_json, aggregate_uuid, decode, event_row_id};
 use crate::write::{CopyStream, CopyText, States, Table, delete_where};
 use crate::{Projection, ProjectionError, Session};
 
@@ -304,8 +304,8 @@ impl Session for BookingsSession {
                         sequence: e.sequence,
                         event_type: e.event_type.clone(),
                         message,
-                        payload: serde_json::to_string(&ev).unwrap_or_else(|_| "null".into()),
-                        actor: actor(e).to_string(),
+                        payload: payload_text(e, &ev),
+                        actor: actor_json(e),
                         occurred_at: e.recorded_at,
                         position: e.position.global_position,
                     });
@@ -487,6 +487,18 @@ fn rows_of(states: &States<Booking>) -> BookingRows {
         services,
         calendar,
         off_calendar,
+    }
+}
+
+/// A timeline row's payload: the stored text when the event is of the version this code
+/// writes (serializing the decoded event would give the same document), else the decoded
+/// (upcast) event serialized anew.
+fn payload_text(e: &RecordedEvent, ev: &BookingEvent) -> String {
+    use cqrs_es::DomainEvent;
+    if ev.event_version() == e.event_version {
+        e.payload.text().to_string()
+    } else {
+        serde_json::to_string(ev).unwrap_or_else(|_| "null".into())
     }
 }
 

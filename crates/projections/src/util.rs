@@ -31,12 +31,12 @@ fn decode_payload<E: DomainEvent + DeserializeOwned>(
     };
     // Only an old version needs its payload reshaped (and so copied); the rest is read in place.
     let decoded: E = if !domain::upcasting::needs_upcast(&event.event_type, &event.event_version) {
-        E::deserialize(&event.payload)
+        event.payload.parse()
     } else {
         serde_json::from_value(domain::upcasting::upcast(
             &event.event_type,
             &event.event_version,
-            event.payload.clone(),
+            event.payload.value().clone(),
         ))
     }
     .map_err(|e| fail(e.to_string()))?;
@@ -83,15 +83,28 @@ pub fn stable_id(name: &str) -> Uuid {
     Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
 }
 
-/// The actor of an event, from its metadata (no PII is ever put there).
-pub fn actor(event: &RecordedEvent) -> serde_json::Value {
-    let m = &event.metadata;
-    serde_json::json!({
-        "type": m.get("actor_type").cloned().unwrap_or(serde_json::Value::Null),
-        "id": m.get("actor_id").cloned().unwrap_or(serde_json::Value::Null),
-        "role": m.get("actor_role").cloned().unwrap_or(serde_json::Value::Null),
-        "request_id": m.get("request_id").cloned().unwrap_or(serde_json::Value::Null),
-    })
+/// The actor of an event, from its metadata (no PII is ever put there), as JSON text:
+/// `{"type", "id", "role", "request_id"}`, each `null` when the metadata lacks it.
+pub fn actor_json(event: &RecordedEvent) -> String {
+    #[derive(serde::Deserialize, serde::Serialize)]
+    struct Actor {
+        #[serde(rename(serialize = "type"), default)]
+        actor_type: serde_json::Value,
+        #[serde(rename(serialize = "id"), default)]
+        actor_id: serde_json::Value,
+        #[serde(rename(serialize = "role"), default)]
+        actor_role: serde_json::Value,
+        #[serde(default)]
+        request_id: serde_json::Value,
+    }
+    // Metadata that is not an object has no actor: every member is null.
+    let actor = event.metadata.parse::<Actor>().unwrap_or(Actor {
+        actor_type: serde_json::Value::Null,
+        actor_id: serde_json::Value::Null,
+        actor_role: serde_json::Value::Null,
+        request_id: serde_json::Value::Null,
+    });
+    serde_json::to_string(&actor).unwrap_or_else(|_| "null".into())
 }
 
 /// The staff id of the actor, when a staff member issued the command.
@@ -124,8 +137,8 @@ mod tests {
             sequence,
             event_type: "BookingCreated".into(),
             event_version: "2.0".into(),
-            payload: serde_json::Value::Null,
-            metadata: serde_json::Value::Null,
+            payload: serde_json::Value::Null.into(),
+            metadata: serde_json::Value::Null.into(),
             recorded_at: chrono::Utc::now(),
             decoded: Default::default(),
         }

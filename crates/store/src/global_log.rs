@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sqlx::postgres::PgPool;
 use sqlx::{PgExecutor, Row};
 
+use crate::StoredJson;
 use crate::listener::Wakeups;
 
 /// How soon a follower looks again when events exist but are not final yet.
@@ -47,8 +47,8 @@ pub struct RecordedEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: Value,
-    pub metadata: Value,
+    pub payload: StoredJson,
+    pub metadata: StoredJson,
     pub recorded_at: DateTime<Utc>,
     /// The payload as a reader decoded it, kept so that readers sharing one batch (a rebuild's
     /// projections) decode each event once.
@@ -86,8 +86,8 @@ impl PartialEq for Decoded {
 }
 
 const SELECT_COLUMNS: &str = "transaction_id::text::bigint AS transaction_id, global_position, \
-     aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, \
-     recorded_at";
+     aggregate_type, aggregate_id, sequence, event_type, event_version, payload::text AS payload, \
+     metadata::text AS metadata, recorded_at";
 
 /// Reads up to `limit` events after `after`, in log order, only those whose order is final.
 pub async fn read_after<'e, E: PgExecutor<'e>>(
@@ -179,8 +179,8 @@ fn decode(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
         sequence: row.try_get("sequence")?,
         event_type: row.try_get("event_type")?,
         event_version: row.try_get("event_version")?,
-        payload: row.try_get("payload")?,
-        metadata: row.try_get("metadata")?,
+        payload: StoredJson::from_text(row.try_get::<String, _>("payload")?),
+        metadata: StoredJson::from_text(row.try_get::<String, _>("metadata")?),
         recorded_at: row.try_get("recorded_at")?,
         decoded: Decoded::default(),
     })

@@ -6,8 +6,10 @@ pub mod db;
 pub mod global_log;
 pub mod listener;
 pub mod local_pg;
+pub mod stored_json;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use db::{DbConfig, DbError, MIGRATOR};
 pub use global_log::{LogFollower, LogPosition, RecordedEvent};
+pub use stored_json::StoredJson;
