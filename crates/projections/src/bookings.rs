@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::Aggregate;
-use domain::booking::{Booking, BookingEvent, BookingStatus};
+use domain::booking::{Booking, BookingEvent, BookingStatus, ServiceLine};
 use domain::vehicle_block::VehicleBlockEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -17,7 +17,7 @@ use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::util::{actor_json, aggregate_uuid, decode, event_row_id};
-use crate::write::{CopyStream, CopyText, States, Table, delete_where};
+use crate::write::{CopyStream, CopyText, JsonRow, RowOut, States, Table, delete_where};
 use crate::{Projection, ProjectionError, Session};
 
 pub struct Bookings;
@@ -396,7 +396,7 @@ impl Session for BookingsSession {
                 Ok::<_, ProjectionError>(())
             }
         });
-        let written = Self::write_rows_of(conn, self.fresh, rows_of(&states)).await;
+        let written = copy_rows_of(conn, &states).await;
         if written.is_ok() {
             tracing::debug!(
                 rows_s = folded.elapsed().as_secs_f64(),
@@ -449,36 +449,23 @@ fn rows_of(states: &States<Booking>) -> BookingRows {
         let Some(t) = states.get(id) else {
             continue;
         };
-        let b = &t.state;
-        let (Some(start_at), Some(end_at)) = (b.start_at, b.end_at) else {
+        let mut row = JsonRow::default();
+        booking_fields(*id, t, &mut row);
+        if row.is_empty() {
             continue;
-        };
-        rows.push(booking_row(*id, t));
-        for s in &b.services {
-            services.push(json!({
-                "id": s.line_id,
-                "booking_id": id,
-                "service_id": s.service_id,
-                "price": s.price.amount(),
-                "quantity": s.quantity,
-                "description": s.description,
-                "last_position": t.last_position,
-            }));
         }
-        match b.vehicle_id {
-            Some(vehicle_id) => calendar.push(json!({
-                "id": id,
-                "vehicle_id": vehicle_id,
-                "booking_id": id,
-                "maintenance_job_id": null,
-                "event_type": "booking",
-                "title": b.external_code,
-                "start_at": start_at,
-                "end_at": end_at,
-                "status": calendar_status(b.status),
-                "last_position": t.last_position,
-            })),
-            None => off_calendar.push(*id),
+        rows.push(row.into_value());
+        for s in &t.state.services {
+            let mut row = JsonRow::default();
+            service_fields(*id, t, s, &mut row);
+            services.push(row.into_value());
+        }
+        let mut row = JsonRow::default();
+        calendar_fields(*id, t, &mut row);
+        if row.is_empty() {
+            off_calendar.push(*id);
+        } else {
+            calendar.push(row.into_value());
         }
     }
     BookingRows {
@@ -488,6 +475,70 @@ fn rows_of(states: &States<Booking>) -> BookingRows {
         calendar,
         off_calendar,
     }
+}
+
+/// A rebuild's rows, straight from the folded states into the fresh tables.
+async fn copy_rows_of(
+    conn: &mut PgConnection,
+    states: &States<Booking>,
+) -> Result<(), ProjectionError> {
+    let ids = states.changed();
+    let folded: Vec<(Uuid, &Tracked<Booking>)> = ids
+        .iter()
+        .filter_map(|id| Some((*id, states.get(id)?)))
+        .collect();
+    let services: Vec<(Uuid, &Tracked<Booking>, &ServiceLine)> = folded
+        .iter()
+        .filter(|(_, t)| has_period(&t.state))
+        .flat_map(|(id, t)| t.state.services.iter().map(move |s| (*id, *t, s)))
+        .collect();
+    BOOKINGS
+        .copy_each(conn, folded.clone(), |(id, t), out| {
+            booking_fields(id, t, out)
+        })
+        .await?;
+    SERVICES
+        .copy_each(conn, services, |(id, t, s), out| {
+            service_fields(id, t, s, out)
+        })
+        .await?;
+    CALENDAR
+        .copy_each(conn, folded, |(id, t), out| calendar_fields(id, t, out))
+        .await
+}
+
+/// Only a booking with its dates has rows.
+fn has_period(b: &Booking) -> bool {
+    b.start_at.is_some() && b.end_at.is_some()
+}
+
+fn service_fields(id: Uuid, t: &Tracked<Booking>, s: &ServiceLine, out: &mut impl RowOut) {
+    out.field("id", &s.line_id);
+    out.field("booking_id", &id);
+    out.field("service_id", &s.service_id);
+    out.field("price", &s.price.amount());
+    out.field("quantity", &s.quantity);
+    out.field("description", &s.description);
+    out.field("last_position", &t.last_position);
+}
+
+/// The calendar row of a booking with a vehicle and its dates; nothing otherwise.
+fn calendar_fields(id: Uuid, t: &Tracked<Booking>, out: &mut impl RowOut) {
+    let b = &t.state;
+    let (Some(start_at), Some(end_at), Some(vehicle_id)) = (b.start_at, b.end_at, b.vehicle_id)
+    else {
+        return;
+    };
+    out.field("id", &id);
+    out.field("vehicle_id", &vehicle_id);
+    out.field("booking_id", &id);
+    out.field("maintenance_job_id", &None::<Uuid>);
+    out.field("event_type", "booking");
+    out.field("title", &b.external_code);
+    out.field("start_at", &start_at);
+    out.field("end_at", &end_at);
+    out.field("status", calendar_status(b.status));
+    out.field("last_position", &t.last_position);
 }
 
 /// A timeline row's payload: the stored text when the event is of the version this code
@@ -635,58 +686,59 @@ fn block_row(id: Uuid, ev: &VehicleBlockEvent, e: &RecordedEvent) -> Option<serd
     }
 }
 
-/// The `bookings` row of a folded booking that has its dates.
-fn booking_row(id: Uuid, t: &Tracked<Booking>) -> serde_json::Value {
+/// The `bookings` row of a folded booking that has its dates; nothing otherwise.
+fn booking_fields(id: Uuid, t: &Tracked<Booking>, out: &mut impl RowOut) {
     let b = &t.state;
+    if !has_period(b) {
+        return;
+    }
     let on_time = match (b.delivered_at, b.promised_at) {
         (Some(d), Some(p)) => Some(d <= p),
         (Some(_), None) => Some(true),
         _ => None,
     };
-    json!({
-        "id": id,
-        "external_code": b.external_code,
-        "client_id": b.client_id,
-        "vehicle_id": b.vehicle_id,
-        "driver_id": b.driver_id,
-        "owner_id": b.owner_id,
-        "lead_id": b.lead_id,
-        "status": b.status.as_str(),
-        "booking_type": enum_str(&b.booking_type),
-        "priority": enum_str(&b.priority),
-        "channel": b.channel,
-        "start_at": b.start_at,
-        "end_at": b.end_at,
-        "rental_duration_days": b.rental_duration_days,
-        "currency": b.currency,
-        "price_daily": b.price_daily.amount(),
-        "total_amount": b.total_amount.amount(),
-        "paid_amount": b.paid_amount.amount(),
-        "outstanding_amount": b.outstanding_amount().amount(),
-        "deposit_amount": b.deposit_amount.amount(),
-        "advance_payment": b.advance_payment.amount(),
-        "full_insurance_fee": b.full_insurance_fee.amount(),
-        "pickup_location": b.pickup_location,
-        "dropoff_location": b.dropoff_location,
-        "kommo_status_id": b.kommo_status_id,
-        "zoho_sales_order_id": b.zoho_sales_order_id,
-        "zoho_sync_status": b.zoho_sync_status,
-        "zoho_sync_error": b.zoho_sync_error,
-        "sales_service_rating": b.sales_service_rating,
-        "sales_service_feedback": b.sales_service_feedback,
-        "delivery_promised_at": b.promised_at,
-        "delivery_actual_at": b.delivered_at,
-        "delivered_on_time": on_time,
-        "pickup_mileage_km": b.pickup_mileage_km,
-        "return_mileage_km": b.return_mileage_km,
-        "returned_at": b.returned_at,
-        "cancel_reason": b.cancel_reason,
-        "status_changed_at": t.status_changed_at.or(t.created_at),
-        "created_at": t.created_at,
-        "updated_at": t.updated_at,
-        "version": t.version,
-        "last_position": t.last_position,
-    })
+    out.field("id", &id);
+    out.field("external_code", &b.external_code);
+    out.field("client_id", &b.client_id);
+    out.field("vehicle_id", &b.vehicle_id);
+    out.field("driver_id", &b.driver_id);
+    out.field("owner_id", &b.owner_id);
+    out.field("lead_id", &b.lead_id);
+    out.field("status", b.status.as_str());
+    out.field("booking_type", enum_str(&b.booking_type).as_str());
+    out.field("priority", enum_str(&b.priority).as_str());
+    out.field("channel", &b.channel);
+    out.field("start_at", &b.start_at);
+    out.field("end_at", &b.end_at);
+    out.field("rental_duration_days", &b.rental_duration_days);
+    out.field("currency", &b.currency);
+    out.field("price_daily", &b.price_daily.amount());
+    out.field("total_amount", &b.total_amount.amount());
+    out.field("paid_amount", &b.paid_amount.amount());
+    out.field("outstanding_amount", &b.outstanding_amount().amount());
+    out.field("deposit_amount", &b.deposit_amount.amount());
+    out.field("advance_payment", &b.advance_payment.amount());
+    out.field("full_insurance_fee", &b.full_insurance_fee.amount());
+    out.field("pickup_location", &b.pickup_location);
+    out.field("dropoff_location", &b.dropoff_location);
+    out.field("kommo_status_id", &b.kommo_status_id);
+    out.field("zoho_sales_order_id", &b.zoho_sales_order_id);
+    out.field("zoho_sync_status", &b.zoho_sync_status);
+    out.field("zoho_sync_error", &b.zoho_sync_error);
+    out.field("sales_service_rating", &b.sales_service_rating);
+    out.field("sales_service_feedback", &b.sales_service_feedback);
+    out.field("delivery_promised_at", &b.promised_at);
+    out.field("delivery_actual_at", &b.delivered_at);
+    out.field("delivered_on_time", &on_time);
+    out.field("pickup_mileage_km", &b.pickup_mileage_km);
+    out.field("return_mileage_km", &b.return_mileage_km);
+    out.field("returned_at", &b.returned_at);
+    out.field("cancel_reason", &b.cancel_reason);
+    out.field("status_changed_at", &t.status_changed_at.or(t.created_at));
+    out.field("created_at", &t.created_at);
+    out.field("updated_at", &t.updated_at);
+    out.field("version", &t.version);
+    out.field("last_position", &t.last_position);
 }
 
 /// The snake_case name of a serde enum value.

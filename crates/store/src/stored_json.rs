@@ -12,13 +12,13 @@ use serde_json::Value;
 
 #[derive(Clone)]
 pub struct StoredJson {
-    text: Box<str>,
+    text: String,
     value: OnceLock<Value>,
 }
 
 impl StoredJson {
     /// A document from its JSON text (as PostgreSQL prints a `jsonb`, which is always valid).
-    pub fn from_text(text: impl Into<Box<str>>) -> Self {
+    pub fn from_text(text: impl Into<String>) -> Self {
         Self {
             text: text.into(),
             value: OnceLock::new(),
@@ -28,7 +28,7 @@ impl StoredJson {
     /// A document from a value (tests, and events built in memory).
     pub fn from_value(value: Value) -> Self {
         Self {
-            text: value.to_string().into(),
+            text: value.to_string(),
             value: OnceLock::from(value),
         }
     }
