@@ -17,7 +17,7 @@ use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::util::{actor_json, aggregate_uuid, decode, event_row_id};
-use crate::write::{CopyStream, CopyText, JsonRow, RowOut, States, Table, delete_where};
+use crate::write::{CopyStream, CopyText, Row, States, Table, delete_where, json_row};
 use crate::{Projection, ProjectionError, Session};
 
 pub struct Bookings;
@@ -449,23 +449,19 @@ fn rows_of(states: &States<Booking>) -> BookingRows {
         let Some(t) = states.get(id) else {
             continue;
         };
-        let mut row = JsonRow::default();
-        booking_fields(*id, t, &mut row);
-        if row.is_empty() {
+        let Some(row) = json_row(|out| booking_fields(*id, t, out)) else {
             continue;
-        }
-        rows.push(row.into_value());
-        for s in &t.state.services {
-            let mut row = JsonRow::default();
-            service_fields(*id, t, s, &mut row);
-            services.push(row.into_value());
-        }
-        let mut row = JsonRow::default();
-        calendar_fields(*id, t, &mut row);
-        if row.is_empty() {
-            off_calendar.push(*id);
-        } else {
-            calendar.push(row.into_value());
+        };
+        rows.push(row);
+        services.extend(
+            t.state
+                .services
+                .iter()
+                .filter_map(|s| json_row(|out| service_fields(*id, t, s, out))),
+        );
+        match json_row(|out| calendar_fields(*id, t, out)) {
+            Some(row) => calendar.push(row),
+            None => off_calendar.push(*id),
         }
     }
     BookingRows {
@@ -493,17 +489,19 @@ async fn copy_rows_of(
         .flat_map(|(id, t)| t.state.services.iter().map(move |s| (*id, *t, s)))
         .collect();
     BOOKINGS
-        .copy_each(conn, folded.clone(), |(id, t), out| {
+        .write_each(conn, true, folded.clone(), |(id, t), out| {
             booking_fields(id, t, out)
         })
         .await?;
     SERVICES
-        .copy_each(conn, services, |(id, t, s), out| {
+        .write_each(conn, true, services, |(id, t, s), out| {
             service_fields(id, t, s, out)
         })
         .await?;
     CALENDAR
-        .copy_each(conn, folded, |(id, t), out| calendar_fields(id, t, out))
+        .write_each(conn, true, folded, |(id, t), out| {
+            calendar_fields(id, t, out)
+        })
         .await
 }
 
@@ -512,7 +510,7 @@ fn has_period(b: &Booking) -> bool {
     b.start_at.is_some() && b.end_at.is_some()
 }
 
-fn service_fields(id: Uuid, t: &Tracked<Booking>, s: &ServiceLine, out: &mut impl RowOut) {
+fn service_fields(id: Uuid, t: &Tracked<Booking>, s: &ServiceLine, out: &mut Row<'_>) {
     out.field("id", &s.line_id);
     out.field("booking_id", &id);
     out.field("service_id", &s.service_id);
@@ -523,7 +521,7 @@ fn service_fields(id: Uuid, t: &Tracked<Booking>, s: &ServiceLine, out: &mut imp
 }
 
 /// The calendar row of a booking with a vehicle and its dates; nothing otherwise.
-fn calendar_fields(id: Uuid, t: &Tracked<Booking>, out: &mut impl RowOut) {
+fn calendar_fields(id: Uuid, t: &Tracked<Booking>, out: &mut Row<'_>) {
     let b = &t.state;
     let (Some(start_at), Some(end_at), Some(vehicle_id)) = (b.start_at, b.end_at, b.vehicle_id)
     else {
@@ -687,7 +685,7 @@ fn block_row(id: Uuid, ev: &VehicleBlockEvent, e: &RecordedEvent) -> Option<serd
 }
 
 /// The `bookings` row of a folded booking that has its dates; nothing otherwise.
-fn booking_fields(id: Uuid, t: &Tracked<Booking>, out: &mut impl RowOut) {
+fn booking_fields(id: Uuid, t: &Tracked<Booking>, out: &mut Row<'_>) {
     let b = &t.state;
     if !has_period(b) {
         return;

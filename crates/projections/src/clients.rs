@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::bookings::Tracked;
 use crate::rules;
 use crate::util::{aggregate_uuid, decode};
-use crate::write::{States, Table};
+use crate::write::{Row, States, Table};
 use crate::{Projection, ProjectionError, Session};
 
 pub struct Clients;
@@ -247,55 +247,58 @@ impl Session for ClientsSession {
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         let registered = self.states.changed();
         self.states.save(conn).await?;
-        let rows: Vec<_> = registered
-            .iter()
-            .filter_map(|id| self.states.get(id).map(|t| client_row(*id, t)))
-            .collect();
-        CLIENTS.write(conn, self.complete, rows).await?;
-        let facts: Vec<_> = std::mem::take(&mut self.changed_facts)
-            .into_iter()
-            .filter_map(|b| {
-                let f = self.facts.get(&b)?.as_ref()?;
-                Some(json!({
-                    "booking_id": b,
-                    "client_id": f.client_id,
-                    "start_at": f.start_at,
-                    "total_amount": f.total_amount,
-                    "outstanding_amount": f.outstanding_amount,
-                    "cancelled": f.cancelled,
-                }))
+        CLIENTS
+            .write_each(conn, self.complete, &registered, |id, out| {
+                if let Some(t) = self.states.get(id) {
+                    client_fields(*id, t, out);
+                }
             })
-            .collect();
-        FACTS.write(conn, self.complete, facts).await?;
+            .await?;
+        let changed = std::mem::take(&mut self.changed_facts);
+        let facts = &self.facts;
+        FACTS
+            .write_each(conn, self.complete, changed, |b, out| {
+                let Some(Some(f)) = facts.get(&b) else {
+                    return;
+                };
+                out.field("booking_id", &b);
+                out.field("client_id", &f.client_id);
+                out.field("start_at", &f.start_at);
+                out.field("total_amount", &f.total_amount);
+                out.field("outstanding_amount", &f.outstanding_amount);
+                out.field("cancelled", &f.cancelled);
+            })
+            .await?;
         let dirty = std::mem::take(&mut self.dirty);
         recompute(conn, Recompute::Clients(&dirty)).await
     }
 }
 
-fn client_row(id: Uuid, t: &Tracked<Client>) -> serde_json::Value {
+fn client_fields(id: Uuid, t: &Tracked<Client>, out: &mut Row<'_>) {
     let c = &t.state;
     let channels: Vec<String> = c
         .preferred_channels
         .iter()
         .map(crate::bookings::enum_str)
         .collect();
-    json!({
-        "id": id,
-        "kommo_contact_id": c.kommo_contact_id,
-        "zoho_contact_id": c.zoho_contact_id,
-        "name": c.name,
-        "phone": c.phone.as_ref().map(|p| p.as_str().to_string()),
-        "email": c.email.as_ref().map(|p| p.as_str().to_string()),
-        "residency_country": c.residency_country.as_ref().map(|p| p.as_str().to_string()),
-        "preferred_language": c.preferred_language,
-        "preferred_channels": channels,
-        "timezone": c.timezone,
-        "gender": c.gender,
-        "date_of_birth": c.date_of_birth,
-        "created_at": t.created_at,
-        "updated_at": t.updated_at,
-        "last_position": t.last_position,
-    })
+    out.field("id", &id);
+    out.field("kommo_contact_id", &c.kommo_contact_id);
+    out.field("zoho_contact_id", &c.zoho_contact_id);
+    out.field("name", &c.name);
+    out.field("phone", &c.phone.as_ref().map(|p| p.as_str()));
+    out.field("email", &c.email.as_ref().map(|p| p.as_str()));
+    out.field(
+        "residency_country",
+        &c.residency_country.as_ref().map(|p| p.as_str()),
+    );
+    out.field("preferred_language", &c.preferred_language);
+    out.field("preferred_channels", &channels);
+    out.field("timezone", &c.timezone);
+    out.field("gender", &c.gender);
+    out.field("date_of_birth", &c.date_of_birth);
+    out.field("created_at", &t.created_at);
+    out.field("updated_at", &t.updated_at);
+    out.field("last_position", &t.last_position);
 }
 
 /// Whose figures to recompute, and as of when.

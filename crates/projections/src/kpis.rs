@@ -800,19 +800,7 @@ impl Session for KpisSession {
         let (mut bookings, mut leads, mut deals) = (Vec::new(), Vec::new(), Vec::new());
         for (kind, id) in std::mem::take(&mut self.changed) {
             match kind {
-                BOOKING => {
-                    if let Some(Some(f)) = self.bookings.get(&id) {
-                        bookings.push(json!({
-                            "booking_id": id,
-                            "vehicle_id": f.vehicle_id,
-                            "status": f.status,
-                            "total_amount": f.total_amount,
-                            "outstanding_amount": f.outstanding_amount,
-                            "start_at": f.start_at,
-                            "end_at": f.end_at,
-                        }));
-                    }
-                }
+                BOOKING => bookings.push(id),
                 LEAD => {
                     if let Some(Some(f)) = self.leads.get(&id) {
                         leads.push(json!({
@@ -830,7 +818,22 @@ impl Session for KpisSession {
                 }
             }
         }
-        BOOKING_FACTS.write(conn, self.complete, bookings).await?;
+        // The one large table: a rebuild writes it without JSON rows.
+        let facts = &self.bookings;
+        BOOKING_FACTS
+            .write_each(conn, self.complete, bookings, |id, out| {
+                let Some(Some(f)) = facts.get(&id) else {
+                    return;
+                };
+                out.field("booking_id", &id);
+                out.field("vehicle_id", &f.vehicle_id);
+                out.field("status", &f.status);
+                out.field("total_amount", &f.total_amount);
+                out.field("outstanding_amount", &f.outstanding_amount);
+                out.field("start_at", &f.start_at);
+                out.field("end_at", &f.end_at);
+            })
+            .await?;
         LEAD_FACTS.write(conn, self.complete, leads).await?;
         DEAL_FACTS.write(conn, self.complete, deals).await?;
         let counts: Vec<_> = std::mem::take(&mut self.changed_days)

@@ -560,6 +560,28 @@ impl Field for String {
     }
 }
 
+impl Field for chrono::NaiveDate {
+    fn copy(&self, c: &mut CopyText) {
+        c.display(self);
+    }
+}
+
+/// A text array column (`{"a","b"}`).
+impl Field for Vec<String> {
+    fn copy(&self, c: &mut CopyText) {
+        let mut literal = String::new();
+        literal.push('{');
+        for (i, item) in self.iter().enumerate() {
+            if i > 0 {
+                literal.push(',');
+            }
+            quoted(&mut literal, item);
+        }
+        literal.push('}');
+        c.text(&literal);
+    }
+}
+
 impl Field for bool {
     fn copy(&self, c: &mut CopyText) {
         c.text(if *self { "true" } else { "false" });
@@ -588,76 +610,100 @@ impl<T: Field + ?Sized> Field for &T {
     }
 }
 
-/// Where a row's fields go: a JSON object ([`JsonRow`]) or `COPY` text ([`CopyRow`]).
-pub trait RowOut {
-    fn field<F: Field + ?Sized>(&mut self, column: &'static str, value: &F);
+/// Where a row's fields go: a JSON object (the live path binds an array of them) or `COPY`
+/// text (a rebuild's fresh table; the fields must come in the table's column order). One
+/// function writes a table's row for both, so the two paths cannot drift apart.
+pub enum Row<'a> {
+    Json(serde_json::Map<String, Value>),
+    Copy {
+        rows: &'a mut CopyText,
+        columns: &'static [&'static str],
+        next: usize,
+        misplaced: Option<&'static str>,
+    },
 }
 
-/// A row as the JSON object the live path binds.
-#[derive(Default)]
-pub struct JsonRow(serde_json::Map<String, Value>);
-
-impl JsonRow {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn into_value(self) -> Value {
-        Value::Object(self.0)
-    }
-}
-
-impl RowOut for JsonRow {
-    fn field<F: Field + ?Sized>(&mut self, column: &'static str, value: &F) {
-        self.0.insert(
-            column.to_string(),
-            serde_json::to_value(value).unwrap_or(Value::Null),
-        );
-    }
-}
-
-/// A row in `COPY` text; its fields must come in the table's column order.
-pub struct CopyRow<'a> {
-    rows: &'a mut CopyText,
-    columns: &'static [&'static str],
-    next: usize,
-    misplaced: Option<&'static str>,
-}
-
-impl RowOut for CopyRow<'_> {
-    fn field<F: Field + ?Sized>(&mut self, column: &'static str, value: &F) {
-        if self.columns.get(self.next) != Some(&column) {
-            self.misplaced.get_or_insert(column);
+impl Row<'_> {
+    pub fn field<F: Field + ?Sized>(&mut self, column: &'static str, value: &F) {
+        match self {
+            Row::Json(map) => {
+                map.insert(
+                    column.to_string(),
+                    serde_json::to_value(value).unwrap_or(Value::Null),
+                );
+            }
+            Row::Copy {
+                rows,
+                columns,
+                next,
+                misplaced,
+            } => {
+                if columns.get(*next) != Some(&column) {
+                    misplaced.get_or_insert(column);
+                }
+                *next += 1;
+                value.copy(rows);
+            }
         }
-        self.next += 1;
-        value.copy(self.rows);
+    }
+
+    /// No field was written: the item has no row.
+    fn is_empty(&self) -> bool {
+        match self {
+            Row::Json(map) => map.is_empty(),
+            Row::Copy {
+                next, misplaced, ..
+            } => *next == 0 && misplaced.is_none(),
+        }
+    }
+}
+
+/// The JSON row `fields` writes, `None` if it writes nothing (the live path).
+pub fn json_row(fields: impl FnOnce(&mut Row<'static>)) -> Option<Value> {
+    let mut row = Row::Json(serde_json::Map::new());
+    fields(&mut row);
+    match row {
+        Row::Json(map) if !map.is_empty() => Some(Value::Object(map)),
+        _ => None,
     }
 }
 
 impl Table {
-    /// `COPY`s the rows of `items` into a rebuild's fresh table, each written by `row` straight
-    /// into the `COPY` text (no JSON in between), in the table's column order; an item for
-    /// which `row` writes nothing has no row.
-    pub async fn copy_each<I>(
+    /// Writes the rows of `items`, each written by `row` (which may write nothing: no row):
+    /// into a rebuild's fresh table (`fresh`) straight as `COPY` text, with no JSON in
+    /// between; otherwise as JSON rows through [`Table::write`].
+    pub async fn write_each<I>(
         &self,
         conn: &mut PgConnection,
+        fresh: bool,
         items: impl IntoIterator<Item = I>,
-        mut row: impl FnMut(I, &mut CopyRow<'_>),
+        mut row: impl FnMut(I, &mut Row<'_>),
     ) -> Result<(), ProjectionError> {
+        if !fresh {
+            let rows: Vec<Value> = items
+                .into_iter()
+                .filter_map(|item| json_row(|out| row(item, out)))
+                .collect();
+            return self.write(conn, false, rows).await;
+        }
         let mut copy = CopyIn::start(conn, self.name, self.columns).await?;
         for item in items {
-            let mut out = CopyRow {
+            let mut out = Row::Copy {
                 rows: &mut copy.rows,
                 columns: self.columns,
                 next: 0,
                 misplaced: None,
             };
             row(item, &mut out);
-            let (next, misplaced) = (out.next, out.misplaced);
-            if next == 0 && misplaced.is_none() {
-                // The item has no row.
+            if out.is_empty() {
                 continue;
             }
+            let Row::Copy {
+                next, misplaced, ..
+            } = out
+            else {
+                continue;
+            };
             if misplaced.is_some() || next != self.columns.len() {
                 return Err(copy_failed(format!(
                     "a row of {} wrote {next} of {} columns, out of order at {misplaced:?}",
@@ -720,5 +766,23 @@ mod tests {
         same(3u32);
         same("tab\there\nnewline \\ backslash \"quoted\"".to_string());
         same(String::new());
+        same(chrono::NaiveDate::from_ymd_opt(1990, 2, 28).unwrap());
+        same(Some("x".to_string()));
+        same(Some("y"));
+    }
+
+    #[test]
+    fn a_text_array_field_writes_what_its_json_would_in_an_array_column() {
+        for items in [
+            vec![],
+            vec!["telegram".to_string()],
+            vec!["a\"b".into(), "c\\d".into(), "{e,f}".into()],
+        ] {
+            let mut typed = CopyText::with_capacity(64);
+            items.copy(&mut typed);
+            let mut via_json = CopyText::with_capacity(64);
+            assert!(via_json.value("array", &serde_json::json!(items)).is_ok());
+            assert_eq!(typed.buf, via_json.buf);
+        }
     }
 }
