@@ -108,8 +108,8 @@ const REPLAY_BATCH: i64 = 5_000;
 
 /// Rebuilds several projections from one reading of the log: each replays into its fresh tables
 /// on a connection of its own, concurrently, holding what it folds in memory ([`Session`]) and
-/// writing its rows set-based at the end. Then, one projection at a time: catch up, tick,
-/// compare and (if `swap`) swap in.
+/// writing its rows set-based at the end. Then each, as soon as its own replay is done: index,
+/// catch up, tick, compare and (if `swap`) swap in.
 pub async fn rebuild_many(
     pool: &PgPool,
     projections: &[&dyn Projection],
@@ -190,38 +190,35 @@ pub async fn rebuild_many(
     }
     drop(feeds);
     let read = started.elapsed();
-    for task in tasks {
+    tracing::info!(
+        events,
+        log_read_s = read.as_secs_f64(),
+        "rebuild: read the log"
+    );
+    // Then each projection on its own as soon as its replay is done (while the others may still
+    // be flushing): its indexes, then catch up, compare and swap under its checkpoint lock.
+    futures::future::try_join_all(projections.iter().zip(tasks).map(|(p, task)| async move {
         task.await.map_err(|e| ProjectionError::Unhandleable {
             position: 0,
             event_type: "rebuild".into(),
             event_version: String::new(),
             reason: format!("a replay task failed: {e}"),
         })??;
-    }
-
-    let replayed = started.elapsed();
-    index(pool, projections).await?;
-    let indexed = started.elapsed();
-    tracing::info!(
-        events,
-        log_read_s = read.as_secs_f64(),
-        replayed_and_flushed_s = replayed.as_secs_f64(),
-        indexed_s = indexed.as_secs_f64(),
-        "rebuild: replayed every projection"
-    );
-    // Then each projection under its own checkpoint lock, concurrently (they share no table).
-    futures::future::try_join_all(
-        projections
-            .iter()
-            .map(|p| finish(pool, *p, position, events, swap, started)),
-    )
+        index(pool, &[*p]).await?;
+        tracing::info!(
+            projection = p.name(),
+            indexed_s = started.elapsed().as_secs_f64(),
+            "rebuild: indexed"
+        );
+        finish(pool, *p, position, events, swap, started).await
+    }))
     .await
 }
 
 /// Gives the projections' fresh tables the live tables' keys, constraints and indexes, under
 /// the same names (names are per schema; the swap moves them along): largest tables first, a
 /// few statements at a time (so the one big table is not indexed alone at the end); then
-/// their statistics.
+/// their statistics. (A rebuild calls it per projection, as each finishes its replay.)
 async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), ProjectionError> {
     use futures::{StreamExt, TryStreamExt};
     let mut statements: Vec<(i64, String)> = Vec::new();
