@@ -1021,3 +1021,68 @@ async fn a_stored_v1_booking_created_reaches_the_read_models_upcast() {
 
     assert_every_read_model_equals_its_rebuild(&db.pool, true).await;
 }
+
+/// A projection whose rebuild fails keeps its live tables, and the error says why; the other
+/// projections of the same rebuild still finish and swap in.
+#[tokio::test]
+async fn a_failed_projection_keeps_its_tables_while_the_others_of_the_rebuild_swap_in() {
+    let db = TestDb::new().await;
+    random_history(&db.pool, 11, 40).await;
+    project_all(&db.pool, 25).await;
+    // Wreck a live row of each: a swap would repair it.
+    sqlx::query(
+        "UPDATE bookings SET channel = 'wrecked' WHERE id = (SELECT id FROM bookings LIMIT 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE clients SET name = 'wrecked' WHERE id = (SELECT id FROM clients LIMIT 1)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // An event only the bookings projection reads, and cannot.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('VehicleBlock', $1, 1, 'VehicleTeleported', '1.0', '{\"VehicleTeleported\": {}}', '{}')",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let bookings = projections::by_name("bookings").unwrap();
+    let clients = projections::by_name("clients").unwrap();
+    let err = projections::rebuild::rebuild_many(
+        &db.pool,
+        &[bookings.as_ref(), clients.as_ref()],
+        true,
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("VehicleTeleported"), "{err}");
+
+    let wrecked = |table: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let sql = match table {
+                "bookings" => "SELECT count(*) FROM bookings WHERE channel = 'wrecked'",
+                _ => "SELECT count(*) FROM clients WHERE name = 'wrecked'",
+            };
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        wrecked("bookings").await,
+        1,
+        "the failed projection was swapped"
+    );
+    assert_eq!(
+        wrecked("clients").await,
+        0,
+        "the other projection was not swapped"
+    );
+}

@@ -47,16 +47,16 @@ pub async fn handle(bus: &CommandBus, event: &RecordedEvent) -> Result<Handled, 
     if event.aggregate_type != "Lead" || event.event_type != "LeadWon" {
         return Ok(Handled::Ignored);
     }
+    let bad = |source| ProcessError::BadEvent {
+        position: event.position.global_position,
+        source,
+    };
     let payload = domain::upcasting::upcast(
         &event.event_type,
         &event.event_version,
-        event.payload.value().clone(),
+        event.payload.parse().map_err(bad)?,
     );
-    let won: LeadEvent =
-        serde_json::from_value(payload).map_err(|source| ProcessError::BadEvent {
-            position: event.position.global_position,
-            source,
-        })?;
+    let won: LeadEvent = serde_json::from_value(payload).map_err(bad)?;
     let LeadEvent::LeadWon {
         booking_id,
         booking_code,

@@ -163,31 +163,45 @@ pub async fn rebuild_many(
     }
 
     // Read the log once, from position zero, and hand every batch to every projection.
-    let head = global_log::head(pool)
-        .await?
-        .map_or(0, |(p, _)| p.global_position);
-    let mut position = LogPosition::START;
-    let mut events = 0u64;
-    loop {
-        let batch = global_log::read_after(pool, position, REPLAY_BATCH).await?;
-        let Some(last) = batch.last() else { break };
-        position = last.position;
-        events += batch.len() as u64;
-        let batch = Arc::new(batch);
-        let mut closed = false;
-        for feed in &feeds {
-            closed |= feed.send(batch.clone()).await.is_err();
+    let read = async {
+        let head = global_log::head(pool)
+            .await?
+            .map_or(0, |(p, _)| p.global_position);
+        let mut position = LogPosition::START;
+        let mut events = 0u64;
+        loop {
+            let batch = global_log::read_after(pool, position, REPLAY_BATCH).await?;
+            let Some(last) = batch.last() else { break };
+            position = last.position;
+            events += batch.len() as u64;
+            let batch = Arc::new(batch);
+            let mut closed = false;
+            for feed in &feeds {
+                closed |= feed.send(batch.clone()).await.is_err();
+            }
+            if closed {
+                // A replay stopped on an error: its task reports it below.
+                break;
+            }
+            progress(Progress {
+                events,
+                position: position.global_position,
+                head,
+            });
         }
-        if closed {
-            // A replay stopped on an error: its task reports it below.
-            break;
+        Ok::<_, ProjectionError>((position, events))
+    };
+    let (position, events) = match read.await {
+        Ok(read) => read,
+        Err(e) => {
+            // The replays must not flush a part of the log (their fresh tables are dropped by
+            // the next rebuild anyway).
+            for task in &tasks {
+                task.abort();
+            }
+            return Err(e);
         }
-        progress(Progress {
-            events,
-            position: position.global_position,
-            head,
-        });
-    }
+    };
     drop(feeds);
     let read = started.elapsed();
     tracing::info!(
@@ -196,30 +210,65 @@ pub async fn rebuild_many(
         "rebuild: read the log"
     );
     // Then each projection on its own as soon as its replay is done (while the others may still
-    // be flushing): its indexes, then catch up, compare and swap under its checkpoint lock.
-    futures::future::try_join_all(projections.iter().zip(tasks).map(|(p, task)| async move {
-        task.await.map_err(|e| ProjectionError::Unhandleable {
-            position: 0,
-            event_type: "rebuild".into(),
-            event_version: String::new(),
-            reason: format!("a replay task failed: {e}"),
-        })??;
-        index(pool, &[*p]).await?;
-        tracing::info!(
-            projection = p.name(),
-            indexed_s = started.elapsed().as_secs_f64(),
-            "rebuild: indexed"
-        );
-        finish(pool, *p, position, events, swap, started).await
-    }))
-    .await
+    // be flushing): its indexes, then catch up, compare and swap under its checkpoint lock. A
+    // failure stops only its own projection: the others still finish, each swap atomic.
+    let indexing = tokio::sync::Semaphore::new(INDEX_AT_ONCE);
+    let indexing = &indexing;
+    let results =
+        futures::future::join_all(projections.iter().zip(tasks).map(|(p, task)| async move {
+            task.await.map_err(|e| ProjectionError::Unhandleable {
+                position: 0,
+                event_type: "rebuild".into(),
+                event_version: String::new(),
+                reason: format!("a replay task failed: {e}"),
+            })??;
+            index(pool, &[*p], indexing).await?;
+            tracing::info!(
+                projection = p.name(),
+                indexed_s = started.elapsed().as_secs_f64(),
+                "rebuild: indexed"
+            );
+            finish(pool, *p, position, events, swap, started).await
+        }))
+        .await;
+    let mut reports = Vec::new();
+    let mut failed = None;
+    for (p, result) in projections.iter().zip(results) {
+        match result {
+            Ok(report) => reports.push(report),
+            Err(e) => {
+                tracing::error!(projection = p.name(), error = %e, "rebuild: failed");
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        None => Ok(reports),
+        Some(e) => {
+            let done: Vec<&str> = reports.iter().map(|r| r.projection.as_str()).collect();
+            tracing::warn!(
+                ?done,
+                swap,
+                "rebuild: these projections were rebuilt before another failed"
+            );
+            Err(e)
+        }
+    }
 }
+
+/// Index builds (and statistics) running at once over all projections: each sorts with 256 MB.
+const INDEX_AT_ONCE: usize = 3;
 
 /// Gives the projections' fresh tables the live tables' keys, constraints and indexes, under
 /// the same names (names are per schema; the swap moves them along): largest tables first, a
 /// few statements at a time (so the one big table is not indexed alone at the end); then
-/// their statistics. (A rebuild calls it per projection, as each finishes its replay.)
-async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), ProjectionError> {
+/// their statistics. A rebuild calls it per projection, as each finishes its replay;
+/// `at_once` bounds the statements running at once over all of them.
+async fn index(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    at_once: &tokio::sync::Semaphore,
+) -> Result<(), ProjectionError> {
     use futures::{StreamExt, TryStreamExt};
     let mut statements: Vec<(i64, String)> = Vec::new();
     let mut conn = pool.acquire().await?;
@@ -269,6 +318,10 @@ async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), Pro
     statements.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
     futures::stream::iter(statements)
         .map(|(_, sql)| async move {
+            let _turn = at_once
+                .acquire()
+                .await
+                .map_err(|e| index_wait_failed(e.to_string()))?;
             let mut tx = pool.begin().await?;
             // Sorting a million keys in memory rather than on disk.
             sqlx::query("SET LOCAL maintenance_work_mem = '256MB'")
@@ -297,6 +350,10 @@ async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), Pro
         .collect();
     futures::stream::iter(tables)
         .map(|(schema, table)| async move {
+            let _turn = at_once
+                .acquire()
+                .await
+                .map_err(|e| index_wait_failed(e.to_string()))?;
             let columns: Vec<String> = sqlx::query_scalar(
                 "SELECT quote_ident(column_name::text) FROM information_schema.columns \
                  WHERE table_schema = $1 AND table_name = $2 \
@@ -321,6 +378,15 @@ async fn index(pool: &PgPool, projections: &[&dyn Projection]) -> Result<(), Pro
         .buffer_unordered(3)
         .try_collect::<()>()
         .await
+}
+
+fn index_wait_failed(reason: String) -> ProjectionError {
+    ProjectionError::Unhandleable {
+        position: 0,
+        event_type: "rebuild".into(),
+        event_version: String::new(),
+        reason: format!("waiting to build an index: {reason}"),
+    }
 }
 
 /// Folds every batch it is fed into one fresh session, writing as it goes, then flushes.

@@ -33,11 +33,13 @@ fn decode_payload<E: DomainEvent + DeserializeOwned>(
     let decoded: E = if !domain::upcasting::needs_upcast(&event.event_type, &event.event_version) {
         event.payload.parse()
     } else {
-        serde_json::from_value(domain::upcasting::upcast(
-            &event.event_type,
-            &event.event_version,
-            event.payload.value().clone(),
-        ))
+        event.payload.parse().and_then(|payload| {
+            serde_json::from_value(domain::upcasting::upcast(
+                &event.event_type,
+                &event.event_version,
+                payload,
+            ))
+        })
     }
     .map_err(|e| fail(e.to_string()))?;
     if decoded.event_type() != event.event_type {

@@ -1,5 +1,6 @@
-//! A JSON document as the events table stores it: its text, parsed into a [`Value`] only when
-//! someone asks for one. Most readers decode a payload straight into a typed event
+//! A JSON document as the events table stores it (a `json` column: the text as it was written,
+//! validated by PostgreSQL on the way in), parsed into a [`Value`] only when someone asks for
+//! one. Most readers decode a payload straight into a typed event
 //! ([`StoredJson::parse`]) and never need the generic tree, which costs a map and a string per
 //! member to build and to drop.
 
@@ -17,7 +18,7 @@ pub struct StoredJson {
 }
 
 impl StoredJson {
-    /// A document from its JSON text (as PostgreSQL prints a `jsonb`, which is always valid).
+    /// A document from its JSON text (as a `json` or `jsonb` column holds it: always valid).
     pub fn from_text(text: impl Into<String>) -> Self {
         Self {
             text: text.into(),
@@ -43,8 +44,9 @@ impl StoredJson {
         serde_json::from_str(&self.text)
     }
 
-    /// The document as a generic tree, parsed on first use. Text that is not JSON (which a
-    /// `jsonb` column cannot hold) reads as `null`.
+    /// The document as a generic tree, parsed on first use and kept. Text that is not JSON
+    /// (which a `json` column cannot hold) reads as `null`: use [`StoredJson::parse`] where
+    /// that must be an error.
     pub fn value(&self) -> &Value {
         self.value
             .get_or_init(|| serde_json::from_str(&self.text).unwrap_or(Value::Null))
