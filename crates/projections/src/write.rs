@@ -2,7 +2,9 @@
 //! statement, whatever the number of rows (rows travel as one JSON array and PostgreSQL turns it
 //! into typed records with `jsonb_populate_recordset`), and keeps the folded states of its
 //! entities in [`States`], loaded in one query and saved in one. A rebuild writes its empty,
-//! unindexed copies with `COPY` instead ([`CopyIn`]).
+//! unindexed copies with `COPY` instead ([`CopyIn`]); the large tables' rows are written by one
+//! function per table into a [`Row`], which is the live path's JSON object or a rebuild's `COPY`
+//! text ([`Table::write_each`]).
 
 use std::collections::{BTreeSet, HashMap};
 
