@@ -206,7 +206,7 @@ impl CopyText {
     }
 
     /// A field holding a JSON value, converted as `jsonb_populate_recordset` converts it for a
-    /// column of this kind (`json`, `array` or `plain`: see [`Table::copy`]).
+    /// column of this kind (`json`, `array` or `plain`: see `Table::copy`).
     pub fn value(&mut self, kind: &str, value: &Value) -> Result<(), ProjectionError> {
         match (kind, value) {
             (_, Value::Null) => self.null(),
@@ -534,7 +534,7 @@ where
 
 /// A read-model column's value, written alike by both paths: into the JSON object the live path
 /// binds (`jsonb_populate_recordset` converts it) and straight into a rebuild's `COPY` text,
-/// as the text `jsonb_populate_recordset` would have made of that JSON (see [`Table::copy`]).
+/// as the text `jsonb_populate_recordset` would have made of that JSON (see `Table::copy`).
 pub trait Field: Serialize {
     fn copy(&self, c: &mut CopyText);
 }
