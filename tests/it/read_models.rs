@@ -1062,27 +1062,13 @@ async fn a_failed_projection_keeps_its_tables_while_the_others_of_the_rebuild_sw
     .unwrap_err();
     assert!(err.to_string().contains("VehicleTeleported"), "{err}");
 
-    let wrecked = |table: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            let sql = match table {
-                "bookings" => "SELECT count(*) FROM bookings WHERE channel = 'wrecked'",
-                _ => "SELECT count(*) FROM clients WHERE name = 'wrecked'",
-            };
-            sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(
-        wrecked("bookings").await,
-        1,
-        "the failed projection was swapped"
-    );
-    assert_eq!(
-        wrecked("clients").await,
-        0,
-        "the other projection was not swapped"
-    );
+    let count = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.pool);
+    let wrecked_bookings = count("SELECT count(*) FROM bookings WHERE channel = 'wrecked'")
+        .await
+        .unwrap();
+    let wrecked_clients = count("SELECT count(*) FROM clients WHERE name = 'wrecked'")
+        .await
+        .unwrap();
+    assert_eq!(wrecked_bookings, 1, "the failed projection was swapped");
+    assert_eq!(wrecked_clients, 0, "the other projection was not swapped");
 }
