@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::booking::{Booking, BookingEvent, BookingStatus, ServiceLine};
 use domain::vehicle_block::VehicleBlockEvent;
@@ -17,7 +17,7 @@ use store::RecordedEvent;
 use uuid::Uuid;
 
 use crate::util::{actor_json, aggregate_uuid, decode, event_row_id};
-use crate::write::{CopyStream, CopyText, Row, States, Table, delete_where, json_row};
+use crate::write::{CopyStream, JsonText, Row, States, Table, delete_where, json_row};
 use crate::{Projection, ProjectionError, Session};
 
 pub struct Bookings;
@@ -328,7 +328,7 @@ impl Session for BookingsSession {
         match &mut self.timeline {
             Some(stream) => {
                 for row in &timeline {
-                    row.encode(&mut stream.rows);
+                    stream.rows.row(|out| row.fields(out))?;
                     stream.send_some().await?;
                 }
             }
@@ -363,11 +363,8 @@ impl Session for BookingsSession {
         other: PgConnection,
         batches: &mut tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
     ) -> Result<(), ProjectionError> {
-        self.timeline = Some(CopyStream::start(
-            other,
-            "booking_timeline_events",
-            TIMELINE_COLUMNS,
-        ));
+        self.timeline =
+            Some(CopyStream::start(other, "booking_timeline_events", TIMELINE_COLUMNS).await?);
         while let Some(batch) = batches.recv().await {
             self.apply(conn, &batch).await?;
         }
@@ -578,22 +575,17 @@ const TIMELINE_COLUMNS: &[&str] = &[
 ];
 
 impl TimelineRow {
-    /// The row in `COPY` text format.
-    fn encode(&self, c: &mut CopyText) {
-        c.display(self.id);
-        c.display(self.booking_id);
-        c.display(self.sequence);
-        c.text(&self.event_type);
-        c.text(&self.message);
-        c.text(&self.payload);
-        c.text(&self.actor);
-        c.text(
-            &self
-                .occurred_at
-                .to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        );
-        c.display(self.position);
-        c.end_row();
+    /// The row into a rebuild's `COPY`.
+    fn fields(&self, out: &mut Row<'_>) {
+        out.field("id", &self.id);
+        out.field("booking_id", &self.booking_id);
+        out.field("sequence", &self.sequence);
+        out.field("event_type", &self.event_type);
+        out.field("message", &self.message);
+        out.field("payload", &JsonText(&self.payload));
+        out.field("actor", &JsonText(&self.actor));
+        out.field("occurred_at", &self.occurred_at);
+        out.field("last_position", &self.position);
     }
 }
 

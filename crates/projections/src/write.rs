@@ -108,7 +108,7 @@ impl Table {
             .iter()
             .map(|c| (*c, kinds.get(*c).map_or("plain", String::as_str)))
             .collect();
-        let mut copy = CopyIn::start(conn, self.name, self.columns).await?;
+        let mut copy = CopyIn::text(conn, self.name, self.columns).await?;
         for row in &rows {
             for (column, kind) in &columns {
                 let value = row.get(*column).unwrap_or(&Value::Null);
@@ -251,17 +251,42 @@ fn escape_into(buf: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-/// A `COPY ... FROM STDIN` in progress: rows are encoded into [`CopyIn::rows`] and sent a
-/// megabyte at a time, so PostgreSQL parses while the next rows are encoded.
-pub struct CopyIn<'c> {
+/// A `COPY ... FROM STDIN` in progress: rows are encoded into [`CopyIn::rows`] (text, see
+/// [`CopyText`], or binary, see [`CopyRows`]) and sent a megabyte at a time, so PostgreSQL
+/// parses while the next rows are encoded.
+pub struct CopyIn<'c, R> {
     copy: sqlx::postgres::PgCopyIn<&'c mut PgConnection>,
-    pub rows: CopyText,
+    pub rows: R,
 }
 
 const COPY_SEND: usize = 1 << 20;
 
-impl<'c> CopyIn<'c> {
-    pub async fn start(
+/// The bytes of a `COPY` in one of its formats.
+pub trait CopyFormat {
+    fn bytes(&mut self) -> &mut Vec<u8>;
+    /// What ends the data (after the last row).
+    fn end(&mut self) {}
+}
+
+impl CopyFormat for CopyText {
+    fn bytes(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+}
+
+impl CopyFormat for CopyRows {
+    fn bytes(&mut self) -> &mut Vec<u8> {
+        &mut self.out.buf
+    }
+
+    fn end(&mut self) {
+        self.out.trailer();
+    }
+}
+
+impl<'c> CopyIn<'c, CopyText> {
+    /// A `COPY` in text format.
+    pub async fn text(
         conn: &'c mut PgConnection,
         table: &str,
         columns: &[&str],
@@ -274,30 +299,67 @@ impl<'c> CopyIn<'c> {
             rows: CopyText::with_capacity(COPY_SEND + COPY_SEND / 4),
         })
     }
+}
 
+impl<'c> CopyIn<'c, CopyRows> {
+    /// A `COPY` in binary format: typed fields as PostgreSQL stores them, nothing for it to
+    /// parse but JSON documents.
+    pub async fn binary(
+        conn: &'c mut PgConnection,
+        table: &'static str,
+        columns: &'static [&'static str],
+    ) -> Result<Self, ProjectionError> {
+        let rows = CopyRows::new(conn, table, columns).await?;
+        let copy = conn.copy_in_raw(&rows.statement()).await?;
+        Ok(Self { copy, rows })
+    }
+}
+
+impl CopyIn<'_, CopyRows> {
+    /// Writes the row `fields` writes (see [`CopyRows::row`]); on a row that does not fit,
+    /// ends the `COPY` (nothing of it stays) and returns why.
+    pub async fn row(&mut self, fields: impl FnOnce(&mut Row<'_>)) -> Result<(), ProjectionError> {
+        match self.rows.row(fields) {
+            Ok(true) => self.send_some().await,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ends the `COPY` with nothing written, and the connection ready for the next statement.
+    pub async fn abort(self, reason: &ProjectionError) -> Result<(), ProjectionError> {
+        self.copy.abort(reason.to_string()).await?;
+        Ok(())
+    }
+}
+
+impl<R: CopyFormat> CopyIn<'_, R> {
     /// Sends the encoded rows once there is a megabyte of them.
     pub async fn send_some(&mut self) -> Result<(), ProjectionError> {
-        if self.rows.buf.len() >= COPY_SEND {
-            self.copy.send(self.rows.buf.as_slice()).await?;
-            self.rows.buf.clear();
+        let bytes = self.rows.bytes();
+        if bytes.len() >= COPY_SEND {
+            self.copy.send(bytes.as_slice()).await?;
+            self.rows.bytes().clear();
         }
         Ok(())
     }
 
     pub async fn finish(mut self) -> Result<(), ProjectionError> {
-        if !self.rows.buf.is_empty() {
-            self.copy.send(self.rows.buf.as_slice()).await?;
+        self.rows.end();
+        let bytes = self.rows.bytes();
+        if !bytes.is_empty() {
+            self.copy.send(bytes.as_slice()).await?;
         }
         self.copy.finish().await?;
         Ok(())
     }
 }
 
-/// A `COPY ... FROM STDIN` on a connection of its own, run by a task of its own: the caller
-/// encodes rows into [`CopyStream::rows`] and goes on computing while PostgreSQL takes in the
-/// rows before (a megabyte at a time, at most four megabytes ahead).
+/// A binary `COPY ... FROM STDIN` on a connection of its own, run by a task of its own: the
+/// caller encodes rows into [`CopyStream::rows`] and goes on computing while PostgreSQL takes in
+/// the previous ones.
 pub struct CopyStream {
-    pub rows: CopyText,
+    pub rows: CopyRows,
     tx: tokio::sync::mpsc::Sender<Vec<u8>>,
     /// Until it is awaited; a stream dropped before [`CopyStream::finish`] (its session failed)
     /// aborts the task, and with it the `COPY`, instead of committing what it got so far.
@@ -313,34 +375,36 @@ impl Drop for CopyStream {
 }
 
 impl CopyStream {
-    pub fn start(
+    pub async fn start(
         mut conn: PgConnection,
         table: &'static str,
         columns: &'static [&'static str],
-    ) -> Self {
+    ) -> Result<Self, ProjectionError> {
+        let rows = CopyRows::new(&mut conn, table, columns).await?;
+        let statement = rows.statement();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
         let task = tokio::spawn(async move {
-            let mut copy = CopyIn::start(&mut conn, table, columns).await?;
+            let mut copy = conn.copy_in_raw(&statement).await?;
             while let Some(rows) = rx.recv().await {
-                copy.copy.send(rows.as_slice()).await?;
+                copy.send(rows.as_slice()).await?;
             }
             copy.finish().await?;
             Ok(conn)
         });
-        Self {
-            rows: CopyText::with_capacity(COPY_SEND + COPY_SEND / 4),
+        Ok(Self {
+            rows,
             tx,
             task: Some(task),
-        }
+        })
     }
 
     /// Hands the encoded rows to the writer once there is a megabyte of them.
     pub async fn send_some(&mut self) -> Result<(), ProjectionError> {
-        if self.rows.buf.len() < COPY_SEND {
+        if self.rows.out.buf.len() < COPY_SEND {
             return Ok(());
         }
         let rows = std::mem::replace(
-            &mut self.rows.buf,
+            &mut self.rows.out.buf,
             Vec::with_capacity(COPY_SEND + COPY_SEND / 4),
         );
         if self.tx.send(rows).await.is_ok() {
@@ -355,11 +419,10 @@ impl CopyStream {
 
     /// Sends the rest, ends the `COPY` and gives the connection back.
     pub async fn finish(mut self) -> Result<PgConnection, ProjectionError> {
-        if !self.rows.buf.is_empty() {
-            let rows = std::mem::take(&mut self.rows.buf);
-            // On a send error the writer has stopped, and its task says why.
-            let _ = self.tx.send(rows).await;
-        }
+        self.rows.end();
+        let rows = std::mem::take(&mut self.rows.out.buf);
+        // On a send error the writer has stopped, and its task says why.
+        let _ = self.tx.send(rows).await;
         self.finish_task().await
     }
 
@@ -483,13 +546,19 @@ where
     /// Writes the changed states with one `COPY`: a rebuild's empty, unindexed table, each
     /// state written once.
     pub async fn copy_changed(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
-        let mut copy = CopyIn::start(conn, self.table, &["id", "state"]).await?;
+        let mut copy = CopyIn::binary(conn, self.table, &["id", "state"]).await?;
         for id in &self.dirty {
-            if let Some(t) = self.map.get(id) {
-                copy.rows.display(id);
-                copy.rows.json(t)?;
-                copy.rows.end_row();
-                copy.send_some().await?;
+            let Some(t) = self.map.get(id) else { continue };
+            let written = copy
+                .row(|out| {
+                    out.field("id", id);
+                    // The same text `save` stores: serde's, straight into the `COPY`.
+                    out.json("state", &**t);
+                })
+                .await;
+            if let Err(e) = written {
+                copy.abort(&e).await?;
+                return Err(e);
             }
         }
         copy.finish().await
@@ -532,96 +601,455 @@ where
     }
 }
 
-/// A read-model column's value, written alike by both paths: into the JSON object the live path
-/// binds (`jsonb_populate_recordset` converts it) and straight into a rebuild's `COPY` text,
-/// as the text `jsonb_populate_recordset` would have made of that JSON (see `Table::copy`).
-pub trait Field: Serialize {
-    fn copy(&self, c: &mut CopyText);
+/// A column's type, as far as a binary `COPY` field has to match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Numeric,
+    /// A string type (`text`, `varchar`, `citext`...) or an enum (whose binary form is its
+    /// label).
+    Text,
+    Uuid,
+    Date,
+    Timestamptz,
+    Json,
+    Jsonb,
+    /// An array of text-like elements, with the element type's oid.
+    TextArray(u32),
+    /// Any other type: no field writes it.
+    Other,
 }
 
-macro_rules! displayed_fields {
+impl Kind {
+    /// The kinds of `columns` of `table` (as `search_path` resolves it).
+    async fn of(
+        conn: &mut PgConnection,
+        table: &str,
+        columns: &[&str],
+    ) -> Result<Vec<Kind>, ProjectionError> {
+        let rows: Vec<(String, String, String, String, i64, String, String)> = sqlx::query_as(
+            "SELECT a.attname::text, b.typname::text, b.typtype::text, b.typcategory::text, \
+                    b.typelem::int8, coalesce(e.typtype::text, ''), coalesce(e.typcategory::text, '') \
+             FROM pg_attribute a \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+             LEFT JOIN pg_type e ON e.oid = b.typelem AND b.typcategory = 'A' \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(table)
+        .fetch_all(&mut *conn)
+        .await?;
+        let kinds: HashMap<String, Kind> = rows
+            .into_iter()
+            .map(
+                |(name, typname, typtype, category, elem, elem_type, elem_category)| {
+                    let kind = match (typname.as_str(), typtype.as_str(), category.as_str()) {
+                        (_, "e", _) => Kind::Text,
+                        ("bool", ..) => Kind::Bool,
+                        ("int2", ..) => Kind::Int2,
+                        ("int4", ..) => Kind::Int4,
+                        ("int8", ..) => Kind::Int8,
+                        ("numeric", ..) => Kind::Numeric,
+                        ("uuid", ..) => Kind::Uuid,
+                        ("date", ..) => Kind::Date,
+                        ("timestamptz", ..) => Kind::Timestamptz,
+                        ("json", ..) => Kind::Json,
+                        ("jsonb", ..) => Kind::Jsonb,
+                        // text, varchar, char(n), citext, name: binary as text.
+                        (_, _, "S") => Kind::Text,
+                        (_, _, "A") if elem_type == "e" || elem_category == "S" => {
+                            Kind::TextArray(u32::try_from(elem).unwrap_or(0))
+                        }
+                        _ => Kind::Other,
+                    };
+                    (name, kind)
+                },
+            )
+            .collect();
+        columns
+            .iter()
+            .map(|c| {
+                kinds
+                    .get(*c)
+                    .copied()
+                    .ok_or_else(|| copy_failed(format!("{table} has no column {c}")))
+            })
+            .collect()
+    }
+}
+
+/// Rows in the binary format of `COPY ... FROM STDIN`: a header, then per row the number of
+/// fields and each field's length and bytes (-1: NULL), then a trailer.
+pub struct CopyBinary {
+    buf: Vec<u8>,
+    fields: i16,
+    in_row: bool,
+}
+
+impl CopyBinary {
+    fn new(fields: usize) -> Self {
+        let mut buf = Vec::with_capacity(COPY_SEND + COPY_SEND / 4);
+        // Signature, flags, length of the header extension.
+        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.extend_from_slice(&0i32.to_be_bytes());
+        buf.extend_from_slice(&0i32.to_be_bytes());
+        Self {
+            buf,
+            fields: i16::try_from(fields).unwrap_or(i16::MAX),
+            in_row: false,
+        }
+    }
+
+    fn start_field(&mut self) {
+        if !std::mem::replace(&mut self.in_row, true) {
+            self.buf.extend_from_slice(&self.fields.to_be_bytes());
+        }
+    }
+
+    pub fn null(&mut self) {
+        self.start_field();
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        self.start_field();
+        self.buf
+            .extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// A field whose bytes `write` appends (its length is filled in afterwards).
+    pub fn sized<T>(&mut self, write: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+        self.start_field();
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&0i32.to_be_bytes());
+        let result = write(&mut self.buf);
+        let len = (self.buf.len() - at - 4) as i32;
+        self.buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        result
+    }
+
+    fn end_row(&mut self) {
+        self.in_row = false;
+    }
+
+    fn trailer(&mut self) {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+    }
+}
+
+/// The rows of one binary `COPY`: each written by a function of `Row`s, checked against the
+/// table's columns (order and kinds) as it goes.
+pub struct CopyRows {
+    out: CopyBinary,
+    table: &'static str,
+    columns: &'static [&'static str],
+    kinds: Vec<Kind>,
+}
+
+impl CopyRows {
+    async fn new(
+        conn: &mut PgConnection,
+        table: &'static str,
+        columns: &'static [&'static str],
+    ) -> Result<Self, ProjectionError> {
+        Ok(Self {
+            out: CopyBinary::new(columns.len()),
+            table,
+            columns,
+            kinds: Kind::of(conn, table, columns).await?,
+        })
+    }
+
+    fn statement(&self) -> String {
+        format!(
+            "COPY {} ({}) FROM STDIN WITH (FORMAT binary)",
+            self.table,
+            self.columns.join(", ")
+        )
+    }
+
+    /// Writes the row `fields` writes: `Ok(false)` if it writes no field (no row), an error
+    /// (and nothing written) if it writes fewer or other columns, or a value of another kind.
+    pub fn row(&mut self, fields: impl FnOnce(&mut Row<'_>)) -> Result<bool, ProjectionError> {
+        let mark = self.out.buf.len();
+        let mut out = Row::Copy {
+            out: &mut self.out,
+            columns: self.columns,
+            kinds: &self.kinds,
+            next: 0,
+            wrong: None,
+        };
+        fields(&mut out);
+        let Row::Copy { next, wrong, .. } = out else {
+            return Ok(false);
+        };
+        if next == 0 && wrong.is_none() {
+            return Ok(false);
+        }
+        if wrong.is_some() || next != self.columns.len() {
+            self.out.buf.truncate(mark);
+            self.out.in_row = false;
+            return Err(copy_failed(format!(
+                "a row of {} wrote {next} of {} columns: {}",
+                self.table,
+                self.columns.len(),
+                wrong.unwrap_or_else(|| "too few".into())
+            )));
+        }
+        self.out.end_row();
+        Ok(true)
+    }
+}
+
+/// A read-model column's value, written alike by both paths: into the JSON object the live path
+/// binds (`jsonb_populate_recordset` converts it with the column type's text input) and
+/// straight into a rebuild's binary `COPY`, as the value that conversion gives.
+pub trait Field: Serialize {
+    /// Writes the value for a column of `kind`; the kind's name if it cannot go there.
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind>;
+}
+
+/// Days between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
+const PG_EPOCH_DAYS: i64 = 10_957;
+
+/// An integer into an integer, numeric or text column (out of range: an error, as in
+/// PostgreSQL).
+fn integer(value: i64, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+    match kind {
+        Kind::Int2 => out.bytes(&i16::try_from(value).map_err(|_| kind)?.to_be_bytes()),
+        Kind::Int4 => out.bytes(&i32::try_from(value).map_err(|_| kind)?.to_be_bytes()),
+        Kind::Int8 => out.bytes(&value.to_be_bytes()),
+        Kind::Numeric => numeric(&rust_decimal::Decimal::from(value), out),
+        Kind::Text => out.bytes(value.to_string().as_bytes()),
+        _ => return Err(kind),
+    }
+    Ok(())
+}
+
+macro_rules! integer_fields {
     ($($t:ty),*) => {$(
         impl Field for $t {
-            fn copy(&self, c: &mut CopyText) {
-                c.display(self);
+            fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+                integer(i64::from(*self), out, kind)
             }
         }
     )*};
 }
-displayed_fields!(Uuid, i64, i32, i16, u32, rust_decimal::Decimal);
+integer_fields!(i64, i32, i16, u32);
+
+/// `numeric`'s binary form: base-10000 digits, the weight of the first, sign and display
+/// scale (the decimal's own, as `numeric_in` keeps it; the column's type modifier is applied
+/// by PostgreSQL on both paths).
+fn numeric(d: &rust_decimal::Decimal, out: &mut CopyBinary) {
+    let scale = d.scale() as usize;
+    let digits = d.mantissa().unsigned_abs().to_string();
+    let (int, frac) = if digits.len() > scale {
+        let (i, f) = digits.split_at(digits.len() - scale);
+        (i.to_string(), f.to_string())
+    } else {
+        (String::new(), format!("{digits:0>scale$}"))
+    };
+    let int = format!("{}{int}", "0".repeat((4 - int.len() % 4) % 4));
+    let frac = format!("{frac}{}", "0".repeat((4 - frac.len() % 4) % 4));
+    let group = |s: &str| s.parse::<i16>().unwrap_or(0);
+    let mut groups: Vec<i16> = int
+        .as_bytes()
+        .chunks(4)
+        .chain(frac.as_bytes().chunks(4))
+        .map(|c| group(std::str::from_utf8(c).unwrap_or("0")))
+        .collect();
+    let mut weight = (int.len() / 4) as i16 - 1;
+    let leading = groups.iter().take_while(|g| **g == 0).count();
+    groups.drain(..leading);
+    weight -= leading as i16;
+    while groups.last() == Some(&0) {
+        groups.pop();
+    }
+    let negative = d.is_sign_negative() && !groups.is_empty();
+    if groups.is_empty() {
+        weight = 0;
+    }
+    out.sized(|buf| {
+        buf.extend_from_slice(&(groups.len() as i16).to_be_bytes());
+        buf.extend_from_slice(&weight.to_be_bytes());
+        buf.extend_from_slice(&(if negative { 0x4000u16 } else { 0 }).to_be_bytes());
+        buf.extend_from_slice(&(scale as u16).to_be_bytes());
+        for g in &groups {
+            buf.extend_from_slice(&g.to_be_bytes());
+        }
+    });
+}
+
+impl Field for rust_decimal::Decimal {
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Numeric => numeric(self, out),
+            Kind::Text => out.bytes(self.to_string().as_bytes()),
+            _ => return Err(kind),
+        }
+        Ok(())
+    }
+}
+
+impl Field for Uuid {
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Uuid => out.bytes(self.as_bytes()),
+            Kind::Text => out.bytes(self.hyphenated().to_string().as_bytes()),
+            _ => return Err(kind),
+        }
+        Ok(())
+    }
+}
 
 impl Field for str {
-    fn copy(&self, c: &mut CopyText) {
-        c.text(self);
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Text => out.bytes(self.as_bytes()),
+            _ => return Err(kind),
+        }
+        Ok(())
     }
 }
 
 impl Field for String {
-    fn copy(&self, c: &mut CopyText) {
-        c.text(self);
-    }
-}
-
-impl Field for chrono::NaiveDate {
-    fn copy(&self, c: &mut CopyText) {
-        c.display(self);
-    }
-}
-
-/// A text array column (`{"a","b"}`).
-impl Field for Vec<String> {
-    fn copy(&self, c: &mut CopyText) {
-        let mut literal = String::new();
-        literal.push('{');
-        for (i, item) in self.iter().enumerate() {
-            if i > 0 {
-                literal.push(',');
-            }
-            quoted(&mut literal, item);
-        }
-        literal.push('}');
-        c.text(&literal);
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        self.as_str().binary(out, kind)
     }
 }
 
 impl Field for bool {
-    fn copy(&self, c: &mut CopyText) {
-        c.text(if *self { "true" } else { "false" });
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Bool => out.bytes(&[u8::from(*self)]),
+            Kind::Text => out.bytes(if *self { b"true" } else { b"false" }),
+            _ => return Err(kind),
+        }
+        Ok(())
+    }
+}
+
+impl Field for chrono::NaiveDate {
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Date => {
+                let days = i64::from(self.to_epoch_days()) - PG_EPOCH_DAYS;
+                out.bytes(&i32::try_from(days).map_err(|_| kind)?.to_be_bytes());
+            }
+            Kind::Text => out.bytes(self.to_string().as_bytes()),
+            _ => return Err(kind),
+        }
+        Ok(())
     }
 }
 
 impl Field for chrono::DateTime<chrono::Utc> {
-    fn copy(&self, c: &mut CopyText) {
-        // serde's text of an instant.
-        c.text(&self.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Timestamptz => out.bytes(&postgres_micros(self).to_be_bytes()),
+            Kind::Text => out.bytes(
+                self.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    .as_bytes(),
+            ),
+            _ => return Err(kind),
+        }
+        Ok(())
+    }
+}
+
+/// Microseconds since 2000-01-01 that `timestamptz_in` makes of serde's text of `t`: the
+/// fraction of a second is read as a double (the nearest to nanoseconds / 10^9, which is also
+/// the nearest to the digits serde prints) and rounded half to even to microseconds (`rint`).
+fn postgres_micros(t: &chrono::DateTime<chrono::Utc>) -> i64 {
+    let seconds = t.timestamp() - PG_EPOCH_DAYS * 86_400;
+    let nanos = t.timestamp_subsec_nanos();
+    let micros = (f64::from(nanos) / 1e9 * 1e6).round_ties_even() as i64;
+    seconds * 1_000_000 + micros
+}
+
+/// A text array column (`{"a","b"}`).
+impl Field for Vec<String> {
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        let Kind::TextArray(element) = kind else {
+            return Err(kind);
+        };
+        out.sized(|buf| {
+            let dimensions: i32 = if self.is_empty() { 0 } else { 1 };
+            buf.extend_from_slice(&dimensions.to_be_bytes());
+            buf.extend_from_slice(&0i32.to_be_bytes()); // no NULLs
+            buf.extend_from_slice(&element.to_be_bytes());
+            if !self.is_empty() {
+                buf.extend_from_slice(&(self.len() as i32).to_be_bytes());
+                buf.extend_from_slice(&1i32.to_be_bytes()); // lower bound
+            }
+            for item in self {
+                buf.extend_from_slice(&(item.len() as i32).to_be_bytes());
+                buf.extend_from_slice(item.as_bytes());
+            }
+        });
+        Ok(())
     }
 }
 
 impl<T: Field> Field for Option<T> {
-    fn copy(&self, c: &mut CopyText) {
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match self {
-            Some(v) => v.copy(c),
-            None => c.null(),
+            Some(v) => v.binary(out, kind),
+            None => {
+                out.null();
+                Ok(())
+            }
         }
     }
 }
 
 impl<T: Field + ?Sized> Field for &T {
-    fn copy(&self, c: &mut CopyText) {
-        (**self).copy(c);
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        (**self).binary(out, kind)
     }
 }
 
-/// Where a row's fields go: a JSON object (the live path binds an array of them) or `COPY`
-/// text (a rebuild's fresh table; the fields must come in the table's column order). One
+/// JSON text, for a `json`, `jsonb` or text column (stored as it is; PostgreSQL parses it for
+/// `jsonb`).
+pub struct JsonText<'a>(pub &'a str);
+
+impl Serialize for JsonText<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let value: Value = serde_json::from_str(self.0).map_err(serde::ser::Error::custom)?;
+        value.serialize(s)
+    }
+}
+
+impl Field for JsonText<'_> {
+    fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
+        match kind {
+            Kind::Json | Kind::Text => out.bytes(self.0.as_bytes()),
+            Kind::Jsonb => out.sized(|buf| {
+                buf.push(1); // jsonb's binary format version
+                buf.extend_from_slice(self.0.as_bytes());
+            }),
+            _ => return Err(kind),
+        }
+        Ok(())
+    }
+}
+
+/// Where a row's fields go: a JSON object (the live path binds an array of them) or a binary
+/// `COPY` (a rebuild's fresh table; the fields must come in the table's column order). One
 /// function writes a table's row for both, so the two paths cannot drift apart.
 pub enum Row<'a> {
     Json(serde_json::Map<String, Value>),
     Copy {
-        rows: &'a mut CopyText,
+        out: &'a mut CopyBinary,
         columns: &'static [&'static str],
+        kinds: &'a [Kind],
         next: usize,
-        misplaced: Option<&'static str>,
+        /// The first field that went wrong, and how.
+        wrong: Option<String>,
     },
 }
 
@@ -635,27 +1063,69 @@ impl Row<'_> {
                 );
             }
             Row::Copy {
-                rows,
+                out,
                 columns,
+                kinds,
                 next,
-                misplaced,
+                wrong,
             } => {
-                if columns.get(*next) != Some(&column) {
-                    misplaced.get_or_insert(column);
+                if wrong.is_some() {
+                    return;
                 }
+                if columns.get(*next) != Some(&column) {
+                    *wrong = Some(format!("{column} out of order"));
+                    return;
+                }
+                let kind = kinds.get(*next).copied().unwrap_or(Kind::Other);
                 *next += 1;
-                value.copy(rows);
+                if let Err(kind) = value.binary(out, kind) {
+                    *wrong = Some(format!(
+                        "{column} is {kind:?}, written a {}",
+                        std::any::type_name::<F>()
+                    ));
+                }
             }
         }
     }
 
-    /// No field was written: the item has no row.
-    fn is_empty(&self) -> bool {
+    /// A column holding `value`'s JSON (serialized straight into the `COPY`).
+    pub fn json<T: Serialize + ?Sized>(&mut self, column: &'static str, value: &T) {
         match self {
-            Row::Json(map) => map.is_empty(),
+            Row::Json(map) => {
+                map.insert(
+                    column.to_string(),
+                    serde_json::to_value(value).unwrap_or(Value::Null),
+                );
+            }
             Row::Copy {
-                next, misplaced, ..
-            } => *next == 0 && misplaced.is_none(),
+                out,
+                columns,
+                kinds,
+                next,
+                wrong,
+            } => {
+                if wrong.is_some() {
+                    return;
+                }
+                if columns.get(*next) != Some(&column) {
+                    *wrong = Some(format!("{column} out of order"));
+                    return;
+                }
+                let kind = kinds.get(*next).copied().unwrap_or(Kind::Other);
+                *next += 1;
+                let written = match kind {
+                    Kind::Json | Kind::Text => out
+                        .sized(|buf| serde_json::to_writer(buf, value).map_err(|e| e.to_string())),
+                    Kind::Jsonb => out.sized(|buf| {
+                        buf.push(1);
+                        serde_json::to_writer(buf, value).map_err(|e| e.to_string())
+                    }),
+                    _ => Err(format!("is {kind:?}, written JSON")),
+                };
+                if let Err(e) = written {
+                    *wrong = Some(format!("{column}: {e}"));
+                }
+            }
         }
     }
 }
@@ -672,7 +1142,7 @@ pub fn json_row(fields: impl FnOnce(&mut Row<'static>)) -> Option<Value> {
 
 impl Table {
     /// Writes the rows of `items`, each written by `row` (which may write nothing: no row):
-    /// into a rebuild's fresh table (`fresh`) straight as `COPY` text, with no JSON in
+    /// into a rebuild's fresh table (`fresh`) straight as a binary `COPY`, with no JSON in
     /// between; otherwise as JSON rows through [`Table::write`].
     pub async fn write_each<I>(
         &self,
@@ -688,33 +1158,12 @@ impl Table {
                 .collect();
             return self.write(conn, false, rows).await;
         }
-        let mut copy = CopyIn::start(conn, self.name, self.columns).await?;
+        let mut copy = CopyIn::binary(conn, self.name, self.columns).await?;
         for item in items {
-            let mut out = Row::Copy {
-                rows: &mut copy.rows,
-                columns: self.columns,
-                next: 0,
-                misplaced: None,
-            };
-            row(item, &mut out);
-            if out.is_empty() {
-                continue;
+            if let Err(e) = copy.row(|out| row(item, out)).await {
+                copy.abort(&e).await?;
+                return Err(e);
             }
-            let Row::Copy {
-                next, misplaced, ..
-            } = out
-            else {
-                continue;
-            };
-            if misplaced.is_some() || next != self.columns.len() {
-                return Err(copy_failed(format!(
-                    "a row of {} wrote {next} of {} columns, out of order at {misplaced:?}",
-                    self.name,
-                    self.columns.len()
-                )));
-            }
-            copy.rows.end_row();
-            copy.send_some().await?;
         }
         copy.finish().await
     }
@@ -723,68 +1172,50 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{TimeZone, Utc};
-    use rust_decimal::Decimal;
 
-    /// The text a typed field writes equals what the live path's JSON of it becomes.
-    fn same<F: Field>(value: F) {
-        let mut typed = CopyText::with_capacity(64);
-        value.copy(&mut typed);
-        let mut via_json = CopyText::with_capacity(64);
-        let json = serde_json::to_value(&value).unwrap_or(Value::Null);
-        assert!(via_json.value("plain", &json).is_ok());
-        assert_eq!(
-            String::from_utf8_lossy(&typed.buf),
-            String::from_utf8_lossy(&via_json.buf),
-            "{json}"
-        );
+    fn rows(kinds: Vec<Kind>) -> CopyRows {
+        const COLUMNS: &[&str] = &["id", "label"];
+        CopyRows {
+            out: CopyBinary::new(COLUMNS.len()),
+            table: "t",
+            columns: COLUMNS,
+            kinds,
+        }
     }
 
     #[test]
-    fn typed_fields_write_what_their_json_would() {
-        for d in [
-            Decimal::new(0, 2),
-            Decimal::ZERO,
-            Decimal::new(150, 2),
-            Decimal::new(-3, 0),
-            Decimal::new(123_456_789_012, 4),
-        ] {
-            same(d);
+    fn a_row_that_does_not_fit_its_table_is_refused_and_leaves_nothing_behind() {
+        let mut copy = rows(vec![Kind::Uuid, Kind::Text]);
+        let empty = copy.out.buf.len();
+        let id = Uuid::from_u128(7);
+        // A value of another kind, a column out of order, a column missing.
+        let wrong_kind = copy.row(|out| {
+            out.field("id", "not a uuid");
+            out.field("label", "x");
+        });
+        let out_of_order = copy.row(|out| {
+            out.field("label", "x");
+            out.field("id", &id);
+        });
+        let missing = copy.row(|out| out.field("id", &id));
+        for refused in [wrong_kind, out_of_order, missing] {
+            assert!(refused.is_err());
         }
-        same(Utc.with_ymd_and_hms(2025, 10, 19, 20, 37, 43).unwrap());
-        same(
-            Utc.with_ymd_and_hms(2025, 10, 19, 20, 37, 43).unwrap()
-                + chrono::Duration::nanoseconds(891_039_288),
-        );
-        same(Some(
-            Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap() + chrono::Duration::milliseconds(5),
+        assert_eq!(copy.out.buf.len(), empty);
+        // A row that writes nothing is no row.
+        assert!(matches!(copy.row(|_| {}), Ok(false)));
+        assert!(matches!(
+            copy.row(|out| {
+                out.field("id", &id);
+                out.field("label", &None::<String>);
+            }),
+            Ok(true)
         ));
-        same(None::<Uuid>);
-        same(Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef));
-        same(true);
-        same(Some(false));
-        same(-42i64);
-        same(7i16);
-        same(3u32);
-        same("tab\there\nnewline \\ backslash \"quoted\"".to_string());
-        same(String::new());
-        same(chrono::NaiveDate::from_ymd_opt(1990, 2, 28).unwrap());
-        same(Some("x".to_string()));
-        same(Some("y"));
-    }
-
-    #[test]
-    fn a_text_array_field_writes_what_its_json_would_in_an_array_column() {
-        for items in [
-            vec![],
-            vec!["telegram".to_string()],
-            vec!["a\"b".into(), "c\\d".into(), "{e,f}".into()],
-        ] {
-            let mut typed = CopyText::with_capacity(64);
-            items.copy(&mut typed);
-            let mut via_json = CopyText::with_capacity(64);
-            assert!(via_json.value("array", &serde_json::json!(items)).is_ok());
-            assert_eq!(typed.buf, via_json.buf);
-        }
+        // Field count, a 16-byte uuid, a NULL.
+        let mut row = 2i16.to_be_bytes().to_vec();
+        row.extend_from_slice(&16i32.to_be_bytes());
+        row.extend_from_slice(id.as_bytes());
+        row.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(&copy.out.buf[empty..], row.as_slice());
     }
 }
