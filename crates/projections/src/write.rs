@@ -2,9 +2,11 @@
 //! statement, whatever the number of rows (rows travel as one JSON array and PostgreSQL turns it
 //! into typed records with `jsonb_populate_recordset`), and keeps the folded states of its
 //! entities in [`States`], loaded in one query and saved in one. A rebuild writes its empty,
-//! unindexed copies with `COPY` instead ([`CopyIn`]); the large tables' rows are written by one
-//! function per table into a [`Row`], which is the live path's JSON object or a rebuild's `COPY`
-//! text ([`Table::write_each`]).
+//! unindexed copies with `COPY` instead ([`CopyIn`]): JSON rows in text format, converted as
+//! `jsonb_populate_recordset` would ([`CopyText`]); the large tables' rows by one function per
+//! table into a [`Row`], which is the live path's JSON object or a rebuild's binary `COPY` row,
+//! each typed [`Field`] in PostgreSQL's binary form for its column's [`Kind`]
+//! ([`Table::write_each`], [`CopyRows`]).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -197,14 +199,6 @@ impl CopyText {
         Ok(())
     }
 
-    /// A field written with `Display` (numbers, uuids: nothing to escape).
-    pub fn display(&mut self, value: impl std::fmt::Display) {
-        use std::io::Write;
-        self.separate();
-        // Writing into a Vec cannot fail.
-        let _ = write!(self.buf, "{value}");
-    }
-
     /// A field holding a JSON value, converted as `jsonb_populate_recordset` converts it for a
     /// column of this kind (`json`, `array` or `plain`: see `Table::copy`).
     pub fn value(&mut self, kind: &str, value: &Value) -> Result<(), ProjectionError> {
@@ -326,10 +320,15 @@ impl CopyIn<'_, CopyRows> {
         }
     }
 
-    /// Ends the `COPY` with nothing written, and the connection ready for the next statement.
-    pub async fn abort(self, reason: &ProjectionError) -> Result<(), ProjectionError> {
-        self.copy.abort(reason.to_string()).await?;
-        Ok(())
+    /// Ends the `COPY` with nothing written and returns `reason`. The connection is ready for
+    /// the next statement unless the server had already failed the `COPY` (a value it refused
+    /// in an earlier chunk): then, as after any error, the caller discards it (a rebuild's
+    /// connections are detached, and dropped with its failure).
+    pub async fn abort(self, reason: ProjectionError) -> ProjectionError {
+        if let Err(e) = self.copy.abort(reason.to_string()).await {
+            tracing::debug!(error = %e, "ending a failed COPY");
+        }
+        reason
     }
 }
 
@@ -553,12 +552,11 @@ where
                 .row(|out| {
                     out.field("id", id);
                     // The same text `save` stores: serde's, straight into the `COPY`.
-                    out.json("state", &**t);
+                    out.json_text("state", &**t);
                 })
                 .await;
             if let Err(e) = written {
-                copy.abort(&e).await?;
-                return Err(e);
+                return Err(copy.abort(e).await);
             }
         }
         copy.finish().await
@@ -631,13 +629,17 @@ impl Kind {
         columns: &[&str],
     ) -> Result<Vec<Kind>, ProjectionError> {
         let rows: Vec<(String, String, String, String, i64, String, String)> = sqlx::query_as(
-            "SELECT a.attname::text, b.typname::text, b.typtype::text, b.typcategory::text, \
+            // A domain is written as its base type (through any number of domains).
+            "WITH RECURSIVE base(name, type) AS ( \
+                 SELECT a.attname::text, a.atttypid FROM pg_attribute a \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+               UNION ALL \
+                 SELECT base.name, t.typbasetype FROM base JOIN pg_type t ON t.oid = base.type \
+                 WHERE t.typtype = 'd') \
+             SELECT base.name, b.typname::text, b.typtype::text, b.typcategory::text, \
                     b.typelem::int8, coalesce(e.typtype::text, ''), coalesce(e.typcategory::text, '') \
-             FROM pg_attribute a \
-             JOIN pg_type t ON t.oid = a.atttypid \
-             JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
-             LEFT JOIN pg_type e ON e.oid = b.typelem AND b.typcategory = 'A' \
-             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+             FROM base JOIN pg_type b ON b.oid = base.type AND b.typtype <> 'd' \
+             LEFT JOIN pg_type e ON e.oid = b.typelem AND b.typcategory = 'A'",
         )
         .bind(table)
         .fetch_all(&mut *conn)
@@ -809,7 +811,11 @@ impl CopyRows {
 /// binds (`jsonb_populate_recordset` converts it with the column type's text input) and
 /// straight into a rebuild's binary `COPY`, as the value that conversion gives.
 pub trait Field: Serialize {
-    /// Writes the value for a column of `kind`; the kind's name if it cannot go there.
+    /// Whether a value of this type can go into a column of `kind` (checked for NULLs too, so
+    /// a wrong mapping fails on the first row, not on the first row with a value).
+    fn fits(kind: Kind) -> bool;
+
+    /// Writes the value for a column of `kind`; the kind back if it cannot go there.
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind>;
 }
 
@@ -833,6 +839,10 @@ fn integer(value: i64, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
 macro_rules! integer_fields {
     ($($t:ty),*) => {$(
         impl Field for $t {
+            fn fits(kind: Kind) -> bool {
+                matches!(kind, Kind::Int2 | Kind::Int4 | Kind::Int8 | Kind::Numeric | Kind::Text)
+            }
+
             fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
                 integer(i64::from(*self), out, kind)
             }
@@ -885,6 +895,10 @@ fn numeric(d: &rust_decimal::Decimal, out: &mut CopyBinary) {
 }
 
 impl Field for rust_decimal::Decimal {
+    fn fits(kind: Kind) -> bool {
+        matches!(kind, Kind::Numeric | Kind::Text)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match kind {
             Kind::Numeric => numeric(self, out),
@@ -896,6 +910,10 @@ impl Field for rust_decimal::Decimal {
 }
 
 impl Field for Uuid {
+    fn fits(kind: Kind) -> bool {
+        matches!(kind, Kind::Uuid | Kind::Text)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match kind {
             Kind::Uuid => out.bytes(self.as_bytes()),
@@ -907,6 +925,10 @@ impl Field for Uuid {
 }
 
 impl Field for str {
+    fn fits(kind: Kind) -> bool {
+        kind == Kind::Text
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match kind {
             Kind::Text => out.bytes(self.as_bytes()),
@@ -917,12 +939,20 @@ impl Field for str {
 }
 
 impl Field for String {
+    fn fits(kind: Kind) -> bool {
+        str::fits(kind)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         self.as_str().binary(out, kind)
     }
 }
 
 impl Field for bool {
+    fn fits(kind: Kind) -> bool {
+        matches!(kind, Kind::Bool | Kind::Text)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match kind {
             Kind::Bool => out.bytes(&[u8::from(*self)]),
@@ -934,6 +964,10 @@ impl Field for bool {
 }
 
 impl Field for chrono::NaiveDate {
+    fn fits(kind: Kind) -> bool {
+        matches!(kind, Kind::Date | Kind::Text)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match kind {
             Kind::Date => {
@@ -948,6 +982,10 @@ impl Field for chrono::NaiveDate {
 }
 
 impl Field for chrono::DateTime<chrono::Utc> {
+    fn fits(kind: Kind) -> bool {
+        matches!(kind, Kind::Timestamptz | Kind::Text)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match kind {
             Kind::Timestamptz => out.bytes(&postgres_micros(self).to_be_bytes()),
@@ -965,14 +1003,20 @@ impl Field for chrono::DateTime<chrono::Utc> {
 /// fraction of a second is read as a double (the nearest to nanoseconds / 10^9, which is also
 /// the nearest to the digits serde prints) and rounded half to even to microseconds (`rint`).
 fn postgres_micros(t: &chrono::DateTime<chrono::Utc>) -> i64 {
-    let seconds = t.timestamp() - PG_EPOCH_DAYS * 86_400;
+    // A leap second (`:60`, nanoseconds past 10^9) is the next second to PostgreSQL; its
+    // fraction is rounded on its own, as PostgreSQL reads it.
     let nanos = t.timestamp_subsec_nanos();
-    let micros = (f64::from(nanos) / 1e9 * 1e6).round_ties_even() as i64;
-    seconds * 1_000_000 + micros
+    let seconds = t.timestamp() - PG_EPOCH_DAYS * 86_400 + i64::from(nanos / 1_000_000_000);
+    let fraction = f64::from(nanos % 1_000_000_000) / 1e9;
+    seconds * 1_000_000 + (fraction * 1e6).round_ties_even() as i64
 }
 
 /// A text array column (`{"a","b"}`).
 impl Field for Vec<String> {
+    fn fits(kind: Kind) -> bool {
+        matches!(kind, Kind::TextArray(_))
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         let Kind::TextArray(element) = kind else {
             return Err(kind);
@@ -996,25 +1040,35 @@ impl Field for Vec<String> {
 }
 
 impl<T: Field> Field for Option<T> {
+    fn fits(kind: Kind) -> bool {
+        T::fits(kind)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         match self {
             Some(v) => v.binary(out, kind),
-            None => {
+            None if T::fits(kind) => {
                 out.null();
                 Ok(())
             }
+            None => Err(kind),
         }
     }
 }
 
 impl<T: Field + ?Sized> Field for &T {
+    fn fits(kind: Kind) -> bool {
+        T::fits(kind)
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
         (**self).binary(out, kind)
     }
 }
 
-/// JSON text, for a `json`, `jsonb` or text column (stored as it is; PostgreSQL parses it for
-/// `jsonb`).
+/// JSON text for a `jsonb` column, stored as PostgreSQL parses it. Only for a rebuild whose live
+/// path binds the same text itself (the timeline's `insert_timeline`): through a JSON row it
+/// would pass through a `serde_json::Value`, whose numbers are `f64`.
 pub struct JsonText<'a>(pub &'a str);
 
 impl Serialize for JsonText<'_> {
@@ -1025,15 +1079,18 @@ impl Serialize for JsonText<'_> {
 }
 
 impl Field for JsonText<'_> {
+    fn fits(kind: Kind) -> bool {
+        kind == Kind::Jsonb
+    }
+
     fn binary(&self, out: &mut CopyBinary, kind: Kind) -> Result<(), Kind> {
-        match kind {
-            Kind::Json | Kind::Text => out.bytes(self.0.as_bytes()),
-            Kind::Jsonb => out.sized(|buf| {
-                buf.push(1); // jsonb's binary format version
-                buf.extend_from_slice(self.0.as_bytes());
-            }),
-            _ => return Err(kind),
+        if kind != Kind::Jsonb {
+            return Err(kind);
         }
+        out.sized(|buf| {
+            buf.push(1); // jsonb's binary format version
+            buf.extend_from_slice(self.0.as_bytes());
+        });
         Ok(())
     }
 }
@@ -1080,7 +1137,7 @@ impl Row<'_> {
                 *next += 1;
                 if let Err(kind) = value.binary(out, kind) {
                     *wrong = Some(format!(
-                        "{column} is {kind:?}, written a {}",
+                        "{column} is {kind:?}: a {} does not fit",
                         std::any::type_name::<F>()
                     ));
                 }
@@ -1088,14 +1145,13 @@ impl Row<'_> {
         }
     }
 
-    /// A column holding `value`'s JSON (serialized straight into the `COPY`).
-    pub fn json<T: Serialize + ?Sized>(&mut self, column: &'static str, value: &T) {
+    /// A text column holding serde's JSON text of `value` (a folded state), serialized straight
+    /// into the `COPY`; the live path's JSON row carries the same text as a JSON string.
+    pub fn json_text<T: Serialize + ?Sized>(&mut self, column: &'static str, value: &T) {
         match self {
             Row::Json(map) => {
-                map.insert(
-                    column.to_string(),
-                    serde_json::to_value(value).unwrap_or(Value::Null),
-                );
+                let text = serde_json::to_string(value).unwrap_or_default();
+                map.insert(column.to_string(), Value::String(text));
             }
             Row::Copy {
                 out,
@@ -1113,14 +1169,10 @@ impl Row<'_> {
                 }
                 let kind = kinds.get(*next).copied().unwrap_or(Kind::Other);
                 *next += 1;
-                let written = match kind {
-                    Kind::Json | Kind::Text => out
-                        .sized(|buf| serde_json::to_writer(buf, value).map_err(|e| e.to_string())),
-                    Kind::Jsonb => out.sized(|buf| {
-                        buf.push(1);
-                        serde_json::to_writer(buf, value).map_err(|e| e.to_string())
-                    }),
-                    _ => Err(format!("is {kind:?}, written JSON")),
+                let written = if kind == Kind::Text {
+                    out.sized(|buf| serde_json::to_writer(buf, value).map_err(|e| e.to_string()))
+                } else {
+                    Err(format!("is {kind:?}, written JSON text"))
                 };
                 if let Err(e) = written {
                     *wrong = Some(format!("{column}: {e}"));
@@ -1161,8 +1213,7 @@ impl Table {
         let mut copy = CopyIn::binary(conn, self.name, self.columns).await?;
         for item in items {
             if let Err(e) = copy.row(|out| row(item, out)).await {
-                copy.abort(&e).await?;
-                return Err(e);
+                return Err(copy.abort(e).await);
             }
         }
         copy.finish().await
@@ -1181,6 +1232,73 @@ mod tests {
             columns: COLUMNS,
             kinds,
         }
+    }
+
+    /// The bytes of one field written for `kind` (without its length).
+    fn field_bytes<F: Field>(value: F, kind: Kind) -> Vec<u8> {
+        let mut out = CopyBinary::new(1);
+        let start = out.buf.len() + 2 + 4;
+        assert!(value.binary(&mut out, kind).is_ok());
+        out.buf[start..].to_vec()
+    }
+
+    fn words(words: &[i16]) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_be_bytes()).collect()
+    }
+
+    #[test]
+    fn decimals_are_written_as_base_10000_digits_with_their_scale() {
+        use rust_decimal::Decimal;
+        // ndigits, weight, sign, dscale, digits.
+        let cases: [(Decimal, &[i16]); 6] = [
+            (Decimal::new(15_000, 2), &[1, 0, 0, 2, 150]),
+            (Decimal::new(1, 4), &[1, -1, 0, 4, 1]),
+            (Decimal::new(123_456_789, 4), &[3, 1, 0, 4, 1, 2345, 6789]),
+            (Decimal::new(-50_000, 0), &[1, 1, 0x4000, 0, 5]),
+            (Decimal::new(0, 2), &[0, 0, 0, 2]),
+            (-Decimal::new(0, 3), &[0, 0, 0, 3]),
+        ];
+        for (d, expected) in cases {
+            assert_eq!(field_bytes(d, Kind::Numeric), words(expected), "{d}");
+        }
+    }
+
+    #[test]
+    fn instants_and_dates_count_from_2000_and_round_to_microseconds_as_postgres_reads_them() {
+        use chrono::{NaiveDate, TimeZone, Utc};
+        let epoch = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap();
+        let micros = |nanos: i64| {
+            let t = epoch + chrono::Duration::nanoseconds(nanos);
+            i64::from_be_bytes(field_bytes(t, Kind::Timestamptz).try_into().unwrap())
+        };
+        assert_eq!(micros(0), 0);
+        assert_eq!(micros(1_499), 1);
+        assert_eq!(micros(1_501), 2);
+        assert_eq!(micros(-1_000_000), -1_000);
+        // 999,999,999 ns is 1,000,000 us: the next second, as PostgreSQL rounds it.
+        assert_eq!(micros(999_999_999), 1_000_000);
+        let day = |d: NaiveDate| i32::from_be_bytes(field_bytes(d, Kind::Date).try_into().unwrap());
+        assert_eq!(day(NaiveDate::from_ymd_opt(2000, 1, 1).unwrap()), 0);
+        assert_eq!(day(NaiveDate::from_ymd_opt(1999, 12, 31).unwrap()), -1);
+        assert_eq!(day(NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()), -10_957);
+    }
+
+    #[test]
+    fn text_arrays_carry_their_element_type_and_an_empty_one_has_no_dimension() {
+        let mut empty = 0i32.to_be_bytes().to_vec(); // dimensions
+        empty.extend_from_slice(&0i32.to_be_bytes()); // no NULLs
+        empty.extend_from_slice(&25u32.to_be_bytes()); // text
+        assert_eq!(
+            field_bytes(Vec::<String>::new(), Kind::TextArray(25)),
+            empty
+        );
+        let one = field_bytes(vec!["a,b".to_string()], Kind::TextArray(25));
+        assert_eq!(&one[..4], &1i32.to_be_bytes());
+        assert_eq!(&one[one.len() - 7..], b"\0\0\0\x03a,b");
+        // A NULL of a type that cannot go into the column is refused like a value.
+        let mut out = CopyBinary::new(1);
+        assert!(None::<String>.binary(&mut out, Kind::Date).is_err());
+        assert!(None::<String>.binary(&mut out, Kind::Text).is_ok());
     }
 
     #[test]
