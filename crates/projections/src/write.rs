@@ -1119,29 +1119,11 @@ impl Row<'_> {
                     serde_json::to_value(value).unwrap_or(Value::Null),
                 );
             }
-            Row::Copy {
-                out,
-                columns,
-                kinds,
-                next,
-                wrong,
-            } => {
-                if wrong.is_some() {
-                    return;
-                }
-                if columns.get(*next) != Some(&column) {
-                    *wrong = Some(format!("{column} out of order"));
-                    return;
-                }
-                let kind = kinds.get(*next).copied().unwrap_or(Kind::Other);
-                *next += 1;
-                if let Err(kind) = value.binary(out, kind) {
-                    *wrong = Some(format!(
-                        "{column} is {kind:?}: a {} does not fit",
-                        std::any::type_name::<F>()
-                    ));
-                }
-            }
+            Row::Copy { .. } => self.copy_field(column, |out, kind| {
+                value.binary(out, kind).map_err(|kind| {
+                    format!("is {kind:?}: a {} does not fit", std::any::type_name::<F>())
+                })
+            }),
         }
     }
 
@@ -1153,31 +1135,46 @@ impl Row<'_> {
                 let text = serde_json::to_string(value).unwrap_or_default();
                 map.insert(column.to_string(), Value::String(text));
             }
-            Row::Copy {
-                out,
-                columns,
-                kinds,
-                next,
-                wrong,
-            } => {
-                if wrong.is_some() {
-                    return;
+            Row::Copy { .. } => self.copy_field(column, |out, kind| {
+                if kind != Kind::Text {
+                    return Err(format!("is {kind:?}, written JSON text"));
                 }
-                if columns.get(*next) != Some(&column) {
-                    *wrong = Some(format!("{column} out of order"));
-                    return;
-                }
-                let kind = kinds.get(*next).copied().unwrap_or(Kind::Other);
-                *next += 1;
-                let written = if kind == Kind::Text {
-                    out.sized(|buf| serde_json::to_writer(buf, value).map_err(|e| e.to_string()))
-                } else {
-                    Err(format!("is {kind:?}, written JSON text"))
-                };
-                if let Err(e) = written {
-                    *wrong = Some(format!("{column}: {e}"));
-                }
-            }
+                out.sized(|buf| {
+                    serde_json::to_writer(buf, value)
+                        .map_err(|e| format!("could not be serialized: {e}"))
+                })
+            }),
+        }
+    }
+
+    /// Writes the next field of a `COPY` row with `write`, given the column's kind; records
+    /// the first field out of order or that `write` refuses.
+    fn copy_field(
+        &mut self,
+        column: &'static str,
+        write: impl FnOnce(&mut CopyBinary, Kind) -> Result<(), String>,
+    ) {
+        let Row::Copy {
+            out,
+            columns,
+            kinds,
+            next,
+            wrong,
+        } = self
+        else {
+            return;
+        };
+        if wrong.is_some() {
+            return;
+        }
+        if columns.get(*next) != Some(&column) {
+            *wrong = Some(format!("{column} out of order"));
+            return;
+        }
+        let kind = kinds.get(*next).copied().unwrap_or(Kind::Other);
+        *next += 1;
+        if let Err(e) = write(out, kind) {
+            *wrong = Some(format!("{column} {e}"));
         }
     }
 }
