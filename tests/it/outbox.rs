@@ -8,10 +8,11 @@ use std::time::Duration;
 use chrono::Utc;
 use commands::CommandBus;
 use commands::codes::{self, CodeKind};
-use crm::{LocalPacer, Pacer, TokenStore};
+use crm::{LeadInput, LocalPacer, Pacer, TokenStore};
 use crm_fakes::{FakeKommo, FakeZoho, Fault, FaultRule, Method};
 use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority};
 use domain::client::ClientCommand;
+use domain::lead::{LeadCommand, StageRef};
 use domain::{Actor, CommandMetadata, Role};
 use outbox_worker::backoff::Backoff;
 use outbox_worker::pg::{EncryptionKey, PgCallSlots, PgPacer, PgTokenStore};
@@ -118,6 +119,16 @@ impl Harness {
     }
 
     async fn confirmed_booking(&self, client: Uuid, day: i64) -> (Uuid, String) {
+        self.confirmed_booking_of(client, day, None).await
+    }
+
+    /// A booking confirmed at once, won from `lead` if given.
+    async fn confirmed_booking_of(
+        &self,
+        client: Uuid,
+        day: i64,
+        lead: Option<Uuid>,
+    ) -> (Uuid, String) {
         let id = Uuid::now_v7();
         let code = codes::allocate(&self.db.pool, CodeKind::Booking)
             .await
@@ -142,7 +153,7 @@ impl Harness {
             pickup_location: None,
             dropoff_location: None,
             services: vec![],
-            lead_id: None,
+            lead_id: lead,
         };
         self.bus
             .bookings
@@ -246,7 +257,9 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
         .fetch_one(&h.db.pool)
         .await
         .unwrap();
-    assert_eq!(rows, 4, "{:?}", statuses(&h.db.pool).await);
+    // Two contacts and the sales order; a booking that did not come from a lead has no Kommo
+    // lead to move.
+    assert_eq!(rows, 3, "{:?}", statuses(&h.db.pool).await);
     let actors: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE metadata::jsonb ->> 'actor_type' = 'outbox-worker'",
     )
@@ -254,6 +267,143 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
     .await
     .unwrap();
     assert_eq!(actors, 3, "kommo id, zoho id, sales order id");
+}
+
+/// The rows derived per booking and action, in log order.
+async fn booking_rows(pool: &PgPool, booking: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT event_type, payload ->> 'cause' FROM integrations_outbox \
+         WHERE entity_id = $1 ORDER BY source_position, event_type",
+    )
+    .bind(booking)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_status() {
+    let h = Harness::new().await;
+    let worker = h.worker(paced(), 5);
+    let targets = outbox_worker::setup::for_fakes(
+        &h.kommo,
+        &h.zoho,
+        Arc::new(PgTokenStore::new(h.db.pool.clone(), key())),
+        paced(),
+        Duration::from_millis(500),
+        10,
+        Arc::new(crm::Unshared),
+    )
+    .unwrap();
+    let kommo_lead = targets
+        .kommo
+        .upsert_lead(
+            &LeadInput {
+                external_key: "LD-000001".into(),
+                name: "Two supercars for a week".into(),
+                price: 90_000,
+                status_id: Some(47_873_539),
+                pipeline_id: Some(5_389_528),
+                contact_id: None,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let lead = Uuid::now_v7();
+    h.bus
+        .leads
+        .execute(
+            lead,
+            LeadCommand::Create {
+                lead_code: "LD-000001".into(),
+                client_id: None,
+                owner_id: SALES,
+                stage: StageRef {
+                    id: "negotiation".into(),
+                    probability: Decimal::new(6, 1),
+                    sla_days: 3,
+                    booking_status: None,
+                },
+                value_amount: Decimal::from(90_000),
+                source: "Kommo".into(),
+                title: None,
+                requested_start_at: None,
+                requested_end_at: None,
+                fleet_size: 1,
+                expected_close_at: None,
+                kommo_lead_id: Some(kommo_lead),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    let client = h.client("Omar Farouk").await;
+    // Created and confirmed in one batch: the projector learns the lead from the batch itself.
+    let (won, _) = h.confirmed_booking_of(client, 1, Some(lead)).await;
+    let (walk_in, _) = h.confirmed_booking(client, 5).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let status = |h: &Harness| h.kommo.lead(kommo_lead).unwrap()["status_id"].clone();
+    assert_eq!(status(&h), 47_888_833, "Deposit received");
+
+    // Later batches: the projector looks each stream's creation and confirmation up.
+    let now = Utc::now();
+    for booking in [won, walk_in] {
+        let delivery = BookingCommand::StartDelivery {
+            driver_id: None,
+            promised_at: now,
+        };
+        h.bus
+            .bookings
+            .execute(booking, delivery, &meta(), None)
+            .await
+            .unwrap();
+    }
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(status(&h), 47_888_836, "Car delivered");
+    for booking in [won, walk_in] {
+        let cancel = BookingCommand::Cancel {
+            reason: "the client changed plans".into(),
+        };
+        h.bus
+            .bookings
+            .execute(booking, cancel, &meta(), None)
+            .await
+            .unwrap();
+        h.derive().await;
+    }
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(status(&h), 143, "Closed - lost");
+
+    let pairs = |rows: &[(&str, &str)]| -> Vec<(String, String)> {
+        rows.iter()
+            .map(|(a, c)| (a.to_string(), c.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        booking_rows(&h.db.pool, won).await,
+        pairs(&[
+            ("lead.status", "BookingConfirmed"),
+            ("sales_order.upsert", "BookingConfirmed"),
+            ("lead.status", "BookingDeliveryStarted"),
+            ("lead.status", "BookingCancelled"),
+            ("sales_order.upsert", "BookingCancelled"),
+        ])
+    );
+    assert_eq!(
+        booking_rows(&h.db.pool, walk_in).await,
+        pairs(&[
+            ("sales_order.upsert", "BookingConfirmed"),
+            ("sales_order.upsert", "BookingCancelled"),
+        ])
+    );
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM integrations_outbox WHERE status <> 'processed'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(failed, 0, "{:?}", statuses(&h.db.pool).await);
 }
 
 #[tokio::test]

@@ -5,9 +5,10 @@
 //! Rows carry only what to do and for which entity; the worker reads the entity's current state
 //! when it delivers, so a burst of changes sends the latest data.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use projections::{Projection, ProjectionError};
+use domain::booking::BookingEvent;
+use projections::{Projection, ProjectionError, decode};
 use serde_json::json;
 use sqlx::PgConnection;
 use store::RecordedEvent;
@@ -32,9 +33,28 @@ const fn d(entity_type: &'static str, target: &'static str, action: &'static str
     }
 }
 
+/// What deriving a booking event's rows needs to know of its stream beyond the event itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BookingFacts {
+    /// An earlier event of the stream confirmed the booking (Zoho has its sales order).
+    pub was_confirmed: bool,
+    /// The booking was won from a sales lead: only then is there a Kommo lead to move.
+    pub has_lead: bool,
+}
+
+impl BookingFacts {
+    /// Facts under which a booking event derives every row it ever can.
+    const ALL: Self = Self {
+        was_confirmed: true,
+        has_lead: true,
+    };
+}
+
 /// The deliveries an event calls for. Events caused by the CRMs themselves (actor `kommo`) or by
-/// the worker's write-backs (actor `outbox-worker`) derive nothing, so nothing echoes back.
-pub fn derive(event: &RecordedEvent, booking_was_confirmed: bool) -> Vec<Derived> {
+/// the worker's write-backs (actor `outbox-worker`) derive nothing, so nothing echoes back. A
+/// booking moves its Kommo lead only if it came from one (a booking's lead is fixed when it is
+/// created), and updates its Zoho sales order only once one exists (after its confirmation).
+pub fn derive(event: &RecordedEvent, booking: BookingFacts) -> Vec<Derived> {
     let actor = event
         .metadata
         .get("actor_type")
@@ -43,24 +63,27 @@ pub fn derive(event: &RecordedEvent, booking_was_confirmed: bool) -> Vec<Derived
     if matches!(actor, "kommo" | "outbox-worker") {
         return vec![];
     }
+    let lead_status = booking
+        .has_lead
+        .then_some(d("booking", "kommo", "lead.status"));
+    let sales_order = d("booking", "zoho", "sales_order.upsert");
     match (event.aggregate_type.as_str(), event.event_type.as_str()) {
         ("Client", "ClientRegistered" | "ClientDetailsUpdated") => vec![
             d("client", "kommo", "contact.upsert"),
             d("client", "zoho", "contact.upsert"),
         ],
-        ("Booking", "BookingConfirmed") => vec![
-            d("booking", "zoho", "sales_order.upsert"),
-            d("booking", "kommo", "lead.status"),
-        ],
+        ("Booking", "BookingConfirmed") => [Some(sales_order), lead_status]
+            .into_iter()
+            .flatten()
+            .collect(),
         ("Booking", "BookingDeliveryStarted" | "BookingRentalStarted") => {
-            vec![d("booking", "kommo", "lead.status")]
+            lead_status.into_iter().collect()
         }
         ("Booking", "BookingCompleted" | "BookingCancelled") => {
-            let mut out = vec![d("booking", "kommo", "lead.status")];
-            if booking_was_confirmed {
-                out.push(d("booking", "zoho", "sales_order.upsert"));
-            }
-            out
+            [lead_status, booking.was_confirmed.then_some(sales_order)]
+                .into_iter()
+                .flatten()
+                .collect()
         }
         (
             "Booking",
@@ -69,7 +92,7 @@ pub fn derive(event: &RecordedEvent, booking_was_confirmed: bool) -> Vec<Derived
             | "BookingServiceAdded"
             | "BookingServiceRemoved"
             | "BookingVehicleAssigned",
-        ) if booking_was_confirmed => vec![d("booking", "zoho", "sales_order.upsert")],
+        ) if booking.was_confirmed => vec![sales_order],
         ("Lead", "LeadStageMoved" | "LeadWon" | "LeadLost") => {
             vec![d("lead", "kommo", "lead.status")]
         }
@@ -85,15 +108,82 @@ fn row_id(position: i64, index: usize) -> Uuid {
     )
 }
 
-async fn was_confirmed(conn: &mut PgConnection, e: &RecordedEvent) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'Booking' \
-           AND aggregate_id = $1 AND sequence < $2 AND event_type = 'BookingConfirmed')",
+/// What a booking stream's creation and confirmation say, as far as they are known.
+#[derive(Default)]
+struct Stream {
+    /// `Some` once its `BookingCreated` is seen: whether it names a lead.
+    has_lead: Option<bool>,
+    /// The sequence of its `BookingConfirmed`, if any.
+    confirmed_at: Option<i64>,
+}
+
+impl Stream {
+    fn learn(&mut self, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        match event.event_type.as_str() {
+            "BookingCreated" => {
+                if let BookingEvent::BookingCreated { lead_id, .. } = decode(event)? {
+                    self.has_lead = Some(lead_id.is_some());
+                }
+            }
+            "BookingConfirmed" => {
+                self.confirmed_at = Some(
+                    self.confirmed_at
+                        .map_or(event.sequence, |at| at.min(event.sequence)),
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn facts_at(&self, sequence: i64) -> BookingFacts {
+        BookingFacts {
+            was_confirmed: self.confirmed_at.is_some_and(|at| at < sequence),
+            has_lead: self.has_lead.unwrap_or(false),
+        }
+    }
+}
+
+/// The facts of every booking stream whose events in `events` may derive rows. A stream's
+/// events come in the log in stream order, so a stream created in this batch has its whole
+/// past here; the others' creations and confirmations are read in one query.
+async fn booking_streams<'a>(
+    conn: &mut PgConnection,
+    events: &'a [RecordedEvent],
+) -> Result<HashMap<&'a str, Stream>, ProjectionError> {
+    let mut streams: HashMap<&str, Stream> = HashMap::new();
+    for e in events.iter().filter(|e| e.aggregate_type == "Booking") {
+        streams.entry(&e.aggregate_id).or_default().learn(e)?;
+    }
+    let unknown: Vec<&str> = events
+        .iter()
+        .filter(|e| {
+            e.aggregate_type == "Booking"
+                && streams
+                    .get(e.aggregate_id.as_str())
+                    .is_some_and(|s| s.has_lead.is_none())
+                && !derive(e, BookingFacts::ALL).is_empty()
+        })
+        .map(|e| e.aggregate_id.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if unknown.is_empty() {
+        return Ok(streams);
+    }
+    let past = store::global_log::stream_events(
+        &mut *conn,
+        "Booking",
+        &unknown,
+        &["BookingCreated", "BookingConfirmed"],
     )
-    .bind(&e.aggregate_id)
-    .bind(e.sequence)
-    .fetch_one(&mut *conn)
-    .await
+    .await?;
+    for e in &past {
+        if let Some(stream) = streams.get_mut(e.aggregate_id.as_str()) {
+            stream.learn(e)?;
+        }
+    }
+    Ok(streams)
 }
 
 #[async_trait::async_trait]
@@ -121,31 +211,17 @@ impl Projection for OutboxProjector {
         let mut payloads = Vec::new();
         let mut dedupe_keys = Vec::new();
         let mut positions = Vec::new();
-        // Bookings confirmed earlier in this batch (their later events need no lookup).
-        let mut confirmed_here: HashSet<&str> = HashSet::new();
+        let streams = booking_streams(conn, events).await?;
         for e in events {
-            let is_booking = e.aggregate_type == "Booking";
-            if is_booking && e.event_type == "BookingConfirmed" {
-                confirmed_here.insert(&e.aggregate_id);
-            }
-            let confirmed = is_booking
-                && matches!(
-                    e.event_type.as_str(),
-                    "BookingRescheduled"
-                        | "BookingExtended"
-                        | "BookingServiceAdded"
-                        | "BookingServiceRemoved"
-                        | "BookingVehicleAssigned"
-                        | "BookingCompleted"
-                        | "BookingCancelled"
-                )
-                && (confirmed_here.contains(e.aggregate_id.as_str())
-                    || was_confirmed(conn, e).await?);
+            let facts = streams
+                .get(e.aggregate_id.as_str())
+                .filter(|_| e.aggregate_type == "Booking")
+                .map_or_else(BookingFacts::default, |s| s.facts_at(e.sequence));
             let Ok(entity_id) = Uuid::parse_str(&e.aggregate_id) else {
                 continue;
             };
             let pos = e.position.global_position;
-            for (i, row) in derive(e, confirmed).into_iter().enumerate() {
+            for (i, row) in derive(e, facts).into_iter().enumerate() {
                 ids.push(row_id(pos, i));
                 entity_types.push(row.entity_type);
                 entity_ids.push(entity_id);
@@ -212,14 +288,24 @@ mod tests {
         }
     }
 
+    /// (aggregate, event, actor, was confirmed, has a lead, expected rows)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        bool,
+        bool,
+        &'a [(&'a str, &'a str)],
+    );
+
     #[test]
     fn derivation_table() {
-        type Case<'a> = (&'a str, &'a str, &'a str, bool, &'a [(&'a str, &'a str)]);
         let cases: &[Case] = &[
             (
                 "Client",
                 "ClientRegistered",
                 "staff",
+                false,
                 false,
                 &[("kommo", "contact.upsert"), ("zoho", "contact.upsert")],
             ),
@@ -228,43 +314,83 @@ mod tests {
                 "ClientZohoContactLinked",
                 "outbox-worker",
                 false,
+                false,
                 &[],
             ),
-            ("Client", "ClientDetailsUpdated", "kommo", false, &[]),
-            ("Booking", "BookingCreated", "staff", false, &[]),
+            ("Client", "ClientDetailsUpdated", "kommo", false, false, &[]),
+            ("Booking", "BookingCreated", "staff", false, true, &[]),
             (
                 "Booking",
                 "BookingConfirmed",
                 "staff",
                 false,
+                true,
                 &[("zoho", "sales_order.upsert"), ("kommo", "lead.status")],
             ),
+            (
+                "Booking",
+                "BookingConfirmed",
+                "staff",
+                false,
+                false,
+                &[("zoho", "sales_order.upsert")],
+            ),
+            (
+                "Booking",
+                "BookingDeliveryStarted",
+                "staff",
+                true,
+                true,
+                &[("kommo", "lead.status")],
+            ),
+            (
+                "Booking",
+                "BookingDeliveryStarted",
+                "staff",
+                true,
+                false,
+                &[],
+            ),
+            ("Booking", "BookingRentalStarted", "staff", true, false, &[]),
             (
                 "Booking",
                 "BookingExtended",
                 "staff",
                 true,
+                false,
                 &[("zoho", "sales_order.upsert")],
             ),
-            ("Booking", "BookingExtended", "staff", false, &[]),
+            ("Booking", "BookingExtended", "staff", false, true, &[]),
             (
                 "Booking",
                 "BookingCancelled",
                 "staff",
                 false,
+                true,
                 &[("kommo", "lead.status")],
             ),
+            ("Booking", "BookingCancelled", "staff", false, false, &[]),
             (
                 "Booking",
                 "BookingCancelled",
                 "staff",
                 true,
+                true,
                 &[("kommo", "lead.status"), ("zoho", "sales_order.upsert")],
+            ),
+            (
+                "Booking",
+                "BookingCompleted",
+                "staff",
+                true,
+                false,
+                &[("zoho", "sales_order.upsert")],
             ),
             (
                 "Booking",
                 "BookingZohoSalesOrderLinked",
                 "outbox-worker",
+                true,
                 true,
                 &[],
             ),
@@ -273,19 +399,24 @@ mod tests {
                 "LeadWon",
                 "staff",
                 false,
+                false,
                 &[("kommo", "lead.status")],
             ),
-            ("Lead", "LeadKommoStatusApplied", "kommo", false, &[]),
+            ("Lead", "LeadKommoStatusApplied", "kommo", false, false, &[]),
         ];
-        for (aggregate, event_type, actor, confirmed, expected) in cases {
-            let got: Vec<(&str, &str)> = derive(&event(aggregate, event_type, actor), *confirmed)
+        for (aggregate, event_type, actor, was_confirmed, has_lead, expected) in cases {
+            let facts = BookingFacts {
+                was_confirmed: *was_confirmed,
+                has_lead: *has_lead,
+            };
+            let got: Vec<(&str, &str)> = derive(&event(aggregate, event_type, actor), facts)
                 .into_iter()
                 .map(|d| (d.target, d.action))
                 .collect();
             assert_eq!(
                 got,
                 expected.to_vec(),
-                "{aggregate}.{event_type} by {actor}"
+                "{aggregate}.{event_type} by {actor}, {facts:?}"
             );
         }
     }

@@ -23,6 +23,10 @@ pub mod status;
 mod util;
 pub mod write;
 
+/// Decoding a stored event into its domain event (upcast, version-checked), for other consumers
+/// of the log that run on the projection runner (the outbox projector).
+pub use util::decode;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};

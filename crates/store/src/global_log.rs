@@ -168,6 +168,28 @@ pub async fn count_after<'e, E: PgExecutor<'e>>(
     .await
 }
 
+/// The events of the given types in the given streams of one aggregate type, each stream in
+/// its order: what a reader needs of a stream's past that its batch does not hold.
+pub async fn stream_events<'e, E: PgExecutor<'e>>(
+    executor: E,
+    aggregate_type: &str,
+    aggregate_ids: &[&str],
+    event_types: &[&str],
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {SELECT_COLUMNS} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = ANY($2) AND event_type = ANY($3) \
+         ORDER BY aggregate_id, sequence"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(aggregate_type)
+        .bind(aggregate_ids)
+        .bind(event_types)
+        .fetch_all(executor)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
 fn decode(row: &sqlx::postgres::PgRow) -> Result<RecordedEvent, sqlx::Error> {
     Ok(RecordedEvent {
         position: LogPosition {
