@@ -304,6 +304,51 @@ impl Rng {
     }
 }
 
+#[tokio::test]
+async fn utilization_counts_only_the_last_30_days_of_a_long_history() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let client = Uuid::now_v7();
+    bus.clients
+        .execute(client, register("Hamdan Saeed"), &meta(), None)
+        .await
+        .unwrap();
+    let car = Uuid::from_u128(VEHICLES[1]);
+    let now = Utc::now();
+    let day = chrono::Duration::days;
+    // (start, days) relative to now: long past, across the window's start (2 days count), inside
+    // it (6), across now (2), ahead. 10 of the last 30 days: 0.33.
+    for (start, days) in [(-45, 5), (-32, 4), (-10, 6), (-2, 5), (5, 4)] {
+        let id = Uuid::now_v7();
+        let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+        let create = booking(code, client, Some(car), now + day(start), days);
+        bus.bookings
+            .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
+            .await
+            .unwrap();
+        bus.bookings
+            .execute(id, BookingCommand::Confirm, &meta(), None)
+            .await
+            .unwrap();
+    }
+    let utilization = || async {
+        sqlx::query_scalar::<_, Decimal>(
+            "SELECT utilization_pct FROM vehicle_utilization WHERE vehicle_id = $1",
+        )
+        .bind(car)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    // As the live batch computes it (as of its last event) and as the tick does (as of now).
+    project_all(&db.pool, 100).await;
+    assert_eq!(utilization().await, Decimal::new(33, 2));
+    runner::tick(&db.pool, projections::by_name("fleet").unwrap().as_ref())
+        .await
+        .unwrap();
+    assert_eq!(utilization().await, Decimal::new(33, 2));
+}
+
 /// Issues `steps` random commands (refusals are part of the game) and projects in between with
 /// varying batch sizes; returns how many commands were accepted.
 async fn random_history(pool: &PgPool, seed: u64, steps: usize) -> usize {

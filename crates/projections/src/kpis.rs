@@ -575,7 +575,7 @@ impl KpisSession {
                 .and_hms_opt(0, 0, 0)
                 .unwrap_or_default(),
         ) - Duration::hours(4);
-        let window_start = end_of_day - Duration::days(rules::UTILIZATION_WINDOW_DAYS);
+        let (window_start, _) = rules::utilization_window(end_of_day);
         let fleet = match &self.fleet {
             Some(f) => f.clone(),
             None => {

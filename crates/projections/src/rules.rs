@@ -91,11 +91,17 @@ pub type Span = (DateTime<Utc>, DateTime<Utc>);
 /// The window utilization looks at.
 pub const UTILIZATION_WINDOW_DAYS: i64 = 30;
 
+/// The window utilization looks at as of `now`: the last 30 days, start and end. A period
+/// outside it counts for nothing.
+pub fn utilization_window(now: DateTime<Utc>) -> Span {
+    (now - Duration::days(UTILIZATION_WINDOW_DAYS), now)
+}
+
 /// Overlap of the periods with the last 30 days, divided by 30 days, clamped to 0..1, rounded to
 /// two decimals. Overlapping periods of one vehicle cannot happen (the schedule forbids them),
 /// but are merged anyway so the result never exceeds 1.
 pub fn utilization(periods: &[(DateTime<Utc>, DateTime<Utc>)], now: DateTime<Utc>) -> Decimal {
-    let window_start = now - Duration::days(UTILIZATION_WINDOW_DAYS);
+    let (window_start, now) = utilization_window(now);
     let mut clipped: Vec<(DateTime<Utc>, DateTime<Utc>)> = periods
         .iter()
         .map(|&(s, e)| (s.max(window_start), e.min(now)))
