@@ -5,7 +5,7 @@
 //! Rows carry only what to do and for which entity; the worker reads the entity's current state
 //! when it delivers, so a burst of changes sends the latest data.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use domain::booking::BookingEvent;
 use projections::{Projection, ProjectionError, decode};
@@ -100,11 +100,12 @@ pub fn derive(event: &RecordedEvent, booking: BookingFacts) -> Vec<Derived> {
     }
 }
 
-/// A stable row id for the `index`th row of the event at `position` (name-based UUID).
-fn row_id(position: i64, index: usize) -> Uuid {
+/// A stable row id for a derived row, from its dedupe key (name-based UUID): the same row
+/// whatever else its event derives.
+fn row_id(dedupe_key: &str) -> Uuid {
     Uuid::new_v5(
         &Uuid::NAMESPACE_OID,
-        format!("outbox:{position}:{index}").as_bytes(),
+        format!("outbox:{dedupe_key}").as_bytes(),
     )
 }
 
@@ -144,29 +145,30 @@ impl Stream {
     }
 }
 
-/// The facts of every booking stream whose events in `events` may derive rows. A stream's
-/// events come in the log in stream order, so a stream created in this batch has its whole
-/// past here; the others' creations and confirmations are read in one query.
+/// The facts of every booking stream with an event in `events` that may derive rows (only
+/// those are decoded or looked up). A stream's events come in the log in stream order, so a
+/// stream created in this batch has its whole past here; the others' creations and
+/// confirmations are read in one query.
 async fn booking_streams<'a>(
     conn: &mut PgConnection,
     events: &'a [RecordedEvent],
 ) -> Result<HashMap<&'a str, Stream>, ProjectionError> {
-    let mut streams: HashMap<&str, Stream> = HashMap::new();
-    for e in events.iter().filter(|e| e.aggregate_type == "Booking") {
-        streams.entry(&e.aggregate_id).or_default().learn(e)?;
-    }
-    let unknown: Vec<&str> = events
+    let is_booking = |e: &&RecordedEvent| e.aggregate_type == "Booking";
+    let mut streams: HashMap<&str, Stream> = events
         .iter()
-        .filter(|e| {
-            e.aggregate_type == "Booking"
-                && streams
-                    .get(e.aggregate_id.as_str())
-                    .is_some_and(|s| s.has_lead.is_none())
-                && !derive(e, BookingFacts::ALL).is_empty()
-        })
-        .map(|e| e.aggregate_id.as_str())
-        .collect::<HashSet<_>>()
-        .into_iter()
+        .filter(is_booking)
+        .filter(|e| !derive(e, BookingFacts::ALL).is_empty())
+        .map(|e| (e.aggregate_id.as_str(), Stream::default()))
+        .collect();
+    for e in events.iter().filter(is_booking) {
+        if let Some(stream) = streams.get_mut(e.aggregate_id.as_str()) {
+            stream.learn(e)?;
+        }
+    }
+    let unknown: Vec<&str> = streams
+        .iter()
+        .filter(|(_, s)| s.has_lead.is_none())
+        .map(|(id, _)| *id)
         .collect();
     if unknown.is_empty() {
         return Ok(streams);
@@ -181,6 +183,14 @@ async fn booking_streams<'a>(
     for e in &past {
         if let Some(stream) = streams.get_mut(e.aggregate_id.as_str()) {
             stream.learn(e)?;
+        }
+    }
+    for id in unknown {
+        if streams.get(id).is_some_and(|s| s.has_lead.is_none()) {
+            tracing::warn!(
+                booking = id,
+                "a booking stream has no BookingCreated: no Kommo lead to move"
+            );
         }
     }
     Ok(streams)
@@ -221,8 +231,9 @@ impl Projection for OutboxProjector {
                 continue;
             };
             let pos = e.position.global_position;
-            for (i, row) in derive(e, facts).into_iter().enumerate() {
-                ids.push(row_id(pos, i));
+            for row in derive(e, facts) {
+                let dedupe_key = format!("{pos}:{}:{}", row.target, row.action);
+                ids.push(row_id(&dedupe_key));
                 entity_types.push(row.entity_type);
                 entity_ids.push(entity_id);
                 targets.push(row.target);
@@ -232,7 +243,7 @@ impl Projection for OutboxProjector {
                     "sequence": e.sequence,
                     "correlation_id": e.metadata.get("correlation_id"),
                 }));
-                dedupe_keys.push(format!("{pos}:{}:{}", row.target, row.action));
+                dedupe_keys.push(dedupe_key);
                 positions.push(pos);
             }
         }

@@ -248,22 +248,21 @@ async fn write_utilization(
         return Ok(());
     }
     // Only periods that can overlap some vehicle's window count (`rules::utilization` clips the
-    // rest away): a vehicle's older history and its bookings ahead are not read.
-    let instants = || vehicles.iter().filter_map(&at);
+    // rest away): a vehicle's older history is not read.
     let periods: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> =
-        match (instants().min(), instants().max()) {
-            (Some(first), Some(last)) => {
+        match rules::utilization_windows_cover(vehicles.iter().filter_map(&at)) {
+            Some((from, to)) => {
                 sqlx::query_as(
                     "SELECT vehicle_id, start_at, end_at FROM vehicle_usage_periods \
                      WHERE vehicle_id = ANY($1) AND end_at > $2 AND start_at < $3",
                 )
                 .bind(vehicles)
-                .bind(rules::utilization_window(first).0)
-                .bind(rules::utilization_window(last).1)
+                .bind(from)
+                .bind(to)
                 .fetch_all(&mut *conn)
                 .await?
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
     let mut by_vehicle: HashMap<Uuid, Vec<rules::Span>> = HashMap::new();
     for (v, s, e) in periods {

@@ -97,6 +97,20 @@ pub fn utilization_window(now: DateTime<Utc>) -> Span {
     (now - Duration::days(UTILIZATION_WINDOW_DAYS), now)
 }
 
+/// The span covering the utilization windows as of each of `instants`: from the earliest one's
+/// window start to the latest instant. `None` without instants.
+pub fn utilization_windows_cover(
+    instants: impl IntoIterator<Item = DateTime<Utc>>,
+) -> Option<Span> {
+    instants.into_iter().fold(None, |cover, at| {
+        let (start, end) = utilization_window(at);
+        Some(match cover {
+            None => (start, end),
+            Some((s, e)) => (start.min(s), end.max(e)),
+        })
+    })
+}
+
 /// Overlap of the periods with the last 30 days, divided by 30 days, clamped to 0..1, rounded to
 /// two decimals. Overlapping periods of one vehicle cannot happen (the schedule forbids them),
 /// but are merged anyway so the result never exceeds 1.
@@ -224,6 +238,23 @@ mod tests {
         for (periods, expected) in cases {
             let p: Vec<_> = periods.iter().map(|&(s, e)| (ago(s), ago(e))).collect();
             assert_eq!(utilization(&p, now), d(expected), "{periods:?}");
+        }
+    }
+
+    #[test]
+    fn the_cover_of_several_windows_runs_from_the_earliest_start_to_the_latest_instant() {
+        let first = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+        let last = first + Duration::days(10);
+        assert_eq!(utilization_windows_cover([]), None);
+        assert_eq!(
+            utilization_windows_cover([last, first, first + Duration::days(3)]),
+            Some((first - Duration::days(30), last))
+        );
+        // Every period one of the windows counts lies inside the cover.
+        for at in [first, last] {
+            let (start, end) = utilization_window(at);
+            let (from, to) = utilization_windows_cover([first, last]).unwrap();
+            assert!(from <= start && end <= to);
         }
     }
 }
