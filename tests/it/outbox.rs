@@ -118,17 +118,23 @@ impl Harness {
         id
     }
 
+    /// A booking confirmed at once.
     async fn confirmed_booking(&self, client: Uuid, day: i64) -> (Uuid, String) {
-        self.confirmed_booking_of(client, day, None).await
+        let (id, code) = self.booking(client, day, None).await;
+        self.confirm(id).await;
+        (id, code)
     }
 
-    /// A booking confirmed at once, won from `lead` if given.
-    async fn confirmed_booking_of(
-        &self,
-        client: Uuid,
-        day: i64,
-        lead: Option<Uuid>,
-    ) -> (Uuid, String) {
+    async fn confirm(&self, booking: Uuid) {
+        self.bus
+            .bookings
+            .execute(booking, BookingCommand::Confirm, &meta(), None)
+            .await
+            .unwrap();
+    }
+
+    /// A new booking, won from `lead` if given.
+    async fn booking(&self, client: Uuid, day: i64, lead: Option<Uuid>) -> (Uuid, String) {
         let id = Uuid::now_v7();
         let code = codes::allocate(&self.db.pool, CodeKind::Booking)
             .await
@@ -158,11 +164,6 @@ impl Harness {
         self.bus
             .bookings
             .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
-            .await
-            .unwrap();
-        self.bus
-            .bookings
-            .execute(id, BookingCommand::Confirm, &meta(), None)
             .await
             .unwrap();
         (id, code)
@@ -340,8 +341,13 @@ async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_statu
         .await
         .unwrap();
     let client = h.client("Omar Farouk").await;
-    // Created and confirmed in one batch: the projector learns the lead from the batch itself.
-    let (won, _) = h.confirmed_booking_of(client, 1, Some(lead)).await;
+    // The won booking is confirmed in a batch after its creation's: the projector looks its
+    // lead up. The others are created and confirmed in one batch: learnt from the batch itself.
+    let (won, _) = h.booking(client, 1, Some(lead)).await;
+    h.derive().await;
+    h.confirm(won).await;
+    let (won_at_once, _) = h.booking(client, 9, Some(lead)).await;
+    h.confirm(won_at_once).await;
     let (walk_in, _) = h.confirmed_booking(client, 5).await;
     h.drain(&worker, Duration::from_secs(20)).await;
     let status = |h: &Harness| h.kommo.lead(kommo_lead).unwrap()["status_id"].clone();
@@ -389,6 +395,13 @@ async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_statu
             ("lead.status", "BookingDeliveryStarted"),
             ("lead.status", "BookingCancelled"),
             ("sales_order.upsert", "BookingCancelled"),
+        ])
+    );
+    assert_eq!(
+        booking_rows(&h.db.pool, won_at_once).await,
+        pairs(&[
+            ("lead.status", "BookingConfirmed"),
+            ("sales_order.upsert", "BookingConfirmed"),
         ])
     );
     assert_eq!(
