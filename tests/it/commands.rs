@@ -412,6 +412,72 @@ async fn a_long_stream_loads_from_a_snapshot_to_the_same_state() {
     assert_eq!(out.version, 122);
 }
 
+/// Two processes on one booking, snapshots every 4 events: one still remembers the stream as
+/// short (loads it whole, commits without a snapshot) after the other lengthened it and took
+/// snapshots. Both decide on the whole history, and neither's commit trips over the other's
+/// snapshot.
+#[tokio::test]
+async fn a_stream_remembered_short_but_lengthened_elsewhere_is_decided_on_its_whole_history() {
+    let db = TestDb::new().await;
+    let first = CommandBus::with_snapshots(db.pool.clone(), Some(4));
+    let second = CommandBus::with_snapshots(db.pool.clone(), Some(4));
+    let id = create(&first, None, 0, 1).await;
+    let owner = |i: u128| BookingCommand::ChangeOwner {
+        owner_id: Uuid::from_u128(1000 + i),
+    };
+    for i in 0..22 {
+        second
+            .bookings
+            .execute(id, owner(i), &meta(), None)
+            .await
+            .unwrap();
+    }
+    // `first` saw version 1; the stream is at 23 with a snapshot at 20. Its command makes 24,
+    // where a snapshot store would take a snapshot.
+    let out = first
+        .bookings
+        .execute(id, owner(100), &meta(), Some(23))
+        .await
+        .unwrap();
+    assert_eq!(out.version, 24);
+    for i in 200..205 {
+        second
+            .bookings
+            .execute(id, owner(i), &meta(), None)
+            .await
+            .unwrap();
+    }
+    let whole = CommandBus::with_snapshots(db.pool.clone(), None);
+    let (expected, version) = whole.bookings.replay(id, None).await.unwrap();
+    assert_eq!(version, 29);
+    assert_eq!(expected.owner_id, Uuid::from_u128(1204));
+    // Every way of loading it agrees: through the snapshot and whole.
+    let out = second
+        .bookings
+        .execute(id, owner(300), &meta(), Some(29))
+        .await
+        .unwrap();
+    assert_eq!(out.version, 30);
+    let out = first
+        .bookings
+        .execute(id, owner(301), &meta(), Some(30))
+        .await
+        .unwrap();
+    assert_eq!(out.version, 31);
+    let (a, _) = first.bookings.replay(id, None).await.unwrap();
+    let (b, _) = whole.bookings.replay(id, None).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(b.owner_id, Uuid::from_u128(1301));
+    let snapshot: i64 = sqlx::query_scalar(
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'Booking' AND aggregate_id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(snapshot >= 28, "the snapshot went on: {snapshot}");
+}
+
 fn stage(id: &str, booking_status: Option<domain::booking::BookingStatus>) -> StageRef {
     StageRef {
         id: id.into(),

@@ -1,4 +1,5 @@
-//! Running one command: load the aggregate (snapshot + newer events), check the caller's
+//! Running one command: load the aggregate (snapshot + newer events, or all events of a stream
+//! known to be short), check the caller's
 //! expected version, let the aggregate decide, commit its events with the command's metadata,
 //! and report the new version and the global position of the last event.
 //!
@@ -131,9 +132,56 @@ impl CommandError {
 /// Runs commands of aggregate `A`.
 pub struct Executor<A: Aggregate<Services = ()>> {
     store: Store<A>,
+    /// With snapshots: the same repository without them, for streams known to be short.
+    short: Option<ShortStreams<A>>,
     pool: PgPool,
     /// Where the commit's notification tells the position of the written event.
     notifications: Notifications,
+}
+
+/// How many streams [`ShortStreams`] remembers before it starts afresh.
+const SHORT_STREAMS_REMEMBERED: usize = 100_000;
+
+/// Streams this process has seen shorter than half the snapshot interval, by last seen version.
+/// Such a stream has no snapshot worth reading, so it is loaded in one query (all its events)
+/// instead of two (the snapshot, then the newer events), and committed without a snapshot.
+///
+/// What is remembered only chooses the way of loading: both ways give the same state, and each
+/// commits through the store it loaded with (a snapshot store's commit trusts the snapshot it
+/// loaded). A stream that another process has lengthened meanwhile is just loaded whole once;
+/// a snapshot such a commit skips is taken by a later commit on the snapshot path.
+struct ShortStreams<A: Aggregate> {
+    store: Store<A>,
+    /// Versions below this count as short.
+    below: usize,
+    versions: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl<A: Aggregate> ShortStreams<A> {
+    fn is_short(&self, aggregate_id: &str) -> bool {
+        self.lock()
+            .get(aggregate_id)
+            .is_some_and(|&version| version < self.below)
+    }
+
+    fn remember(&self, aggregate_id: &str, version: usize) {
+        let mut versions = self.lock();
+        if version >= self.below {
+            versions.remove(aggregate_id);
+            return;
+        }
+        if versions.len() >= SHORT_STREAMS_REMEMBERED && !versions.contains_key(aggregate_id) {
+            versions.clear();
+        }
+        versions.insert(aggregate_id.to_string(), version);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        // The map holds only hints: one left behind by a panic is still usable.
+        self.versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl<A> Executor<A>
@@ -144,14 +192,28 @@ where
 {
     /// `snapshot_every`: take a snapshot each N events (None: replay the whole stream).
     pub fn new(pool: PgPool, snapshot_every: Option<usize>) -> Self {
-        let repo = PostgresEventRepository::new(pool.clone());
-        let store = match snapshot_every {
-            Some(n) => PersistedEventStore::new_snapshot_store(repo, n),
-            None => PersistedEventStore::new_event_store(repo),
-        }
-        .with_upcasters(domain::upcasting::upcasters());
+        let event_store = || {
+            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+                .with_upcasters(domain::upcasting::upcasters())
+        };
+        let (store, short) = match snapshot_every {
+            Some(n) => (
+                PersistedEventStore::new_snapshot_store(
+                    PostgresEventRepository::new(pool.clone()),
+                    n,
+                )
+                .with_upcasters(domain::upcasting::upcasters()),
+                Some(ShortStreams {
+                    store: event_store(),
+                    below: n / 2,
+                    versions: Default::default(),
+                }),
+            ),
+            None => (event_store(), None),
+        };
         Self {
             store,
+            short,
             notifications: Notifications::new(pool.clone()),
             pool,
         }
@@ -169,11 +231,12 @@ where
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut context = self
-                .store
+            let store = self.store_for(&aggregate_id);
+            let mut context = store
                 .load_aggregate(&aggregate_id)
                 .await
                 .map_err(CommandError::from_store)?;
+            self.remember(&aggregate_id, context.current_sequence);
             let current = context.current_sequence as i64;
             if let Some(expected) = expected_version
                 && expected != current
@@ -206,9 +269,10 @@ where
             let expected = self
                 .notifications
                 .expect_commit(A::TYPE, &aggregate_id, last);
-            match self.store.commit(events, context, metadata.to_map()).await {
+            match store.commit(events, context, metadata.to_map()).await {
                 Ok(envelopes) => {
                     let version = envelopes.last().map_or(current, |e| e.sequence as i64);
+                    self.remember(&aggregate_id, version as usize);
                     let notified = match expected {
                         Some(e) if version == last => e.position(NOTIFICATION_WAIT).await,
                         _ => None,
@@ -263,7 +327,25 @@ where
             version = e.sequence as i64;
             aggregate.apply(e.payload);
         }
+        if up_to_version.is_none() {
+            self.remember(&id.to_string(), version as usize);
+        }
         Ok((aggregate, version))
+    }
+
+    /// The store to load (and then commit) `aggregate_id` with: without the snapshot lookup if
+    /// the stream is known to be short.
+    fn store_for(&self, aggregate_id: &str) -> &Store<A> {
+        match &self.short {
+            Some(short) if short.is_short(aggregate_id) => &short.store,
+            _ => &self.store,
+        }
+    }
+
+    fn remember(&self, aggregate_id: &str, version: usize) {
+        if let Some(short) = &self.short {
+            short.remember(aggregate_id, version);
+        }
     }
 
     async fn position_of(&self, aggregate_id: &str, sequence: i64) -> Result<i64, CommandError> {
