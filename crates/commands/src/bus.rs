@@ -154,29 +154,34 @@ struct ShortStreams<A: Aggregate> {
     store: Store<A>,
     /// Versions below this count as short.
     below: usize,
-    versions: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    versions: std::sync::Mutex<std::collections::HashMap<Uuid, u32>>,
 }
 
 impl<A: Aggregate> ShortStreams<A> {
-    fn is_short(&self, aggregate_id: &str) -> bool {
+    fn is_short(&self, id: Uuid) -> bool {
         self.lock()
-            .get(aggregate_id)
-            .is_some_and(|&version| version < self.below)
+            .get(&id)
+            .is_some_and(|&version| (version as usize) < self.below)
     }
 
-    fn remember(&self, aggregate_id: &str, version: usize) {
+    /// Version 0 (no such stream yet) is not remembered: ids that never become streams (refused
+    /// creations, lookups of unknown ids) take no room.
+    fn remember(&self, id: Uuid, version: usize) {
         let mut versions = self.lock();
-        if version >= self.below {
-            versions.remove(aggregate_id);
+        let Some(version) = u32::try_from(version)
+            .ok()
+            .filter(|&v| v > 0 && (v as usize) < self.below)
+        else {
+            versions.remove(&id);
             return;
-        }
-        if versions.len() >= SHORT_STREAMS_REMEMBERED && !versions.contains_key(aggregate_id) {
+        };
+        if versions.len() >= SHORT_STREAMS_REMEMBERED && !versions.contains_key(&id) {
             versions.clear();
         }
-        versions.insert(aggregate_id.to_string(), version);
+        versions.insert(id, version);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, u32>> {
         // The map holds only hints: one left behind by a panic is still usable.
         self.versions
             .lock()
@@ -231,12 +236,12 @@ where
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let store = self.store_for(&aggregate_id);
+            let store = self.store_for(id);
             let mut context = store
                 .load_aggregate(&aggregate_id)
                 .await
                 .map_err(CommandError::from_store)?;
-            self.remember(&aggregate_id, context.current_sequence);
+            self.remember(id, context.current_sequence);
             let current = context.current_sequence as i64;
             if let Some(expected) = expected_version
                 && expected != current
@@ -272,7 +277,7 @@ where
             match store.commit(events, context, metadata.to_map()).await {
                 Ok(envelopes) => {
                     let version = envelopes.last().map_or(current, |e| e.sequence as i64);
-                    self.remember(&aggregate_id, version as usize);
+                    self.remember(id, version as usize);
                     let notified = match expected {
                         Some(e) if version == last => e.position(NOTIFICATION_WAIT).await,
                         _ => None,
@@ -328,23 +333,23 @@ where
             aggregate.apply(e.payload);
         }
         if up_to_version.is_none() {
-            self.remember(&id.to_string(), version as usize);
+            self.remember(id, version as usize);
         }
         Ok((aggregate, version))
     }
 
     /// The store to load (and then commit) `aggregate_id` with: without the snapshot lookup if
     /// the stream is known to be short.
-    fn store_for(&self, aggregate_id: &str) -> &Store<A> {
+    fn store_for(&self, id: Uuid) -> &Store<A> {
         match &self.short {
-            Some(short) if short.is_short(aggregate_id) => &short.store,
+            Some(short) if short.is_short(id) => &short.store,
             _ => &self.store,
         }
     }
 
-    fn remember(&self, aggregate_id: &str, version: usize) {
+    fn remember(&self, id: Uuid, version: usize) {
         if let Some(short) = &self.short {
-            short.remember(aggregate_id, version);
+            short.remember(id, version);
         }
     }
 
