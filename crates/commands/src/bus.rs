@@ -1,7 +1,7 @@
 //! Running one command: load the aggregate (snapshot + newer events, or all events of a stream
-//! known to be short), check the caller's
-//! expected version, let the aggregate decide, commit its events with the command's metadata,
-//! and report the new version and the global position of the last event.
+//! known to be short), check the caller's expected version, let the aggregate decide, commit its
+//! events with the command's metadata, and report the new version and the global position of
+//! the last event.
 //!
 //! A concurrent writer on the same aggregate makes the commit fail on the events' primary key
 //! (optimistic concurrency). Without `If-Match` the command is simply decided again on the new
