@@ -422,58 +422,41 @@ async fn a_stream_remembered_short_but_lengthened_elsewhere_is_decided_on_its_wh
     let first = CommandBus::with_snapshots(db.pool.clone(), Some(4));
     let second = CommandBus::with_snapshots(db.pool.clone(), Some(4));
     let id = create(&first, None, 0, 1).await;
-    let owner = |i: u128| BookingCommand::ChangeOwner {
-        owner_id: Uuid::from_u128(1000 + i),
+    // Makes owner `1000 + i` the booking's owner through `bus`.
+    let owner = async |bus: &CommandBus, i: u128, expected: Option<i64>| {
+        let command = BookingCommand::ChangeOwner {
+            owner_id: Uuid::from_u128(1000 + i),
+        };
+        bus.bookings
+            .execute(id, command, &meta(), expected)
+            .await
+            .unwrap()
     };
     for i in 0..22 {
-        second
-            .bookings
-            .execute(id, owner(i), &meta(), None)
-            .await
-            .unwrap();
+        owner(&second, i, None).await;
     }
     // `first` saw version 1; the stream is at 23 with a snapshot at 20. Its command makes 24,
     // where a snapshot store would take a snapshot.
-    let out = first
-        .bookings
-        .execute(id, owner(100), &meta(), Some(23))
-        .await
-        .unwrap();
+    let out = owner(&first, 100, Some(23)).await;
     assert_eq!(out.version, 24);
     for i in 200..205 {
-        second
-            .bookings
-            .execute(id, owner(i), &meta(), None)
-            .await
-            .unwrap();
+        owner(&second, i, None).await;
     }
     let whole = CommandBus::with_snapshots(db.pool.clone(), None);
     let (expected, version) = whole.bookings.replay(id, None).await.unwrap();
     assert_eq!(version, 29);
     assert_eq!(expected.owner_id, Uuid::from_u128(1204));
     // Every way of loading it agrees: through the snapshot and whole.
-    let out = second
-        .bookings
-        .execute(id, owner(300), &meta(), Some(29))
-        .await
-        .unwrap();
+    let out = owner(&second, 300, Some(29)).await;
     assert_eq!(out.version, 30);
-    let out = first
-        .bookings
-        .execute(id, owner(301), &meta(), Some(30))
-        .await
-        .unwrap();
+    let out = owner(&first, 301, Some(30)).await;
     assert_eq!(out.version, 31);
     let (state, _) = whole.bookings.replay(id, None).await.unwrap();
     assert_eq!(state.owner_id, Uuid::from_u128(1301));
     // Each way of loading sees that owner: giving it again is a no-op through each of them
     // (`whole` loads all events, `first` and `second` the snapshot at 28 and the events after).
     for bus in [&whole, &first, &second] {
-        let again = bus
-            .bookings
-            .execute(id, owner(301), &meta(), Some(31))
-            .await
-            .unwrap();
+        let again = owner(bus, 301, Some(31)).await;
         assert_eq!((again.version, again.events), (31, 0));
     }
     let snapshot: i64 = sqlx::query_scalar(

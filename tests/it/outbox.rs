@@ -17,7 +17,7 @@ use domain::{Actor, CommandMetadata, Role};
 use outbox_worker::backoff::Backoff;
 use outbox_worker::pg::{EncryptionKey, PgCallSlots, PgPacer, PgTokenStore};
 use outbox_worker::projector::OutboxProjector;
-use outbox_worker::worker::{Worker, WorkerConfig};
+use outbox_worker::worker::{Targets, Worker, WorkerConfig};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use store::testing::TestDb;
@@ -57,15 +57,11 @@ impl Harness {
         self.worker_with(pacer, max_attempts, Arc::new(crm::Unshared))
     }
 
-    /// `zoho_slots`: Zoho's concurrency limit (10 on the fake), shared or not.
-    fn worker_with(
-        &self,
-        pacer: Arc<dyn Pacer>,
-        max_attempts: i32,
-        zoho_slots: Arc<dyn crm::CallSlots>,
-    ) -> Worker {
+    /// Clients of the fakes, as a worker has them. `zoho_slots`: Zoho's concurrency limit (10
+    /// on the fake), shared or not.
+    fn targets(&self, pacer: Arc<dyn Pacer>, zoho_slots: Arc<dyn crm::CallSlots>) -> Targets {
         let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(self.db.pool.clone(), key()));
-        let targets = outbox_worker::setup::for_fakes(
+        outbox_worker::setup::for_fakes(
             &self.kommo,
             &self.zoho,
             store,
@@ -74,7 +70,17 @@ impl Harness {
             10,
             zoho_slots,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// `zoho_slots`: Zoho's concurrency limit (10 on the fake), shared or not.
+    fn worker_with(
+        &self,
+        pacer: Arc<dyn Pacer>,
+        max_attempts: i32,
+        zoho_slots: Arc<dyn crm::CallSlots>,
+    ) -> Worker {
+        let targets = self.targets(pacer, zoho_slots);
         let config = WorkerConfig {
             max_attempts,
             lease: Duration::from_secs(2),
@@ -286,16 +292,7 @@ async fn booking_rows(pool: &PgPool, booking: Uuid) -> Vec<(String, String)> {
 async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_status() {
     let h = Harness::new().await;
     let worker = h.worker(paced(), 5);
-    let targets = outbox_worker::setup::for_fakes(
-        &h.kommo,
-        &h.zoho,
-        Arc::new(PgTokenStore::new(h.db.pool.clone(), key())),
-        paced(),
-        Duration::from_millis(500),
-        10,
-        Arc::new(crm::Unshared),
-    )
-    .unwrap();
+    let targets = h.targets(paced(), Arc::new(crm::Unshared));
     let kommo_lead = targets
         .kommo
         .upsert_lead(
