@@ -105,6 +105,25 @@ async fn malformed_wrong_unknown_and_huge_bodies_are_refused_and_change_nothing(
         before,
         "a refused request wrote events"
     );
+
+    // A request refused for its references takes no booking number: codes stay consecutive.
+    let number = |answer: &serde_json::Value| {
+        answer["code"]
+            .as_str()
+            .and_then(|c| c.strip_prefix("BK-"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("a BK- code")
+    };
+    let first = app.ok("sales", "/v1/bookings", booking_body(&client)).await;
+    for field in ["client_id", "owner_id"] {
+        let mut body = booking_body(&client);
+        body[field] = json!("0196a1b2-0000-7000-8000-0000000000fa");
+        app.post("sales", "/v1/bookings", body)
+            .await
+            .assert_problem(422, "validation");
+    }
+    let second = app.ok("sales", "/v1/bookings", booking_body(&client)).await;
+    assert_eq!(number(&second), number(&first) + 1);
 }
 
 #[tokio::test]

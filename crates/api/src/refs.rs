@@ -3,7 +3,7 @@
 //! pipeline stages) and whether an aggregate exists.
 
 use chrono::{DateTime, Utc};
-use commands::codes;
+use commands::codes::{self, CodeKind};
 use domain::booking::BookingStatus;
 use domain::lead::StageRef;
 use rust_decimal::Decimal;
@@ -115,6 +115,28 @@ pub async fn require_all(pool: &PgPool, refs: &[(&str, Ref, Uuid)]) -> ApiResult
     if refs.is_empty() {
         return Ok(());
     }
+    check_all(pool, refs, None).await.map(drop)
+}
+
+/// [`require_all`], then the next code of `kind` (`codes::allocate`), in the same round trip. A
+/// refused reference takes no number.
+pub async fn require_all_and_take_code(
+    pool: &PgPool,
+    refs: &[(&str, Ref, Uuid)],
+    kind: CodeKind,
+) -> ApiResult<String> {
+    match check_all(pool, refs, Some(kind)).await? {
+        Some(n) => Ok(kind.code(n)),
+        None => Err(Problem::internal("no code number was taken")),
+    }
+}
+
+/// Checks `refs` in one statement and, if all exist and `code` is given, takes its next number.
+async fn check_all(
+    pool: &PgPool,
+    refs: &[(&str, Ref, Uuid)],
+    code: Option<CodeKind>,
+) -> ApiResult<Option<i64>> {
     let checks: Vec<String> = refs
         .iter()
         .enumerate()
@@ -137,15 +159,24 @@ pub async fn require_all(pool: &PgPool, refs: &[(&str, Ref, Uuid)]) -> ApiResult
             }
         })
         .collect();
-    let sql = format!("SELECT ARRAY[{}]", checks.join(", "));
-    let mut query = sqlx::query_scalar::<_, Vec<bool>>(&sql);
+    // `nextval` is volatile: CASE evaluates it only when every reference exists.
+    let number = match code {
+        Some(kind) => format!("nextval('{}')", kind.sequence()),
+        None => "NULL::bigint".into(),
+    };
+    let sql = format!(
+        "SELECT found, CASE WHEN true = ALL (found) THEN {number} END \
+         FROM (SELECT ARRAY[{}]::bool[] AS found) AS checks",
+        checks.join(", ")
+    );
+    let mut query = sqlx::query_as::<_, (Vec<bool>, Option<i64>)>(&sql);
     for (_, _, id) in refs {
         query = query.bind(*id);
     }
-    let found = query.fetch_one(pool).await?;
+    let (found, number) = query.fetch_one(pool).await?;
     match refs.iter().zip(found).find(|(_, exists)| !exists) {
         Some(((field, what, id), _)) => Err(unknown(field, what.noun(), *id)),
-        None => Ok(()),
+        None => Ok(number),
     }
 }
 

@@ -14,7 +14,8 @@ pub enum CodeKind {
 }
 
 impl CodeKind {
-    fn sequence(self) -> &'static str {
+    /// The sequence its numbers come from.
+    pub fn sequence(self) -> &'static str {
         match self {
             Self::Booking => "booking_code_seq",
             Self::Lead => "lead_code_seq",
@@ -28,6 +29,10 @@ impl CodeKind {
             Self::Deal => "DL",
         }
     }
+    /// The code of number `n` taken from [`CodeKind::sequence`].
+    pub fn code(self, n: i64) -> String {
+        format!("{}-{n}", self.prefix())
+    }
 }
 
 /// Takes the next code of `kind`.
@@ -38,7 +43,7 @@ pub async fn allocate<'e, E: PgExecutor<'e>>(
     let n: i64 = sqlx::query_scalar(&format!("SELECT nextval('{}')", kind.sequence()))
         .fetch_one(executor)
         .await?;
-    Ok(format!("{}-{n}", kind.prefix()))
+    Ok(kind.code(n))
 }
 
 /// The aggregate id behind a code such as `BK-1052` (write-side truth, not a read model).

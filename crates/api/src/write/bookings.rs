@@ -2,7 +2,7 @@
 
 use axum::extract::State;
 use chrono::{DateTime, Utc};
-use commands::codes::{self, CodeKind};
+use commands::codes::CodeKind;
 use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority, ServiceInput};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -105,12 +105,11 @@ pub async fn create(
         ("owner_id", Ref::Staff, owner_id),
     ];
     references.extend(optional.into_iter().flatten());
-    refs::require_all(&state.pool, &references).await?;
     let mut services = Vec::with_capacity(req.services.len());
     for s in req.services {
         services.push(service_input(&state, s).await?);
     }
-    let code = codes::allocate(&state.pool, CodeKind::Booking).await?;
+    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Booking).await?;
     let id = Uuid::now_v7();
     let create = CreateBooking {
         external_code: code.clone(),

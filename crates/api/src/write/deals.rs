@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use chrono::{DateTime, NaiveDate, Utc};
-use commands::codes::{self, CodeKind};
+use commands::codes::CodeKind;
 use domain::deal::DealCommand;
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -59,11 +59,9 @@ pub async fn create(
     ctx: CommandContext,
     ApiJson(req): ApiJson<DraftDeal>,
 ) -> ApiResult<Answer> {
-    refs::require(&state.pool, "client_id", Ref::Client, req.client_id).await?;
-    if let Some(v) = req.vehicle_id {
-        refs::require(&state.pool, "vehicle_id", Ref::Vehicle, v).await?;
-    }
-    let code = codes::allocate(&state.pool, CodeKind::Deal).await?;
+    let mut references = vec![("client_id", Ref::Client, req.client_id)];
+    references.extend(req.vehicle_id.map(|v| ("vehicle_id", Ref::Vehicle, v)));
+    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Deal).await?;
     let id = Uuid::now_v7();
     let command = DealCommand::Draft {
         deal_number: code.clone(),

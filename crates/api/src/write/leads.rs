@@ -68,13 +68,15 @@ pub async fn create(
     ctx: CommandContext,
     ApiJson(req): ApiJson<CreateLead>,
 ) -> ApiResult<Answer> {
-    if let Some(c) = req.client_id {
-        refs::require(&state.pool, "client_id", Ref::Client, c).await?;
-    }
     let owner_id = req.owner_id.unwrap_or(ctx.caller.staff_id);
-    refs::require(&state.pool, "owner_id", Ref::Staff, owner_id).await?;
+    let mut references: Vec<_> = req
+        .client_id
+        .map(|c| ("client_id", Ref::Client, c))
+        .into_iter()
+        .collect();
+    references.push(("owner_id", Ref::Staff, owner_id));
     let stage = stage(&state, req.stage_id.as_deref().unwrap_or("new")).await?;
-    let code = codes::allocate(&state.pool, CodeKind::Lead).await?;
+    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Lead).await?;
     let id = Uuid::now_v7();
     let command = LeadCommand::Create {
         lead_code: code.clone(),
