@@ -54,6 +54,29 @@ async fn projections_show_their_lag_and_rebuild_in_the_background() {
         row.body.get("passport_number").is_none(),
         "no PII in read models"
     );
+
+    // Another process (here: a guard held on another connection) rebuilding the projection:
+    // this replica refuses to start a second rebuild of it, and starts once it is done.
+    let clients = projections::by_name("clients").unwrap();
+    let elsewhere = projections::rebuild::RebuildGuard::acquire(&app.pool, &[clients.as_ref()])
+        .await
+        .unwrap();
+    let refused = app
+        .post("operations", "/v1/projections/clients/rebuild", json!({}))
+        .await;
+    refused.assert_problem(409, "conflict");
+    assert_eq!(refused.body["code"], "projection.rebuilding");
+    let status = app.get("operations", "/v1/projections").await;
+    assert_eq!(status.body["rebuilding"], json!([]), "nothing was started");
+    elsewhere.release().await;
+    let r = app
+        .post("operations", "/v1/projections/clients/rebuild", json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{:#}", r.body);
+    app.eventually("operations", "/v1/projections", |b| {
+        b["rebuilding"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use domain::deal::DealCommand;
 use domain::lead::{LeadCommand, StageRef};
 use domain::vehicle_block::{BlockKind, VehicleBlockCommand};
 use domain::{Actor, CommandMetadata, Role};
-use projections::runner;
+use projections::{ProjectionError, runner};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use store::checkpoints;
@@ -684,6 +684,61 @@ async fn a_rebuild_swaps_in_while_the_live_projection_goes_on() {
         .await
         .unwrap();
     assert!(check.differences.is_empty(), "{:#?}", check.differences);
+}
+
+#[tokio::test]
+async fn a_projection_being_rebuilt_elsewhere_is_not_rebuilt_again_at_the_same_time() {
+    let db = TestDb::new().await;
+    random_history(&db.pool, 5, 30).await;
+    project_all(&db.pool, 25).await;
+    let bookings = projections::by_name("bookings").unwrap();
+    let clients = projections::by_name("clients").unwrap();
+    // Another process's rebuild of bookings: its guard, and the fresh tables it is loading.
+    let elsewhere = projections::rebuild::RebuildGuard::acquire(&db.pool, &[bookings.as_ref()])
+        .await
+        .unwrap();
+    sqlx::query("CREATE SCHEMA rebuild_bookings")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE rebuild_bookings.loading (n int)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let refused = projections::rebuild::rebuild(&db.pool, bookings.as_ref(), true, |_| {}).await;
+    assert!(
+        matches!(refused, Err(ProjectionError::RebuildRunning("bookings"))),
+        "{refused:?}"
+    );
+    let refused = projections::rebuild::rebuild_many(
+        &db.pool,
+        &[clients.as_ref(), bookings.as_ref()],
+        true,
+        |_| {},
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ProjectionError::RebuildRunning("bookings"))),
+        "{refused:?}"
+    );
+    let untouched: bool =
+        sqlx::query_scalar("SELECT to_regclass('rebuild_bookings.loading') IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(untouched, "the other rebuild's fresh tables were dropped");
+    // A refused rebuild_many kept no lock of the projections it did get (clients).
+    let report = projections::rebuild::rebuild(&db.pool, clients.as_ref(), false, |_| {})
+        .await
+        .unwrap();
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+
+    elsewhere.release().await;
+    let report = projections::rebuild::rebuild(&db.pool, bookings.as_ref(), true, |_| {})
+        .await
+        .unwrap();
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
 }
 
 #[tokio::test]

@@ -190,18 +190,41 @@ pub async fn rebuild(
         ))
         .with_code("projection.not_found"));
     };
+    let running = || {
+        Problem::conflict(format!("a rebuild of {name} is already running"))
+            .with_code("projection.rebuilding")
+    };
     if !state.start_rebuild(projection.name()) {
-        return Err(
-            Problem::conflict(format!("a rebuild of {name} is already running"))
-                .with_code("projection.rebuilding"),
-        );
+        return Err(running());
     }
+    // Also across processes: another replica or the CLI may be rebuilding it.
+    let guard = match projections::rebuild::RebuildGuard::acquire(
+        &state.pool,
+        &[projection.as_ref()],
+    )
+    .await
+    {
+        Ok(guard) => guard,
+        Err(e) => {
+            state.finish_rebuild(projection.name());
+            return Err(match e {
+                projections::ProjectionError::RebuildRunning(_) => running(),
+                other => Problem::internal(other),
+            });
+        }
+    };
     let task_state = state.clone();
     tokio::spawn(async move {
         let name = projection.name();
         tracing::info!(projection = name, "rebuild started");
-        match projections::rebuild::rebuild(&task_state.pool, projection.as_ref(), true, |_| {})
-            .await
+        match projections::rebuild::rebuild_held(
+            guard,
+            &task_state.pool,
+            projection.as_ref(),
+            true,
+            |_| {},
+        )
+        .await
         {
             Ok(report) if report.differences.is_empty() => tracing::info!(
                 projection = name,

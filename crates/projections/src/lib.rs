@@ -47,6 +47,9 @@ pub enum ProjectionError {
     },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Another session (this process or another) is rebuilding this projection.
+    #[error("a rebuild of {0} is already running")]
+    RebuildRunning(&'static str),
 }
 
 /// A read model fed by the global log.

@@ -87,14 +87,74 @@ async fn apply_range(
     Ok(applied)
 }
 
+/// Held while projections are rebuilt: a session advisory lock per projection, on a connection
+/// of its own, so that two processes (two API replicas, the CLI and a replica) never rebuild one
+/// projection at once. They would share its fresh tables (`rebuild_<name>`): the second's
+/// `DROP SCHEMA` would remove the first's rows while it loads them.
+pub struct RebuildGuard {
+    conn: PgConnection,
+}
+
+impl RebuildGuard {
+    /// Takes the projections' rebuild locks, or none: [`ProjectionError::RebuildRunning`] names
+    /// the first projection another session is rebuilding. Never waits.
+    pub async fn acquire(
+        pool: &PgPool,
+        projections: &[&dyn Projection],
+    ) -> Result<Self, ProjectionError> {
+        let mut conn = pool.acquire().await?.detach();
+        for projection in projections {
+            let taken: Result<bool, sqlx::Error> =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(format!("skyluxse:rebuild:{}", projection.name()))
+                    .fetch_one(&mut conn)
+                    .await;
+            match taken {
+                Ok(true) => {}
+                // Closing the session gives back the locks taken so far.
+                Ok(false) => {
+                    let _ = conn.close().await;
+                    return Err(ProjectionError::RebuildRunning(projection.name()));
+                }
+                Err(e) => {
+                    let _ = conn.close().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(Self { conn })
+    }
+
+    /// Gives the locks back (ending the session; dropping the guard does the same, later).
+    pub async fn release(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
 /// Rebuilds `projection`; swaps the result in when `swap` is true (otherwise only compares).
+/// Refused with [`ProjectionError::RebuildRunning`] while another session rebuilds it.
 pub async fn rebuild(
     pool: &PgPool,
     projection: &dyn Projection,
     swap: bool,
     progress: impl FnMut(Progress) + Send,
 ) -> Result<RebuildReport, ProjectionError> {
-    let mut reports = rebuild_many(pool, &[projection], swap, progress).await?;
+    let guard = RebuildGuard::acquire(pool, &[projection]).await?;
+    rebuild_held(guard, pool, projection, swap, progress).await
+}
+
+/// [`rebuild`] under a guard the caller took (for [`RebuildGuard::acquire`] of `projection`);
+/// gives it back when done.
+pub async fn rebuild_held(
+    guard: RebuildGuard,
+    pool: &PgPool,
+    projection: &dyn Projection,
+    swap: bool,
+    progress: impl FnMut(Progress) + Send,
+) -> Result<RebuildReport, ProjectionError> {
+    let reports = rebuild_unguarded(pool, &[projection], swap, progress).await;
+    guard.release().await;
+    let mut reports = reports?;
     reports.pop().ok_or_else(|| ProjectionError::Unhandleable {
         position: 0,
         event_type: projection.name().into(),
@@ -109,8 +169,21 @@ const REPLAY_BATCH: i64 = 5_000;
 /// Rebuilds several projections from one reading of the log: each replays into its fresh tables
 /// on a connection of its own, concurrently, holding what it folds in memory ([`Session`]) and
 /// writing its rows set-based at the end. Then each, as soon as its own replay is done: index,
-/// catch up, tick, compare and (if `swap`) swap in.
+/// catch up, tick, compare and (if `swap`) swap in. Refused with
+/// [`ProjectionError::RebuildRunning`] if another session rebuilds any of them.
 pub async fn rebuild_many(
+    pool: &PgPool,
+    projections: &[&dyn Projection],
+    swap: bool,
+    progress: impl FnMut(Progress) + Send,
+) -> Result<Vec<RebuildReport>, ProjectionError> {
+    let guard = RebuildGuard::acquire(pool, projections).await?;
+    let reports = rebuild_unguarded(pool, projections, swap, progress).await;
+    guard.release().await;
+    reports
+}
+
+async fn rebuild_unguarded(
     pool: &PgPool,
     projections: &[&dyn Projection],
     swap: bool,
