@@ -318,6 +318,132 @@ async fn two_hundred_concurrent_creations_get_two_hundred_distinct_increasing_co
     assert!(next > *numbers.last().unwrap());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_creations_of_one_booking_with_different_codes_leave_one_and_refuse_the_other_as_existing()
+ {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let first = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    let second = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    // The first creation holds its transaction open for a moment after claiming its code (a
+    // trigger that fires after the write guards), so the second meets it uncommitted.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION test_pause() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.payload::jsonb -> 'BookingCreated' ->> 'external_code' = '{first}' THEN \
+           PERFORM pg_sleep(1); END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER zz_test_pause BEFORE INSERT ON events \
+           FOR EACH ROW EXECUTE FUNCTION test_pause();"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let id = Uuid::now_v7();
+    let run = |code: String| {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            bus.bookings
+                .execute(
+                    id,
+                    BookingCommand::Create(Box::new(create_cmd(code, None, 0, 1))),
+                    &meta(),
+                    None,
+                )
+                .await
+        })
+    };
+    let winner = run(first.clone());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let loser = run(second.clone()).await.unwrap();
+    winner
+        .await
+        .unwrap()
+        .expect("the first creation is written");
+    // Not "the code is already taken": the loser decided again and found the booking there.
+    assert!(
+        matches!(&loser, Err(CommandError::Domain { code, .. }) if *code == "booking.already_exists"),
+        "{loser:?}"
+    );
+    let (booking, version) = bus.bookings.replay(id, None).await.unwrap();
+    assert_eq!((booking.external_code, version), (first, 1));
+    let unclaimed = codes::resolve(&db.pool, &second).await.unwrap();
+    assert_eq!(unclaimed, None, "the loser's code stays free");
+}
+
+#[tokio::test]
+async fn a_commit_rolled_back_by_a_deadlock_or_serialization_failure_is_decided_again() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    // The database rolls back the first `fail_first` attempts to write an event with the given
+    // error, as it does with a deadlock's victim or a serialization failure. The attempts are
+    // counted by a sequence, which the rollbacks do not undo.
+    sqlx::raw_sql(
+        "CREATE TABLE test_faults (code text, fail_first int); \
+         CREATE SEQUENCE test_attempts; \
+         CREATE FUNCTION test_fault() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         DECLARE f record; n bigint := nextval('test_attempts'); BEGIN \
+           SELECT * INTO f FROM test_faults; \
+           IF FOUND AND n <= f.fail_first THEN \
+             RAISE EXCEPTION 'injected' USING ERRCODE = f.code; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER zz_test_fault BEFORE INSERT ON events \
+           FOR EACH ROW EXECUTE FUNCTION test_fault();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let set_fault = |code: &'static str, fail_first: i32| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::raw_sql(&format!(
+                "DELETE FROM test_faults; INSERT INTO test_faults VALUES ('{code}', {fail_first}); \
+                 SELECT setval('test_attempts', 1, false);"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let written = |id: Uuid| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE aggregate_id = $1")
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    for code in ["40P01", "40001"] {
+        set_fault(code, 2).await;
+        let id = create(&bus, None, 0, 1).await;
+        assert_eq!(
+            written(id).await,
+            1,
+            "{code}: written once, on the third attempt"
+        );
+    }
+    // A failure that does not go away is reported after a bounded number of attempts.
+    set_fault("40P01", 1_000).await;
+    let id = Uuid::now_v7();
+    let err = bus
+        .bookings
+        .execute(
+            id,
+            BookingCommand::Create(Box::new(create_cmd("BK-1".into(), None, 0, 1))),
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CommandError::Store(_)), "{err:?}");
+    assert_eq!(written(id).await, 0);
+    let attempts: i64 = sqlx::query_scalar("SELECT last_value FROM test_attempts")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!((2..=10).contains(&attempts), "{attempts} attempts");
+}
+
 #[tokio::test]
 async fn if_match_refuses_a_stale_version_and_no_ops_write_nothing() {
     let db = TestDb::new().await;

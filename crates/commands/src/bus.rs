@@ -89,6 +89,21 @@ impl CommandError {
         }
     }
 
+    /// Whether the store's transaction was rolled back whole for a reason that deciding again
+    /// may not meet: a deadlock or a serialization failure (PostgreSQL asks to retry both).
+    fn is_transient<E: std::error::Error>(e: &AggregateError<E>) -> bool {
+        let (AggregateError::UnexpectedError(b) | AggregateError::DatabaseConnectionError(b)) = e
+        else {
+            return false;
+        };
+        match b.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => {
+                matches!(db.code().as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
+    }
+
     /// Classifies a failure of the store: a rule kept by the database, or a real failure.
     fn from_store<E: std::error::Error>(e: AggregateError<E>) -> Self {
         let boxed: Box<dyn std::error::Error + Send + Sync> = match e {
@@ -306,6 +321,10 @@ where
                         return Err(CommandError::Concurrency(A::TYPE));
                     }
                     tracing::debug!(aggregate = A::TYPE, %id, attempt, "lost a race; deciding again");
+                }
+                Err(e) if CommandError::is_transient(&e) && attempt <= CONFLICT_RETRIES => {
+                    tracing::warn!(aggregate = A::TYPE, %id, attempt, error = %e,
+                        "the commit was rolled back (deadlock or serialization failure); deciding again");
                 }
                 Err(e) => return Err(CommandError::from_store(e)),
             }
