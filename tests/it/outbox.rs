@@ -83,7 +83,7 @@ impl Harness {
         let targets = self.targets(pacer, zoho_slots);
         let config = WorkerConfig {
             max_attempts,
-            lease: Duration::from_secs(2),
+            lease: Duration::from_secs(30),
             batch: 16,
             max_in_flight: 64,
             backoff: Backoff {
@@ -845,10 +845,16 @@ async fn a_cancelled_acquisition_does_not_keep_its_slot() {
     let db = TestDb::new().await;
     let lease = Duration::from_secs(60);
     let slots = Arc::new(PgCallSlots::new(db.pool.clone(), "zoho", 1, lease));
-    // The slot row exists before.
+    // The slot row exists before (and is free again once the release, a task, has run).
     drop(crm::CallSlots::acquire(&*slots).await);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(held_slots(&db.pool).await, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held_slots(&db.pool).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     for statement in [
         "CREATE FUNCTION slow_take() RETURNS trigger LANGUAGE plpgsql AS \

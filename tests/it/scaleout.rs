@@ -83,7 +83,7 @@ impl Cluster {
             // Zoho's limit, shared by the three workers through the database.
             ("ZOHO_MAX_CONCURRENCY", "4".into()),
             ("SKYLUXSE_ENCRYPTION_KEY", "5e".repeat(32)),
-            ("OUTBOX_LEASE_SECONDS", "3".into()),
+            ("OUTBOX_LEASE_SECONDS", "8".into()),
             // Seven processes share a server that other tests use too: a small pool each.
             ("DATABASE_MAX_CONNECTIONS", "10".into()),
         ]
