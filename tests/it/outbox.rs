@@ -899,3 +899,54 @@ async fn a_cancelled_acquisition_does_not_keep_its_slot() {
     )
     .await;
 }
+
+/// Many deliveries of one process finding the token expired at once refresh it one at a time,
+/// and wait for their turn inside the process: not each on a database connection of its own
+/// (up to 64 per worker), which could exhaust the server's connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshers_of_one_token_wait_in_their_process_not_on_database_connections() {
+    let db = TestDb::new().await;
+    let store = Arc::new(PgTokenStore::new(db.pool.clone(), key()));
+    let holding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most_holding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (store, holding, most_holding) =
+                (store.clone(), holding.clone(), most_holding.clone());
+            tokio::spawn(async move {
+                let guard = store.lock_refresh(crm::KOMMO_SYSTEM).await.unwrap();
+                let now = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most_holding.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                drop(guard);
+            })
+        })
+        .collect();
+    let mut most_waiting = 0;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event = 'advisory'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        most_waiting = most_waiting.max(waiting);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        most_holding.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one refresher at a time"
+    );
+    // One at most: the next refresher's connection, until the server has seen the previous
+    // one close.
+    assert!(
+        most_waiting <= 1,
+        "{most_waiting} connections waited on the refresh lock"
+    );
+}

@@ -106,11 +106,19 @@ impl EncryptionKey {
 pub struct PgTokenStore {
     pool: PgPool,
     key: EncryptionKey,
+    /// Within the process, refreshers of one system queue here, so that an expired token seen
+    /// by many deliveries at once opens one connection for the database lock, not one each.
+    refreshing:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl PgTokenStore {
     pub fn new(pool: PgPool, key: EncryptionKey) -> Self {
-        Self { pool, key }
+        Self {
+            pool,
+            key,
+            refreshing: Default::default(),
+        }
     }
 }
 
@@ -201,8 +209,16 @@ impl TokenStore for PgTokenStore {
     }
 
     async fn lock_refresh(&self, system: &str) -> Result<RefreshGuard, TokenStoreError> {
-        // A connection of its own holding a session lock: dropping it closes the connection,
-        // which releases the lock even if the worker dies.
+        let queue = self
+            .refreshing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(system.to_owned())
+            .or_default()
+            .clone();
+        let turn = queue.lock_owned().await;
+        // Then, across processes, a connection of its own holding a session lock: dropping it
+        // closes the connection, which releases the lock even if the worker dies.
         let mut conn = PgConnection::connect_with(&self.pool.connect_options())
             .await
             .map_err(store_err)?;
@@ -211,7 +227,8 @@ impl TokenStore for PgTokenStore {
             .execute(&mut conn)
             .await
             .map_err(store_err)?;
-        Ok(RefreshGuard::new(conn))
+        // The connection is closed before the turn is given to the next refresher here.
+        Ok(RefreshGuard::new((conn, turn)))
     }
 }
 
