@@ -66,7 +66,9 @@ impl Harness {
             &self.zoho,
             store,
             pacer,
-            Duration::from_millis(500),
+            // Long enough that a busy machine does not turn a normal call into a timeout; the
+            // fault matrix's delayed answer (5 s) still is one.
+            Duration::from_secs(2),
             10,
             zoho_slots,
         )
@@ -439,7 +441,7 @@ async fn the_fault_matrix_ends_with_exactly_one_record_per_entity() {
             .on(Method::POST, "/api/v4/contacts"),
     );
     h.zoho.inject(
-        FaultRule::new(Fault::Delay(Duration::from_millis(1500)))
+        FaultRule::new(Fault::Delay(Duration::from_millis(5000)))
             .times(1)
             .path("/crm/v6/Contacts"),
     );

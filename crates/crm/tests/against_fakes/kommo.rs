@@ -280,10 +280,10 @@ async fn a_rotated_token_that_cannot_be_stored_is_not_used() {
 #[tokio::test]
 async fn a_timeout_after_the_create_was_applied_then_a_retry_finds_the_record() {
     let fake = FakeKommo::start().await.unwrap();
-    let client = long_lived_client(&fake, Duration::from_millis(400));
+    let client = long_lived_client(&fake, Duration::from_millis(1500));
     let input = contact(Uuid::new_v4());
     fake.inject(
-        FaultRule::new(Fault::Delay(Duration::from_millis(1200)))
+        FaultRule::new(Fault::Delay(Duration::from_millis(4000)))
             .on(Method::POST, "/api/v4/contacts"),
     );
 

@@ -270,14 +270,14 @@ async fn a_sales_order_retried_after_a_timeout_is_updated_not_duplicated() {
     let fake = FakeZoho::start().await.unwrap();
     let store = Arc::new(MemoryTokenStore::new());
     let mut config = config(&fake, store);
-    config.timeout = Duration::from_millis(400);
+    config.timeout = Duration::from_millis(1500);
     let client = ZohoClient::new(config).unwrap();
     let contact_id = client
         .upsert_contact(&contact(Uuid::new_v4()))
         .await
         .unwrap();
     fake.inject(
-        FaultRule::new(Fault::Delay(Duration::from_millis(1200)))
+        FaultRule::new(Fault::Delay(Duration::from_millis(4000)))
             .on(Method::POST, "/crm/v6/Sales_Orders"),
     );
 
