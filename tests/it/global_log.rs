@@ -496,10 +496,10 @@ async fn trust_lapses_when_no_probe_can_be_sent() {
     ];
     proxy.stalled.send_replace(true);
     let stalled_at = std::time::Instant::now();
-    // 5 s without confirmation plus 2 s, then some slack; a pool wait lasts 30 s.
+    // 5 s without confirmation plus 2 s, then slack for a busy machine; a pool wait lasts 30 s.
     while notifications.auth_epoch().is_some() {
         assert!(
-            stalled_at.elapsed() < Duration::from_secs(10),
+            stalled_at.elapsed() < Duration::from_secs(15),
             "still trusted {:?} after the stall",
             stalled_at.elapsed()
         );
