@@ -325,12 +325,18 @@ async fn two_creations_of_one_booking_with_different_codes_leave_one_and_refuse_
     let bus = Arc::new(CommandBus::new(db.pool.clone()));
     let first = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
     let second = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
-    // The first creation holds its transaction open for a moment after claiming its code (a
-    // trigger that fires after the write guards), so the second meets it uncommitted.
+    // The first creation holds its transaction open after claiming its code (a trigger that
+    // fires after the write guards waits for a lock the test holds), so the second meets it
+    // uncommitted.
+    let mut gate = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION test_pause() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN IF NEW.payload::jsonb -> 'BookingCreated' ->> 'external_code' = '{first}' THEN \
-           PERFORM pg_sleep(1); END IF; RETURN NEW; END $$; \
+           PERFORM pg_advisory_xact_lock_shared(4242); END IF; RETURN NEW; END $$; \
          CREATE TRIGGER zz_test_pause BEFORE INSERT ON events \
            FOR EACH ROW EXECUTE FUNCTION test_pause();"
     ))
@@ -351,9 +357,41 @@ async fn two_creations_of_one_booking_with_different_codes_leave_one_and_refuse_
                 .await
         })
     };
+    let waiting_on = |event: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                       AND wait_event = $1",
+                )
+                .bind(event)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "nobody waits on {event}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
     let winner = run(first.clone());
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let loser = run(second.clone()).await.unwrap();
+    waiting_on("advisory").await;
+    let loser = run(second.clone());
+    // The second waits for the first's transaction in the code claim.
+    waiting_on("transactionid").await;
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let loser = loser.await.unwrap();
     winner
         .await
         .unwrap()

@@ -194,10 +194,8 @@ pub async fn rebuild(
         Problem::conflict(format!("a rebuild of {name} is already running"))
             .with_code("projection.rebuilding")
     };
-    if !state.start_rebuild(projection.name()) {
-        return Err(running());
-    }
-    // Also across processes: another replica or the CLI may be rebuilding it.
+    // Across processes (another replica or the CLI may be rebuilding it), then in this one for
+    // the status; nothing is awaited in between, so a dropped request leaves no mark behind.
     let guard = match projections::rebuild::RebuildGuard::acquire(
         &state.pool,
         &[projection.as_ref()],
@@ -205,14 +203,13 @@ pub async fn rebuild(
     .await
     {
         Ok(guard) => guard,
-        Err(e) => {
-            state.finish_rebuild(projection.name());
-            return Err(match e {
-                projections::ProjectionError::RebuildRunning(_) => running(),
-                other => Problem::internal(other),
-            });
-        }
+        Err(projections::ProjectionError::RebuildRunning(_)) => return Err(running()),
+        Err(other) => return Err(Problem::internal(other)),
     };
+    if !state.start_rebuild(projection.name()) {
+        // Not while this process's rebuilds hold their guards; dropping this one frees it.
+        return Err(running());
+    }
     let task_state = state.clone();
     tokio::spawn(async move {
         let name = projection.name();

@@ -159,14 +159,15 @@ async fn check_all(
             }
         })
         .collect();
-    // `nextval` is volatile: CASE evaluates it only when every reference exists.
+    // `nextval` is volatile: CASE evaluates it only when every reference exists. `OFFSET 0`
+    // keeps the checks in their subquery (inlined, they would run twice: once per use).
     let number = match code {
         Some(kind) => format!("nextval('{}')", kind.sequence()),
         None => "NULL::bigint".into(),
     };
     let sql = format!(
         "SELECT found, CASE WHEN true = ALL (found) THEN {number} END \
-         FROM (SELECT ARRAY[{}]::bool[] AS found) AS checks",
+         FROM (SELECT ARRAY[{}]::bool[] AS found OFFSET 0) AS checks",
         checks.join(", ")
     );
     let mut query = sqlx::query_as::<_, (Vec<bool>, Option<i64>)>(&sql);

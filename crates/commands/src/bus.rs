@@ -5,7 +5,10 @@
 //!
 //! A concurrent writer on the same aggregate makes the commit fail on the events' primary key
 //! (optimistic concurrency). Without `If-Match` the command is simply decided again on the new
-//! state (a few times); with it, the caller learns that its version is stale.
+//! state (a few times); with it, the caller learns that its version is stale. A commit that
+//! PostgreSQL rolled back as a deadlock's victim or for a serialization failure is decided again
+//! too (after a short pause), whether or not the caller sent `If-Match`: nothing of it was
+//! written.
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::PersistedEventStore;
@@ -21,7 +24,8 @@ use uuid::Uuid;
 /// The event store of one aggregate type.
 pub type Store<A> = PersistedEventStore<PostgresEventRepository, A>;
 
-/// How often a command without `If-Match` is decided again after losing a race.
+/// How often a command is decided again after losing a race (without `If-Match`) or after its
+/// commit was rolled back (deadlock, serialization failure).
 const CONFLICT_RETRIES: usize = 5;
 
 /// How long a command waits for its event's notification (which carries the event's global
@@ -323,8 +327,16 @@ where
                     tracing::debug!(aggregate = A::TYPE, %id, attempt, "lost a race; deciding again");
                 }
                 Err(e) if CommandError::is_transient(&e) && attempt <= CONFLICT_RETRIES => {
-                    tracing::warn!(aggregate = A::TYPE, %id, attempt, error = %e,
-                        "the commit was rolled back (deadlock or serialization failure); deciding again");
+                    tracing::warn!(
+                        aggregate = A::TYPE,
+                        %id,
+                        attempt,
+                        error = %e,
+                        "the commit was rolled back (deadlock or serialization failure); \
+                         deciding again"
+                    );
+                    // Apart, so that the writers that met do not meet again at once.
+                    tokio::time::sleep(Duration::from_millis(10 * attempt as u64)).await;
                 }
                 Err(e) => return Err(CommandError::from_store(e)),
             }

@@ -11,7 +11,7 @@ use chrono::Utc;
 use serde::Serialize;
 use sqlx::{Connection, PgConnection, PgPool};
 use store::RecordedEvent;
-use store::checkpoints;
+use store::checkpoints::{self, SessionLock};
 use store::global_log::{self, LogPosition};
 
 use crate::runner::{checkpoint_name, lock_checkpoint};
@@ -87,13 +87,11 @@ async fn apply_range(
     Ok(applied)
 }
 
-/// Held while projections are rebuilt: a session advisory lock per projection, on a connection
-/// of its own, so that two processes (two API replicas, the CLI and a replica) never rebuild one
-/// projection at once. They would share its fresh tables (`rebuild_<name>`): the second's
-/// `DROP SCHEMA` would remove the first's rows while it loads them.
-pub struct RebuildGuard {
-    conn: PgConnection,
-}
+/// Held while projections are rebuilt: a session advisory lock per projection
+/// ([`SessionLock`]), so that two processes (two API replicas, the CLI and a replica) never
+/// rebuild one projection at once. They would share its fresh tables (`rebuild_<name>`): the
+/// second's `DROP SCHEMA` would remove the first's rows while it loads them.
+pub struct RebuildGuard(SessionLock);
 
 impl RebuildGuard {
     /// Takes the projections' rebuild locks, or none: [`ProjectionError::RebuildRunning`] names
@@ -102,32 +100,19 @@ impl RebuildGuard {
         pool: &PgPool,
         projections: &[&dyn Projection],
     ) -> Result<Self, ProjectionError> {
-        let mut conn = pool.acquire().await?.detach();
-        for projection in projections {
-            let taken: Result<bool, sqlx::Error> =
-                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                    .bind(format!("skyluxse:rebuild:{}", projection.name()))
-                    .fetch_one(&mut conn)
-                    .await;
-            match taken {
-                Ok(true) => {}
-                // Closing the session gives back the locks taken so far.
-                Ok(false) => {
-                    let _ = conn.close().await;
-                    return Err(ProjectionError::RebuildRunning(projection.name()));
-                }
-                Err(e) => {
-                    let _ = conn.close().await;
-                    return Err(e.into());
-                }
-            }
+        let keys: Vec<String> = projections
+            .iter()
+            .map(|p| format!("skyluxse:rebuild:{}", p.name()))
+            .collect();
+        match SessionLock::try_acquire_all(pool, &keys).await? {
+            Ok(lock) => Ok(Self(lock)),
+            Err(busy) => Err(ProjectionError::RebuildRunning(projections[busy].name())),
         }
-        Ok(Self { conn })
     }
 
-    /// Gives the locks back (ending the session; dropping the guard does the same, later).
+    /// Gives the locks back (dropping the guard frees them too, once the server notices).
     pub async fn release(self) {
-        let _ = self.conn.close().await;
+        self.0.release().await
     }
 }
 

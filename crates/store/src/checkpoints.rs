@@ -71,30 +71,46 @@ pub async fn record_error<'e, E: PgExecutor<'e>>(
     Ok(())
 }
 
-/// Leadership of one consumer: a session advisory lock held on a dedicated connection. When the
-/// holder's process dies, its connection closes and the lock is free for a standby.
-pub struct Leadership {
+/// Session advisory locks held on a connection of their own: while it lives, no other session
+/// gets them; when the holder's process dies, its connection closes and they are free.
+pub struct SessionLock {
     conn: PgConnection,
 }
 
-impl Leadership {
-    /// Tries once to become the active instance of `name`.
-    pub async fn try_acquire(pool: &PgPool, name: &str) -> Result<Option<Self>, sqlx::Error> {
+impl SessionLock {
+    /// Tries once, never waiting, to take every lock named in `keys`: all of them, or none and
+    /// the index of the first one another session holds.
+    pub async fn try_acquire_all(
+        pool: &PgPool,
+        keys: &[String],
+    ) -> Result<Result<Self, usize>, sqlx::Error> {
         let options = pool.connect_options();
-        let mut conn = PgConnection::connect_with(&options).await?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-            .bind(format!("consumer:{name}"))
-            .fetch_one(&mut conn)
-            .await?;
-        if got {
-            Ok(Some(Self { conn }))
-        } else {
-            conn.close().await?;
-            Ok(None)
+        let mut lock = Self {
+            conn: PgConnection::connect_with(&options).await?,
+        };
+        for (i, key) in keys.iter().enumerate() {
+            let got: Result<bool, _> =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+                    .bind(key)
+                    .fetch_one(&mut lock.conn)
+                    .await;
+            match got {
+                Ok(true) => {}
+                Ok(false) => {
+                    lock.release().await;
+                    return Ok(Err(i));
+                }
+                Err(e) => {
+                    let _ = lock.conn.close().await;
+                    return Err(e);
+                }
+            }
         }
+        Ok(Ok(lock))
     }
 
-    /// Whether the lock's connection is still alive (if it is not, another instance may lead).
+    /// Whether the lock's connection is still alive (if it is not, another session may hold
+    /// the locks).
     pub async fn still_held(&mut self) -> bool {
         sqlx::query("SELECT 1")
             .execute(&mut self.conn)
@@ -102,7 +118,37 @@ impl Leadership {
             .is_ok()
     }
 
-    pub async fn release(self) {
+    /// Gives the locks back, and returns once the server has: closing the connection frees
+    /// them too, but only when the server has seen it close, so a taker right after could
+    /// still find them held.
+    pub async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut self.conn)
+            .await;
         let _ = self.conn.close().await;
+    }
+}
+
+/// Leadership of one consumer: its [`SessionLock`]. When the holder's process dies, the lock is
+/// free for a standby.
+pub struct Leadership(SessionLock);
+
+impl Leadership {
+    /// Tries once to become the active instance of `name`.
+    pub async fn try_acquire(pool: &PgPool, name: &str) -> Result<Option<Self>, sqlx::Error> {
+        let keys = [format!("consumer:{name}")];
+        Ok(SessionLock::try_acquire_all(pool, &keys)
+            .await?
+            .ok()
+            .map(Self))
+    }
+
+    /// Whether the lock's connection is still alive (if it is not, another instance may lead).
+    pub async fn still_held(&mut self) -> bool {
+        self.0.still_held().await
+    }
+
+    pub async fn release(self) {
+        self.0.release().await
     }
 }
