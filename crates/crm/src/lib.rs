@@ -25,8 +25,8 @@ pub use pacer::{DEFAULT_KOMMO_RPS, LocalPacer, Pacer, Unpaced};
 pub use secrecy::SecretString;
 pub use slots::{CallSlots, SlotGuard, Unshared};
 pub use token::{
-    KOMMO_SYSTEM, MemoryTokenStore, RefreshGuard, StoredToken, TokenStore, TokenStoreError,
-    ZOHO_SYSTEM,
+    KOMMO_SYSTEM, MemoryTokenStore, RefreshGuard, RefreshTurns, StoredToken, TokenStore,
+    TokenStoreError, ZOHO_SYSTEM,
 };
 pub use zoho::{
     DEFAULT_CONTACT_EXTERNAL_FIELD, DEFAULT_MAX_CONCURRENCY, DEFAULT_SALES_ORDER_EXTERNAL_FIELD,

@@ -101,7 +101,7 @@ pub trait TokenStore: Send + Sync {
 pub struct MemoryTokenStore {
     tokens: Mutex<HashMap<String, StoredToken>>,
     saves: Mutex<HashMap<String, usize>>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: RefreshTurns,
 }
 
 impl MemoryTokenStore {
@@ -163,14 +163,28 @@ impl TokenStore for MemoryTokenStore {
     }
 
     async fn lock_refresh(&self, system: &str) -> Result<RefreshGuard, TokenStoreError> {
-        let lock = self
-            .locks
+        Ok(RefreshGuard::new(self.locks.turn(system).await))
+    }
+}
+
+/// One refresher at a time per system within a process: refreshers queue (first come, first
+/// served) and each holds its turn until it drops the guard.
+#[derive(Default)]
+pub struct RefreshTurns {
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl RefreshTurns {
+    /// Waits for `system`'s turn.
+    pub async fn turn(&self, system: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let queue = self
+            .queues
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .entry(system.to_owned())
             .or_default()
             .clone();
-        Ok(RefreshGuard::new(lock.lock_owned().await))
+        queue.lock_owned().await
     }
 }
 

@@ -108,8 +108,7 @@ pub struct PgTokenStore {
     key: EncryptionKey,
     /// Within the process, refreshers of one system queue here, so that an expired token seen
     /// by many deliveries at once opens one connection for the database lock, not one each.
-    refreshing:
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    refreshing: crm::RefreshTurns,
 }
 
 impl PgTokenStore {
@@ -209,14 +208,7 @@ impl TokenStore for PgTokenStore {
     }
 
     async fn lock_refresh(&self, system: &str) -> Result<RefreshGuard, TokenStoreError> {
-        let queue = self
-            .refreshing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(system.to_owned())
-            .or_default()
-            .clone();
-        let turn = queue.lock_owned().await;
+        let turn = self.refreshing.turn(system).await;
         // Then, across processes, a connection of its own holding a session lock: dropping it
         // closes the connection, which releases the lock even if the worker dies.
         let mut conn = PgConnection::connect_with(&self.pool.connect_options())
