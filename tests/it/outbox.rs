@@ -30,6 +30,10 @@ fn meta() -> CommandMetadata {
     CommandMetadata::new(Actor::staff(SALES, Role::Sales), "outbox-test")
 }
 
+/// The workers' lease: long enough that a busy machine never lets one lapse where no test
+/// wants it to.
+const LEASE: Duration = Duration::from_secs(30);
+
 fn key() -> EncryptionKey {
     EncryptionKey::from_hex(&"ab".repeat(32)).unwrap()
 }
@@ -54,7 +58,7 @@ impl Harness {
     }
 
     fn worker(&self, pacer: Arc<dyn Pacer>, max_attempts: i32) -> Worker {
-        self.worker_with(pacer, max_attempts, Arc::new(crm::Unshared))
+        self.worker_with(pacer, max_attempts, Arc::new(crm::Unshared), LEASE)
     }
 
     /// Clients of the fakes, as a worker has them. `zoho_slots`: Zoho's concurrency limit (10
@@ -81,11 +85,12 @@ impl Harness {
         pacer: Arc<dyn Pacer>,
         max_attempts: i32,
         zoho_slots: Arc<dyn crm::CallSlots>,
+        lease: Duration,
     ) -> Worker {
         let targets = self.targets(pacer, zoho_slots);
         let config = WorkerConfig {
             max_attempts,
-            lease: Duration::from_secs(30),
+            lease,
             batch: 16,
             max_in_flight: 64,
             backoff: Backoff {
@@ -629,6 +634,7 @@ async fn three_workers_drain_a_large_backlog_once_each_in_order_within_kommo_pac
                     10,
                     Duration::from_secs(5),
                 )),
+                LEASE,
             ))
         })
         .collect();
@@ -951,4 +957,82 @@ async fn refreshers_of_one_token_wait_in_their_process_not_on_database_connectio
         most_waiting <= 1,
         "{most_waiting} connections waited on the refresh lock"
     );
+}
+
+/// Kommo pacing that lets no request through until the test opens it.
+struct Gate(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait::async_trait]
+impl Pacer for Gate {
+    async fn acquire(&self) {
+        let mut open = self.0.clone();
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
+/// A worker stalled past its lease, whose row another worker has taken over meanwhile, gives the
+/// delivery up when it next renews: it never calls the CRM for a row that is not its own any
+/// more (two workers creating one contact), and leaves the row to its new holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_row_was_taken_over_gives_the_delivery_up_without_calling_the_crm() {
+    let h = Harness::new().await;
+    h.client("Lease Lapsed").await;
+    h.derive().await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let worker = Arc::new(h.worker_with(
+        Arc::new(Gate(gate)),
+        5,
+        Arc::new(crm::Unshared),
+        Duration::from_secs(1),
+    ));
+    let round = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.try_execute_task().await }
+    });
+    // The Kommo delivery is claimed and waits for its turn; then another worker takes it over.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let taken = sqlx::query(
+            "UPDATE integrations_outbox SET lease_owner = 'another-worker', \
+               lease_expires_at = now() + interval '1 hour' \
+             WHERE target_system = 'kommo' AND status = 'processing'",
+        )
+        .execute(&h.db.pool)
+        .await
+        .unwrap()
+        .rows_affected();
+        if taken == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the row was never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stalled worker gives the row up by itself, before its turn to call ever comes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !round.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker still waits to deliver a row that is not its own"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    open.send_replace(true);
+    round.await.unwrap().unwrap();
+    assert!(h.kommo.requests().is_empty(), "{:?}", h.kommo.requests());
+    let kommo: (String, Option<String>) = sqlx::query_as(
+        "SELECT status, lease_owner FROM integrations_outbox WHERE target_system = 'kommo'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kommo,
+        ("processing".to_string(), Some("another-worker".to_string())),
+        "left to its new holder"
+    );
+    // The Zoho row, still this worker's, was delivered.
+    assert_eq!(h.zoho.contacts().len(), 1);
 }

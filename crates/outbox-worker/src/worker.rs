@@ -107,6 +107,9 @@ enum Delivery {
     /// Not yet possible (e.g. the client's Zoho contact is not synced): try later, no attempt used.
     Wait(Duration, String),
     Failed(CrmError),
+    /// Given up before it ended: another worker holds the row now (this one's lease ran out
+    /// and was taken over), so this one must not call the CRM for it. The row is left alone.
+    Abandoned,
 }
 
 pub struct Worker {
@@ -360,7 +363,8 @@ impl Inner {
 
     /// Delivers a row, keeping its lease while the delivery runs (pacing may make it wait): a
     /// live worker never loses its row to another; a dead one stops renewing and its lease runs
-    /// out.
+    /// out. A worker that finds its lease taken over (it was stalled past the lease) gives the
+    /// delivery up, so that two workers do not both call the CRM for one row.
     async fn deliver_leased(&self, row: &Claimed) -> Delivery {
         let delivery = self.deliver(row);
         tokio::pin!(delivery);
@@ -369,7 +373,12 @@ impl Inner {
         loop {
             tokio::select! {
                 d = &mut delivery => break d,
-                _ = renew.tick() => self.renew_lease(row).await,
+                _ = renew.tick() => {
+                    if !self.renew_lease(row).await {
+                        tracing::warn!(row = %row.id, "another worker took this outbox row over; giving its delivery up");
+                        break Delivery::Abandoned;
+                    }
+                }
             }
         }
     }
@@ -414,6 +423,7 @@ impl Inner {
                     Settled::LeaseLost
                 })
             }
+            Delivery::Abandoned => Ok(Settled::LeaseLost),
             Delivery::Wait(after, why) => self.reschedule(row, after, &why, false).await,
             Delivery::Failed(CrmError::RateLimited { retry_after }) => {
                 // Without Retry-After, wait at least the rate window (one second) plus backoff, so
@@ -434,8 +444,10 @@ impl Inner {
         }
     }
 
-    async fn renew_lease(&self, row: &Claimed) {
-        let _ = sqlx::query(
+    /// Extends the row's lease; false when the row is no longer this worker's. A database error
+    /// says nothing either way: the delivery goes on (a takeover needs the database too).
+    async fn renew_lease(&self, row: &Claimed) -> bool {
+        let renewed = sqlx::query(
             "UPDATE integrations_outbox SET lease_expires_at = now() + make_interval(secs => $3) \
              WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
         )
@@ -444,6 +456,13 @@ impl Inner {
         .bind(self.config.lease.as_secs_f64())
         .execute(&self.pool)
         .await;
+        match renewed {
+            Ok(done) => done.rows_affected() == 1,
+            Err(e) => {
+                tracing::warn!(row = %row.id, error = %e, "could not renew an outbox lease");
+                true
+            }
+        }
     }
 
     /// Hands back every row this worker holds (on shutdown): due again at once, the cut-off
