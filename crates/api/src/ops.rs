@@ -207,7 +207,8 @@ pub async fn rebuild(
         Err(other) => return Err(Problem::internal(other)),
     };
     if !state.start_rebuild(projection.name()) {
-        // Not while this process's rebuilds hold their guards; dropping this one frees it.
+        // Not while this process's rebuilds hold their guards.
+        guard.release().await;
         return Err(running());
     }
     let task_state = state.clone();

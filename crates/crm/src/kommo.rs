@@ -28,6 +28,7 @@ pub enum KommoAuth {
 
 /// OAuth 2 settings (`KOMMO_CLIENT_ID`, `KOMMO_CLIENT_SECRET`, `KOMMO_REDIRECT_URI`,
 /// `KOMMO_REFRESH_TOKEN`).
+#[derive(Clone)]
 pub struct KommoOAuth {
     /// The integration id.
     pub client_id: String,
@@ -382,11 +383,44 @@ impl KommoClient {
         }
     }
 
+    /// Kommo rotates the refresh token on every refresh: once asked, its answer must be saved
+    /// even if the caller stops waiting (a delivery given up, a worker shutting down), or the
+    /// account has to be re-authorized by hand. So the refresh runs in a task of its own, which
+    /// a cancelled caller does not stop.
     async fn refresh(
         &self,
         oauth: &KommoOAuth,
         stale: Option<&SecretString>,
     ) -> Result<StoredToken, CrmError> {
+        let token_endpoint = TokenEndpoint {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            pacer: self.pacer.clone(),
+            oauth: oauth.clone(),
+        };
+        let stale = stale.cloned();
+        tokio::spawn(async move { token_endpoint.refresh(stale.as_ref()).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(CrmError::transient(
+                    None,
+                    format!("kommo: the token refresh stopped: {e}"),
+                ))
+            })
+    }
+}
+
+/// What a token refresh needs, owned, so that it can outlive the call that started it.
+struct TokenEndpoint {
+    http: reqwest::Client,
+    base: String,
+    pacer: Arc<dyn Pacer>,
+    oauth: KommoOAuth,
+}
+
+impl TokenEndpoint {
+    async fn refresh(&self, stale: Option<&SecretString>) -> Result<StoredToken, CrmError> {
+        let oauth = &self.oauth;
         refresh_once(
             oauth.store.as_ref(),
             KOMMO_SYSTEM,
@@ -401,7 +435,7 @@ impl KommoClient {
                     "kommo: no refresh token stored or configured",
                 );
                 for refresh_token in candidates {
-                    match self.request_token(oauth, &refresh_token).await {
+                    match self.request_token(&refresh_token).await {
                         Ok(t) => return Ok(t),
                         Err(e @ CrmError::Permanent { .. }) => {
                             tracing::warn!(error = %e, "kommo refused a refresh token");
@@ -417,11 +451,8 @@ impl KommoClient {
     }
 
     /// `POST /oauth2/access_token` with a refresh token.
-    async fn request_token(
-        &self,
-        oauth: &KommoOAuth,
-        refresh_token: &SecretString,
-    ) -> Result<StoredToken, CrmError> {
+    async fn request_token(&self, refresh_token: &SecretString) -> Result<StoredToken, CrmError> {
+        let oauth = &self.oauth;
         let context = "kommo POST /oauth2/access_token";
         let body = json!({
             "client_id": oauth.client_id,

@@ -284,6 +284,9 @@ impl ZohoClient {
                     let _slot = self.slots.acquire().await;
                     let batch: Vec<Waiting> = {
                         let mut waiting = lock(queue);
+                        // Records whose delivery was given up meanwhile are not sent: a later
+                        // delivery of their row sends its own, current record.
+                        waiting.retain(|w| !w.reply.is_closed());
                         let n = waiting.len().min(MAX_RECORDS_PER_CALL);
                         waiting.drain(..n).collect()
                     };

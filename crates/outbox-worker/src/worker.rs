@@ -372,13 +372,16 @@ impl Inner {
         renew.tick().await;
         loop {
             tokio::select! {
-                d = &mut delivery => break d,
+                // A renewal that is due goes first: after a stall, the lease is checked before
+                // the delivery goes on.
+                biased;
                 _ = renew.tick() => {
                     if !self.renew_lease(row).await {
                         tracing::warn!(row = %row.id, "another worker took this outbox row over; giving its delivery up");
                         break Delivery::Abandoned;
                     }
                 }
+                d = &mut delivery => break d,
             }
         }
     }

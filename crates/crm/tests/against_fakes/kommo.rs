@@ -117,6 +117,48 @@ async fn expired_token_is_refreshed_once_and_the_rotated_refresh_token_stored() 
     assert_eq!(fake.refreshes(), 1);
 }
 
+/// Kommo rotates the refresh token when it answers a refresh. A caller that stops waiting (a
+/// delivery given up, a worker shutting down) does not stop the refresh: the rotated pair is
+/// still stored, and the account needs no re-authorizing.
+#[tokio::test]
+async fn a_refresh_whose_caller_gives_up_still_stores_the_rotated_token() {
+    let fake = FakeKommo::start().await.unwrap();
+    let (client, store, old_refresh) = oauth_client(&fake);
+    let client = Arc::new(client);
+    fake.fail_next(Fault::ExpiredToken);
+    fake.inject(
+        FaultRule::new(Fault::Delay(Duration::from_millis(500)))
+            .on(Method::POST, "/oauth2/access_token"),
+    );
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.upsert_contact(&contact(Uuid::new_v4()), None).await }
+    });
+    // Kommo has rotated the pair (its answer is on the way); then the caller gives up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.refreshes() == 0 {
+        assert!(Instant::now() < deadline, "no refresh was asked for");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = store
+            .get(KOMMO_SYSTEM)
+            .and_then(|t| t.refresh_token.as_ref().map(exposed));
+        if stored.as_deref() == Some(fake.refresh_token().as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated refresh token was lost: the store still has the old one"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(fake.refresh_token(), old_refresh);
+    assert_eq!(fake.refreshes(), 1);
+}
+
 #[tokio::test]
 async fn a_second_401_is_unauthorized() {
     let fake = FakeKommo::start().await.unwrap();

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chrono::TimeDelta;
 use crm::{
-    CrmError, MemoryTokenStore, SalesOrder, SalesOrderItem, ZOHO_SYSTEM, ZohoClient, ZohoConfig,
-    ZohoContact,
+    CrmError, DEFAULT_CONTACT_EXTERNAL_FIELD, MemoryTokenStore, SalesOrder, SalesOrderItem,
+    ZOHO_SYSTEM, ZohoClient, ZohoConfig, ZohoContact,
 };
 use crm_fakes::{FakeZoho, FakeZohoConfig, Fault, FaultRule, Method};
 use rust_decimal::Decimal;
@@ -347,5 +347,50 @@ async fn the_semaphore_keeps_calls_within_the_concurrency_limit() {
             .iter()
             .any(|r| matches!(r, Err(CrmError::RateLimited { retry_after: None }))),
         "{results:?}"
+    );
+}
+
+/// A record whose caller gave up while it waited for a free call is not sent with a later call:
+/// its row's next delivery sends its own, current record (a stale one could overwrite it).
+#[tokio::test]
+async fn a_record_whose_caller_gave_up_while_queued_is_not_sent() {
+    let fake = FakeZoho::start_with(FakeZohoConfig {
+        latency: Some(Duration::from_millis(300)),
+        ..FakeZohoConfig::default()
+    })
+    .await
+    .unwrap();
+    let store = Arc::new(MemoryTokenStore::new());
+    let mut one_call = config(&fake, store);
+    one_call.max_concurrency = 1;
+    let client = Arc::new(ZohoClient::new(one_call).unwrap());
+    let upsert = |key: Uuid| {
+        let client = client.clone();
+        tokio::spawn(async move { client.upsert_contact(&contact(key)).await })
+    };
+    let (first, given_up, last) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // The first holds the only call; the second queues behind it, and its caller gives up.
+    let first_call = upsert(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fake.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no call was made");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let gave_up = upsert(given_up);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gave_up.abort();
+    let last_call = upsert(last);
+    first_call.await.unwrap().unwrap();
+    last_call.await.unwrap().unwrap();
+
+    let keys: Vec<String> = fake
+        .contacts()
+        .iter()
+        .filter_map(|c| c[DEFAULT_CONTACT_EXTERNAL_FIELD].as_str().map(String::from))
+        .collect();
+    assert!(keys.contains(&first.to_string()) && keys.contains(&last.to_string()));
+    assert!(
+        !keys.contains(&given_up.to_string()),
+        "the given-up record was sent: {keys:?}"
     );
 }
