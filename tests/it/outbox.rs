@@ -34,6 +34,22 @@ fn meta() -> CommandMetadata {
 /// wants it to.
 const LEASE: Duration = Duration::from_secs(30);
 
+/// A worker's settings in these tests, with a fresh owner.
+fn worker_config(max_attempts: i32, lease: Duration) -> WorkerConfig {
+    WorkerConfig {
+        max_attempts,
+        lease,
+        batch: 16,
+        max_in_flight: 64,
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(200),
+        },
+        owner: format!("test-{}", Uuid::now_v7()),
+        idle: Duration::from_millis(20),
+    }
+}
+
 fn key() -> EncryptionKey {
     EncryptionKey::from_hex(&"ab".repeat(32)).unwrap()
 }
@@ -88,19 +104,12 @@ impl Harness {
         lease: Duration,
     ) -> Worker {
         let targets = self.targets(pacer, zoho_slots);
-        let config = WorkerConfig {
-            max_attempts,
-            lease,
-            batch: 16,
-            max_in_flight: 64,
-            backoff: Backoff {
-                base: Duration::from_millis(10),
-                cap: Duration::from_millis(200),
-            },
-            owner: format!("test-{}", Uuid::now_v7()),
-            idle: Duration::from_millis(20),
-        };
-        Worker::new(self.db.pool.clone(), self.bus.clone(), targets, config)
+        Worker::new(
+            self.db.pool.clone(),
+            self.bus.clone(),
+            targets,
+            worker_config(max_attempts, lease),
+        )
     }
 
     async fn client(&self, name: &str) -> Uuid {
@@ -1035,4 +1044,92 @@ async fn a_worker_whose_row_was_taken_over_gives_the_delivery_up_without_calling
     );
     // The Zoho row, still this worker's, was delivered.
     assert_eq!(h.zoho.contacts().len(), 1);
+}
+
+/// A worker that claims its own row again after the lease of its first claim ran out (that
+/// claim's renewals could not get through) is two deliveries of one row under one owner: the
+/// first notices at its next renewal that its claim is not the current one, and gives up; only
+/// the current claim calls the CRM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_claimed_again_by_its_own_worker_is_delivered_by_the_newer_claim_only() {
+    let h = Harness::new().await;
+    h.client("Claimed Twice").await;
+    h.derive().await;
+    // Two rounds of one worker (one owner), renewing every 2 s.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let config = worker_config(5, Duration::from_secs(6));
+    let worker = Arc::new(Worker::new(
+        h.db.pool.clone(),
+        h.bus.clone(),
+        h.targets(Arc::new(Gate(gate)), Arc::new(crm::Unshared)),
+        config,
+    ));
+    let round = |worker: &Arc<Worker>| {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.try_execute_task().await })
+    };
+    let kommo_attempts = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT attempts FROM integrations_outbox \
+             WHERE target_system = 'kommo' AND status = 'processing'",
+        )
+        .fetch_optional(&h.db.pool)
+        .await
+        .unwrap()
+    };
+    let first = round(&worker);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while kommo_attempts().await != Some(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the row was never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first claim's lease runs out, and the same worker claims the row again (retried if a
+    // renewal of the first claim slipped in between).
+    let second = loop {
+        sqlx::query(
+            "UPDATE integrations_outbox SET lease_expires_at = now() - interval '1 second' \
+             WHERE target_system = 'kommo'",
+        )
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+        let second = round(&worker);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while kommo_attempts().await != Some(2) && !second.is_finished() {
+            assert!(tokio::time::Instant::now() < deadline, "no second claim");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if kommo_attempts().await == Some(2) {
+            break second;
+        }
+    };
+    // The first round gives up by itself before any call is let through.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !first.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the older claim still waits to deliver"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    open.send_replace(true);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert_eq!(h.kommo.contacts().len(), 1, "one Kommo contact");
+    let creates = h
+        .kommo
+        .requests()
+        .iter()
+        .filter(|r| r.method == Method::POST && r.path == "/api/v4/contacts")
+        .count();
+    assert_eq!(creates, 1, "{:?}", h.kommo.requests());
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM integrations_outbox WHERE target_system = 'kommo'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "processed");
 }

@@ -392,20 +392,21 @@ impl Inner {
         done: Vec<(Claimed, Delivery)>,
         tally: &mut Tally,
     ) -> Result<(), sqlx::Error> {
-        let mut ids = Vec::new();
+        let mut delivered = Vec::new();
         let mut responses = Vec::new();
         let mut others = Vec::new();
         for (row, d) in done {
             match d {
                 Delivery::Done(response) => {
-                    ids.push(row.id);
+                    delivered.push(row);
                     responses.push(response);
                 }
                 other => others.push((row, other)),
             }
         }
-        if !ids.is_empty() {
-            let finished = self.finish(&ids, &responses).await?;
+        if !delivered.is_empty() {
+            let rows: Vec<&Claimed> = delivered.iter().collect();
+            let finished = self.finish(&rows, &responses).await?;
             for _ in 0..finished {
                 tally.add(Settled::Delivered);
             }
@@ -419,7 +420,7 @@ impl Inner {
     async fn settle_one(&self, row: &Claimed, outcome: Delivery) -> Result<Settled, sqlx::Error> {
         match outcome {
             Delivery::Done(response) => {
-                let finished = self.finish(&[row.id], &[response]).await?;
+                let finished = self.finish(&[row], &[response]).await?;
                 Ok(if finished == 1 {
                     Settled::Delivered
                 } else {
@@ -447,16 +448,18 @@ impl Inner {
         }
     }
 
-    /// Extends the row's lease; false when the row is no longer this worker's. A database error
+    /// Extends the row's lease; false when the row is no longer this claim's: another worker
+    /// took it over, or this one claimed it again (its attempt count moved on). A database error
     /// says nothing either way: the delivery goes on (a takeover needs the database too).
     async fn renew_lease(&self, row: &Claimed) -> bool {
         let renewed = sqlx::query(
             "UPDATE integrations_outbox SET lease_expires_at = now() + make_interval(secs => $3) \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+             WHERE id = $1 AND lease_owner = $2 AND attempts = $4 AND status = 'processing'",
         )
         .bind(row.id)
         .bind(&self.config.owner)
         .bind(self.config.lease.as_secs_f64())
+        .bind(row.attempts)
         .execute(&self.pool)
         .await;
         match renewed {
@@ -484,19 +487,23 @@ impl Inner {
         }
     }
 
-    /// Marks rows processed (with their CRM answers), those whose lease this worker still
+    /// Marks rows processed (with their CRM answers), those whose claim this worker still
     /// holds; returns how many.
-    async fn finish(&self, ids: &[Uuid], responses: &[Value]) -> Result<u64, sqlx::Error> {
+    async fn finish(&self, rows: &[&Claimed], responses: &[Value]) -> Result<u64, sqlx::Error> {
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
         let done = sqlx::query(
             "UPDATE integrations_outbox o SET status = 'processed', response = d.response, \
                last_error = NULL, lease_owner = NULL, lease_expires_at = NULL, \
                processed_at = now(), updated_at = now() \
-             FROM unnest($1::uuid[], $3::jsonb[]) AS d(id, response) \
-             WHERE o.id = d.id AND o.lease_owner = $2 AND o.status = 'processing'",
+             FROM unnest($1::uuid[], $3::jsonb[], $4::int4[]) AS d(id, response, attempts) \
+             WHERE o.id = d.id AND o.lease_owner = $2 AND o.attempts = d.attempts \
+               AND o.status = 'processing'",
         )
-        .bind(ids)
+        .bind(&ids)
         .bind(&self.config.owner)
         .bind(responses)
+        .bind(&attempts)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -514,13 +521,14 @@ impl Inner {
                attempts = attempts - CASE WHEN $5 THEN 0 ELSE 1 END, \
                next_run_at = now() + make_interval(secs => $4), lease_owner = NULL, \
                lease_expires_at = NULL, updated_at = now() \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+             WHERE id = $1 AND lease_owner = $2 AND attempts = $6 AND status = 'processing'",
         )
         .bind(row.id)
         .bind(&self.config.owner)
         .bind(why)
         .bind(after.as_secs_f64())
         .bind(counts)
+        .bind(row.attempts)
         .execute(&self.pool)
         .await?;
         Ok(match (done.rows_affected(), counts) {
@@ -535,11 +543,12 @@ impl Inner {
         let done = sqlx::query(
             "UPDATE integrations_outbox SET status = 'failed', last_error = $3, lease_owner = NULL, \
                lease_expires_at = NULL, updated_at = now() \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'processing'",
+             WHERE id = $1 AND lease_owner = $2 AND attempts = $4 AND status = 'processing'",
         )
         .bind(row.id)
         .bind(&self.config.owner)
         .bind(why)
+        .bind(row.attempts)
         .execute(&self.pool)
         .await?;
         Ok(if done.rows_affected() == 1 {
