@@ -107,8 +107,9 @@ enum Delivery {
     /// Not yet possible (e.g. the client's Zoho contact is not synced): try later, no attempt used.
     Wait(Duration, String),
     Failed(CrmError),
-    /// Given up before it ended: another worker holds the row now (this one's lease ran out
-    /// and was taken over), so this one must not call the CRM for it. The row is left alone.
+    /// Given up before it ended: the row was claimed again after this claim's lease ran out (by
+    /// another worker, or by this one), so this delivery must not call the CRM for it. The row
+    /// is left to the newer claim.
     Abandoned,
 }
 
@@ -363,8 +364,8 @@ impl Inner {
 
     /// Delivers a row, keeping its lease while the delivery runs (pacing may make it wait): a
     /// live worker never loses its row to another; a dead one stops renewing and its lease runs
-    /// out. A worker that finds its lease taken over (it was stalled past the lease) gives the
-    /// delivery up, so that two workers do not both call the CRM for one row.
+    /// out. A delivery that finds its claim superseded (it was stalled past the lease and the
+    /// row was claimed again) gives up, so that two deliveries do not both call the CRM for it.
     async fn deliver_leased(&self, row: &Claimed) -> Delivery {
         let delivery = self.deliver(row);
         tokio::pin!(delivery);
@@ -377,7 +378,7 @@ impl Inner {
                 biased;
                 _ = renew.tick() => {
                     if !self.renew_lease(row).await {
-                        tracing::warn!(row = %row.id, "another worker took this outbox row over; giving its delivery up");
+                        tracing::warn!(row = %row.id, "this outbox row was claimed again; giving this delivery up");
                         break Delivery::Abandoned;
                     }
                 }
