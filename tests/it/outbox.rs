@@ -968,6 +968,15 @@ async fn refreshers_of_one_token_wait_in_their_process_not_on_database_connectio
     );
 }
 
+/// Waits (up to 20 s) for `task` to end without help; `stuck` says what it means if not.
+async fn finishes_by_itself<T>(task: &tokio::task::JoinHandle<T>, stuck: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !task.is_finished() {
+        assert!(tokio::time::Instant::now() < deadline, "{stuck}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Kommo pacing that lets no request through until the test opens it.
 struct Gate(tokio::sync::watch::Receiver<bool>);
 
@@ -1020,14 +1029,11 @@ async fn a_worker_whose_row_was_taken_over_gives_the_delivery_up_without_calling
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The stalled worker gives the row up by itself, before its turn to call ever comes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !round.is_finished() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker still waits to deliver a row that is not its own"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    finishes_by_itself(
+        &round,
+        "the worker still waits to deliver a row that is not its own",
+    )
+    .await;
     open.send_replace(true);
     round.await.unwrap().unwrap();
     assert!(h.kommo.requests().is_empty(), "{:?}", h.kommo.requests());
@@ -1107,14 +1113,7 @@ async fn a_row_claimed_again_by_its_own_worker_is_delivered_by_the_newer_claim_o
         }
     };
     // The first round gives up by itself before any call is let through.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !first.is_finished() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the older claim still waits to deliver"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    finishes_by_itself(&first, "the older claim still waits to deliver").await;
     open.send_replace(true);
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
