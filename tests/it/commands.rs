@@ -587,6 +587,62 @@ async fn a_long_stream_loads_from_a_snapshot_to_the_same_state() {
     assert_eq!(out.version, 122);
 }
 
+/// Loading many aggregates in one query (the outbox worker's deliveries of a claim) gives each
+/// the state and version one replay of its own gives: a long stream past its snapshot, a stream
+/// stored in an older shape (upcast), a short one, and an id with no events (not created).
+#[tokio::test]
+async fn replaying_many_aggregates_at_once_gives_each_the_state_of_its_own_replay() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let long = create(&bus, None, 0, 1).await;
+    for i in 0..60 {
+        let command = BookingCommand::ChangeOwner {
+            owner_id: Uuid::from_u128(500 + i),
+        };
+        bus.bookings
+            .execute(long, command, &meta(), None)
+            .await
+            .unwrap();
+    }
+    let short = create(&bus, Some(GHOST), 3, 5).await;
+    confirm(&bus, short).await.unwrap();
+    let old = Uuid::now_v7();
+    let v1 = serde_json::json!({"BookingCreated": {
+        "external_code": "BK-7001", "client_id": Uuid::now_v7(),
+        "owner_id": SALES, "booking_type": "rental", "priority": "high", "channel": "Kommo",
+        "start_at": "2025-11-01T10:00:00Z", "end_at": "2025-11-03T10:00:00Z",
+        "rental_duration_days": 2, "vehicle_id": null, "driver_id": null,
+        "price_daily": "6500.00", "deposit_amount": "5000.00", "advance_payment": "0.00",
+        "full_insurance_fee": "0.00", "pickup_location": null, "dropoff_location": null,
+        "services": [], "lead_id": null, "total_amount": "13000.00"
+    }});
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Booking', $1, 1, 'BookingCreated', '1.0', $2, '{\"actor_type\": \"system\"}')",
+    )
+    .bind(old.to_string())
+    .bind(&v1)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let unknown = Uuid::now_v7();
+
+    let ids = [long, short, old, unknown];
+    let many = bus.bookings.replay_many(&ids).await.unwrap();
+    assert_eq!(many.len(), ids.len());
+    for id in ids {
+        let own = bus.bookings.replay(id, None).await.unwrap();
+        assert_eq!(many[&id], own, "booking {id}");
+    }
+    assert_eq!(many[&long].1, 61);
+    assert_eq!(many[&long].0.owner_id, Uuid::from_u128(559));
+    assert_eq!(many[&short].0.status.as_str(), "confirmed");
+    assert_eq!(many[&old].0.currency, "AED", "the 1.0 shape is upcast");
+    assert!(!many[&unknown].0.created);
+    assert_eq!(many[&unknown].1, 0);
+    assert!(bus.bookings.replay_many(&[]).await.unwrap().is_empty());
+}
+
 /// Two processes on one booking, snapshots every 4 events: one still remembers the stream as
 /// short (loads it whole, commits without a snapshot) after the other lengthened it and took
 /// snapshots. Both decide on the whole history, and neither's commit trips over the other's

@@ -369,6 +369,61 @@ where
         Ok((aggregate, version))
     }
 
+    /// The current states of several aggregates, by replaying their events, in one query: what
+    /// [`Self::replay`] gives for each id (an id with no events is the default, not created),
+    /// with the same upcasting. For readers of many aggregates at once, such as the outbox
+    /// worker's deliveries of one claim.
+    pub async fn replay_many(
+        &self,
+        ids: &[Uuid],
+    ) -> Result<std::collections::HashMap<Uuid, (A, i64)>, CommandError> {
+        let mut states: std::collections::HashMap<Uuid, (A, i64)> =
+            ids.iter().map(|&id| (id, (A::default(), 0))).collect();
+        if states.is_empty() {
+            return Ok(states);
+        }
+        let keys: Vec<String> = states.keys().map(Uuid::to_string).collect();
+        let rows: Vec<(String, i64, String, String, String)> = sqlx::query_as(
+            "SELECT aggregate_id, sequence, event_type, event_version, payload::text \
+             FROM events WHERE aggregate_type = $1 AND aggregate_id = ANY($2) \
+             ORDER BY aggregate_id, sequence",
+        )
+        .bind(A::TYPE)
+        .bind(&keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| CommandError::Store(e.to_string()))?;
+        for (aggregate_id, sequence, event_type, event_version, payload) in rows {
+            let undecodable = |e: serde_json::Error| {
+                CommandError::Store(format!(
+                    "cannot decode {event_type} {event_version} of {} {aggregate_id}: {e}",
+                    A::TYPE
+                ))
+            };
+            let event: A::Event = if domain::upcasting::needs_upcast(&event_type, &event_version) {
+                let value = serde_json::from_str(&payload).map_err(undecodable)?;
+                serde_json::from_value(domain::upcasting::upcast(
+                    &event_type,
+                    &event_version,
+                    value,
+                ))
+                .map_err(undecodable)?
+            } else {
+                serde_json::from_str(&payload).map_err(undecodable)?
+            };
+            let id = Uuid::parse_str(&aggregate_id)
+                .map_err(|e| CommandError::Store(format!("aggregate id {aggregate_id}: {e}")))?;
+            if let Some((aggregate, version)) = states.get_mut(&id) {
+                aggregate.apply(event);
+                *version = sequence;
+            }
+        }
+        for (&id, (_, version)) in &states {
+            self.remember(id, *version as usize);
+        }
+        Ok(states)
+    }
+
     /// The store to load (and then commit) `aggregate_id` with: without the snapshot lookup if
     /// the stream is known to be short.
     fn store_for(&self, id: Uuid) -> &Store<A> {

@@ -12,6 +12,7 @@
 //!   row twice (a worker killed between the CRM's answer and its own commit) changes nothing.
 //! * Returned external ids are written back as commands (events too), then the row is marked.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +21,8 @@ use commands::CommandBus;
 use crm::{
     ContactInput, CrmError, KommoClient, SalesOrder, SalesOrderItem, ZohoClient, ZohoContact,
 };
-use domain::booking::{BookingCommand, BookingStatus};
-use domain::client::ClientCommand;
+use domain::booking::{Booking, BookingCommand, BookingStatus};
+use domain::client::{Client, ClientCommand};
 use domain::{Actor, CommandMetadata};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -85,6 +86,98 @@ pub struct Claimed {
     pub event_type: String,
     pub payload: Value,
     pub attempts: i32,
+}
+
+/// What the deliveries of one claim read: the bookings of its sales orders, the clients of its
+/// contacts and of those bookings, and the bookings' vehicles. Loaded for all of them together
+/// when the first delivery asks (a query per kind instead of a few per row), then shared. The
+/// states are as current as a delivery's own replay at its start would be: rows of one entity
+/// and target are never in delivery at once.
+struct Prefetch {
+    bookings: Vec<Uuid>,
+    clients: Vec<Uuid>,
+    loaded: tokio::sync::OnceCell<Loaded>,
+}
+
+#[derive(Default)]
+struct Loaded {
+    bookings: HashMap<Uuid, Booking>,
+    clients: HashMap<Uuid, Client>,
+    /// Name and Zoho item id, by vehicle.
+    vehicles: HashMap<Uuid, (String, Option<String>)>,
+}
+
+impl Prefetch {
+    fn for_rows(rows: &[Claimed]) -> Arc<Self> {
+        let mut bookings = Vec::new();
+        let mut clients = Vec::new();
+        for row in rows {
+            match (row.target_system.as_str(), row.event_type.as_str()) {
+                ("zoho", "sales_order.upsert") => bookings.push(row.entity_id),
+                (_, "contact.upsert") => clients.push(row.entity_id),
+                _ => {}
+            }
+        }
+        Arc::new(Self {
+            bookings,
+            clients,
+            loaded: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Everything this claim's deliveries read, loaded on the first call. A load that fails
+    /// fails the delivery that asked (a retry, as for any database error); the next asks again.
+    async fn get(&self, worker: &Inner) -> Result<&Loaded, CrmError> {
+        self.loaded
+            .get_or_try_init(|| async {
+                let bookings: HashMap<Uuid, Booking> = worker
+                    .bus
+                    .bookings
+                    .replay_many(&self.bookings)
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .map(|(id, (booking, _))| (id, booking))
+                    .collect();
+                let mut client_ids = self.clients.clone();
+                client_ids.extend(bookings.values().filter(|b| b.created).map(|b| b.client_id));
+                client_ids.sort_unstable();
+                client_ids.dedup();
+                let clients = worker
+                    .bus
+                    .clients
+                    .replay_many(&client_ids)
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .map(|(id, (client, _))| (id, client))
+                    .collect();
+                let mut vehicle_ids: Vec<Uuid> =
+                    bookings.values().filter_map(|b| b.vehicle_id).collect();
+                vehicle_ids.sort_unstable();
+                vehicle_ids.dedup();
+                let vehicles = if vehicle_ids.is_empty() {
+                    HashMap::new()
+                } else {
+                    sqlx::query_as::<_, (Uuid, String, Option<String>)>(
+                        "SELECT id, name, zoho_item_id FROM vehicles WHERE id = ANY($1)",
+                    )
+                    .bind(&vehicle_ids)
+                    .fetch_all(&worker.pool)
+                    .await
+                    .map_err(|e| internal(e.to_string()))?
+                    .into_iter()
+                    .map(|(id, name, item)| (id, (name, item)))
+                    .collect()
+                };
+                Ok(Loaded {
+                    bookings,
+                    clients,
+                    vehicles,
+                })
+            })
+            .await
+    }
 }
 
 /// What one step of the worker did.
@@ -165,8 +258,10 @@ impl Worker {
         if rows.is_empty() {
             return Ok(ExecutionOutcome::Empty);
         }
+        let prefetch = Prefetch::for_rows(&rows);
         let outcomes =
-            futures::future::join_all(rows.iter().map(|r| inner.deliver_leased(r))).await;
+            futures::future::join_all(rows.iter().map(|r| inner.deliver_leased(r, &prefetch)))
+                .await;
         let done: Vec<(Claimed, Delivery)> = rows.into_iter().zip(outcomes).collect();
         let mut tally = Tally::default();
         inner.settle(done, &mut tally).await?;
@@ -240,10 +335,12 @@ impl Worker {
                             // when a row finishes (it may unblock the next row of its entity).
                             next_claim = Instant::now() + inner.config.idle;
                         }
+                        let prefetch = Prefetch::for_rows(&rows);
                         for row in rows {
                             let inner = self.inner.clone();
+                            let prefetch = prefetch.clone();
                             in_flight.spawn(async move {
-                                let d = inner.deliver_leased(&row).await;
+                                let d = inner.deliver_leased(&row, &prefetch).await;
                                 (row, d)
                             });
                         }
@@ -366,8 +463,8 @@ impl Inner {
     /// live worker never loses its row to another; a dead one stops renewing and its lease runs
     /// out. A delivery that finds its claim superseded (it was stalled past the lease and the
     /// row was claimed again) gives up, so that two deliveries do not both call the CRM for it.
-    async fn deliver_leased(&self, row: &Claimed) -> Delivery {
-        let delivery = self.deliver(row);
+    async fn deliver_leased(&self, row: &Claimed, prefetch: &Prefetch) -> Delivery {
+        let delivery = self.deliver(row, prefetch);
         tokio::pin!(delivery);
         let mut renew = tokio::time::interval(self.config.lease / 3);
         renew.tick().await;
@@ -590,11 +687,11 @@ impl Inner {
         }
     }
 
-    async fn deliver(&self, row: &Claimed) -> Delivery {
+    async fn deliver(&self, row: &Claimed, prefetch: &Prefetch) -> Delivery {
         let result = match (row.target_system.as_str(), row.event_type.as_str()) {
-            ("kommo", "contact.upsert") => self.kommo_contact(row).await,
-            ("zoho", "contact.upsert") => self.zoho_contact(row).await,
-            ("zoho", "sales_order.upsert") => self.zoho_sales_order(row).await,
+            ("kommo", "contact.upsert") => self.kommo_contact(row, prefetch).await,
+            ("zoho", "contact.upsert") => self.zoho_contact(row, prefetch).await,
+            ("zoho", "sales_order.upsert") => self.zoho_sales_order(row, prefetch).await,
             ("kommo", "lead.status") => self.kommo_lead_status(row).await,
             (target, action) => Err(permanent(format!(
                 "unknown outbox action {target}/{action}"
@@ -607,8 +704,11 @@ impl Inner {
     }
 
     /// The current state of a client that must exist.
-    async fn existing_client(&self, id: Uuid) -> Result<domain::client::Client, CrmError> {
-        let (client, _) = self.bus.clients.replay(id, None).await.map_err(internal)?;
+    async fn existing_client(&self, id: Uuid, prefetch: &Prefetch) -> Result<Client, CrmError> {
+        let client = match prefetch.get(self).await?.clients.get(&id) {
+            Some(client) => client.clone(),
+            None => self.bus.clients.replay(id, None).await.map_err(internal)?.0,
+        };
         if !client.created {
             return Err(permanent("the client does not exist".into()));
         }
@@ -625,8 +725,12 @@ impl Inner {
         Ok(())
     }
 
-    async fn kommo_contact(&self, row: &Claimed) -> Result<Delivery, CrmError> {
-        let client = self.existing_client(row.entity_id).await?;
+    async fn kommo_contact(
+        &self,
+        row: &Claimed,
+        prefetch: &Prefetch,
+    ) -> Result<Delivery, CrmError> {
+        let client = self.existing_client(row.entity_id, prefetch).await?;
         let known = client
             .kommo_contact_id
             .as_deref()
@@ -650,8 +754,8 @@ impl Inner {
         Ok(Delivery::Done(json!({ "kommo_contact_id": id })))
     }
 
-    async fn zoho_contact(&self, row: &Claimed) -> Result<Delivery, CrmError> {
-        let client = self.existing_client(row.entity_id).await?;
+    async fn zoho_contact(&self, row: &Claimed, prefetch: &Prefetch) -> Result<Delivery, CrmError> {
+        let client = self.existing_client(row.entity_id, prefetch).await?;
         let (first, last) = split_name(&client.name);
         let contact = ZohoContact {
             external_key: row.entity_id,
@@ -674,22 +778,18 @@ impl Inner {
         Ok(Delivery::Done(json!({ "zoho_contact_id": id })))
     }
 
-    async fn zoho_sales_order(&self, row: &Claimed) -> Result<Delivery, CrmError> {
-        let (booking, _) = self
-            .bus
-            .bookings
-            .replay(row.entity_id, None)
-            .await
-            .map_err(internal)?;
-        if !booking.created {
+    async fn zoho_sales_order(
+        &self,
+        row: &Claimed,
+        prefetch: &Prefetch,
+    ) -> Result<Delivery, CrmError> {
+        let loaded = prefetch.get(self).await?;
+        let Some(booking) = loaded.bookings.get(&row.entity_id).filter(|b| b.created) else {
             return Err(permanent("the booking does not exist".into()));
-        }
-        let (client, _) = self
-            .bus
-            .clients
-            .replay(booking.client_id, None)
-            .await
-            .map_err(internal)?;
+        };
+        let Some(client) = loaded.clients.get(&booking.client_id) else {
+            return Err(internal("the booking's client was not loaded"));
+        };
         let Some(contact_id) = client.zoho_contact_id.clone() else {
             // The contact comes first. If its delivery is dead, this one cannot succeed either.
             let contact_dead: bool = sqlx::query_scalar(
@@ -710,15 +810,10 @@ impl Inner {
                 "waiting for the client's Zoho contact".into(),
             ));
         };
-        let vehicle: Option<(String, Option<String>)> = match booking.vehicle_id {
-            Some(v) => sqlx::query_as("SELECT name, zoho_item_id FROM vehicles WHERE id = $1")
-                .bind(v)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| internal(e.to_string()))?,
-            None => None,
-        };
-        let (vehicle_name, item) = vehicle.unwrap_or_default();
+        let (vehicle_name, item) = booking
+            .vehicle_id
+            .and_then(|v| loaded.vehicles.get(&v).cloned())
+            .unwrap_or_default();
         let mut items = Vec::new();
         if let Some(product_id) = item {
             items.push(SalesOrderItem {
