@@ -275,6 +275,23 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
         Some(order["id"].as_str().unwrap_or_default()),
         b.zoho_sales_order_id.as_deref()
     );
+    // The order is the booking as it stands, with its client's contact and its vehicle's item.
+    assert_eq!(
+        order["Subject"],
+        format!("{code} Rolls-Royce Ghost").as_str()
+    );
+    assert_eq!(order["Status"], "Approved");
+    assert_eq!(
+        order["Contact_Name"]["id"].as_str(),
+        c.zoho_contact_id.as_deref()
+    );
+    let items = order["Ordered_Items"]
+        .as_array()
+        .expect("the order's items");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["Product_Name"]["id"], "4150868000000100001");
+    assert_eq!(items[0]["Quantity"].as_f64(), Some(2.0));
+    assert_eq!(items[0]["List_Price"].as_f64(), Some(6500.0));
     // Write-backs are events of the outbox worker and derive nothing more.
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM integrations_outbox")
         .fetch_one(&h.db.pool)
@@ -290,6 +307,56 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
     .await
     .unwrap();
     assert_eq!(actors, 3, "kommo id, zoho id, sales order id");
+}
+
+/// The deliveries of one claim read their clients together; when that shared read fails (one
+/// client's stream holds an event this code cannot decode), each delivery reads its own, so
+/// only that client's rows fail (and are retried) and the others are delivered.
+#[tokio::test]
+async fn a_record_that_cannot_be_read_fails_only_its_own_rows_of_a_claim() {
+    let h = Harness::new().await;
+    let good = h.client("Layla Hassan").await;
+    let bad = h.client("Omar Farouk").await;
+    h.derive().await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Client', $1, 2, 'ClientDetailsUpdated', '1.0', '{\"ClientDetailsUpdated\": {\"name\": 42}}', '{}')",
+    )
+    .bind(bad.to_string())
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let worker = h.worker(paced(), 5);
+    let outcome = worker.try_execute_task().await.unwrap();
+    assert_eq!(
+        outcome,
+        outbox_worker::worker::ExecutionOutcome::Round {
+            delivered: 2,
+            retried: 2,
+            snoozed: 0,
+            dead: 0
+        },
+        "{:?}",
+        statuses(&h.db.pool).await
+    );
+    let rows: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT entity_id, target_system, status FROM integrations_outbox ORDER BY entity_id, target_system",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    for (entity, target, status) in rows {
+        let expected = if entity == good {
+            "processed"
+        } else {
+            "pending"
+        };
+        assert_eq!(status, expected, "{target} row of {entity}");
+    }
+    assert_eq!(h.kommo.contacts().len(), 1);
+    assert_eq!(h.zoho.contacts().len(), 1);
+    let (c, _) = h.bus.clients.replay(good, None).await.unwrap();
+    assert!(c.kommo_contact_id.is_some() && c.zoho_contact_id.is_some());
 }
 
 /// The rows derived per booking and action, in log order.

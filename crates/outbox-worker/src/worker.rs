@@ -88,15 +88,17 @@ pub struct Claimed {
     pub attempts: i32,
 }
 
-/// What the deliveries of one claim read: the bookings of its sales orders, the clients of its
-/// contacts and of those bookings, and the bookings' vehicles. Loaded for all of them together
-/// when the first delivery asks (a query per kind instead of a few per row), then shared. The
-/// states are as current as a delivery's own replay at its start would be: rows of one entity
-/// and target are never in delivery at once.
+/// What the contact and sales-order deliveries of one claim read: the bookings of its sales
+/// orders, the clients of its contacts and of those bookings, and the bookings' vehicles. Loaded
+/// for all of them together when the first delivery asks (a query per kind instead of a few per
+/// row), then shared. The states are as current as a delivery's own replay at its start would
+/// be: rows of one entity and target are never in delivery at once. If that load fails, each
+/// delivery reads its own, as if there were no prefetch, so a failure stays with its row.
 struct Prefetch {
     bookings: Vec<Uuid>,
     clients: Vec<Uuid>,
-    loaded: tokio::sync::OnceCell<Loaded>,
+    /// `None` once the load failed.
+    loaded: tokio::sync::OnceCell<Option<Loaded>>,
 }
 
 #[derive(Default)]
@@ -125,58 +127,68 @@ impl Prefetch {
         })
     }
 
-    /// Everything this claim's deliveries read, loaded on the first call. A load that fails
-    /// fails the delivery that asked (a retry, as for any database error); the next asks again.
-    async fn get(&self, worker: &Inner) -> Result<&Loaded, CrmError> {
+    /// Everything this claim's deliveries read, loaded once, on the first call (a delivery
+    /// cancelled while loading leaves the load to the next caller); `None` if it failed.
+    async fn get(&self, worker: &Inner) -> Option<&Loaded> {
         self.loaded
-            .get_or_try_init(|| async {
-                let bookings: HashMap<Uuid, Booking> = worker
-                    .bus
-                    .bookings
-                    .replay_many(&self.bookings)
-                    .await
-                    .map_err(internal)?
-                    .into_iter()
-                    .map(|(id, (booking, _))| (id, booking))
-                    .collect();
-                let mut client_ids = self.clients.clone();
-                client_ids.extend(bookings.values().filter(|b| b.created).map(|b| b.client_id));
-                client_ids.sort_unstable();
-                client_ids.dedup();
-                let clients = worker
-                    .bus
-                    .clients
-                    .replay_many(&client_ids)
-                    .await
-                    .map_err(internal)?
-                    .into_iter()
-                    .map(|(id, (client, _))| (id, client))
-                    .collect();
-                let mut vehicle_ids: Vec<Uuid> =
-                    bookings.values().filter_map(|b| b.vehicle_id).collect();
-                vehicle_ids.sort_unstable();
-                vehicle_ids.dedup();
-                let vehicles = if vehicle_ids.is_empty() {
-                    HashMap::new()
-                } else {
-                    sqlx::query_as::<_, (Uuid, String, Option<String>)>(
-                        "SELECT id, name, zoho_item_id FROM vehicles WHERE id = ANY($1)",
-                    )
-                    .bind(&vehicle_ids)
-                    .fetch_all(&worker.pool)
-                    .await
-                    .map_err(|e| internal(e.to_string()))?
-                    .into_iter()
-                    .map(|(id, name, item)| (id, (name, item)))
-                    .collect()
-                };
-                Ok(Loaded {
-                    bookings,
-                    clients,
-                    vehicles,
-                })
+            .get_or_init(|| async {
+                match self.load(worker).await {
+                    Ok(loaded) => Some(loaded),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox worker could not load a claim's records together; each delivery reads its own");
+                        None
+                    }
+                }
             })
             .await
+            .as_ref()
+    }
+
+    async fn load(&self, worker: &Inner) -> Result<Loaded, CrmError> {
+        let bookings: HashMap<Uuid, Booking> = worker
+            .bus
+            .bookings
+            .replay_many(&self.bookings)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|(id, (booking, _))| (id, booking))
+            .collect();
+        let mut client_ids = self.clients.clone();
+        client_ids.extend(bookings.values().filter(|b| b.created).map(|b| b.client_id));
+        client_ids.sort_unstable();
+        client_ids.dedup();
+        let clients = worker
+            .bus
+            .clients
+            .replay_many(&client_ids)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|(id, (client, _))| (id, client))
+            .collect();
+        let mut vehicle_ids: Vec<Uuid> = bookings.values().filter_map(|b| b.vehicle_id).collect();
+        vehicle_ids.sort_unstable();
+        vehicle_ids.dedup();
+        let vehicles = if vehicle_ids.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as::<_, (Uuid, String, Option<String>)>(
+                "SELECT id, name, zoho_item_id FROM vehicles WHERE id = ANY($1)",
+            )
+            .bind(&vehicle_ids)
+            .fetch_all(&worker.pool)
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .into_iter()
+            .map(|(id, name, item)| (id, (name, item)))
+            .collect()
+        };
+        Ok(Loaded {
+            bookings,
+            clients,
+            vehicles,
+        })
     }
 }
 
@@ -705,14 +717,19 @@ impl Inner {
 
     /// The current state of a client that must exist.
     async fn existing_client(&self, id: Uuid, prefetch: &Prefetch) -> Result<Client, CrmError> {
-        let client = match prefetch.get(self).await?.clients.get(&id) {
-            Some(client) => client.clone(),
-            None => self.bus.clients.replay(id, None).await.map_err(internal)?.0,
-        };
+        let client = self.client(id, prefetch).await?;
         if !client.created {
             return Err(permanent("the client does not exist".into()));
         }
         Ok(client)
+    }
+
+    /// A client's current state: from the claim's prefetch, else replayed.
+    async fn client(&self, id: Uuid, prefetch: &Prefetch) -> Result<Client, CrmError> {
+        match prefetch.get(self).await.and_then(|l| l.clients.get(&id)) {
+            Some(client) => Ok(client.clone()),
+            None => Ok(self.bus.clients.replay(id, None).await.map_err(internal)?.0),
+        }
     }
 
     /// Records an external id on the row's client, as the outbox worker.
@@ -783,13 +800,22 @@ impl Inner {
         row: &Claimed,
         prefetch: &Prefetch,
     ) -> Result<Delivery, CrmError> {
-        let loaded = prefetch.get(self).await?;
-        let Some(booking) = loaded.bookings.get(&row.entity_id).filter(|b| b.created) else {
+        let loaded = prefetch.get(self).await;
+        let booking: Booking = match loaded.and_then(|l| l.bookings.get(&row.entity_id)) {
+            Some(booking) => booking.clone(),
+            None => {
+                self.bus
+                    .bookings
+                    .replay(row.entity_id, None)
+                    .await
+                    .map_err(internal)?
+                    .0
+            }
+        };
+        if !booking.created {
             return Err(permanent("the booking does not exist".into()));
-        };
-        let Some(client) = loaded.clients.get(&booking.client_id) else {
-            return Err(internal("the booking's client was not loaded"));
-        };
+        }
+        let client = self.client(booking.client_id, prefetch).await?;
         let Some(contact_id) = client.zoho_contact_id.clone() else {
             // The contact comes first. If its delivery is dead, this one cannot succeed either.
             let contact_dead: bool = sqlx::query_scalar(
@@ -810,10 +836,18 @@ impl Inner {
                 "waiting for the client's Zoho contact".into(),
             ));
         };
-        let (vehicle_name, item) = booking
-            .vehicle_id
-            .and_then(|v| loaded.vehicles.get(&v).cloned())
-            .unwrap_or_default();
+        let vehicle: Option<(String, Option<String>)> = match (booking.vehicle_id, loaded) {
+            (Some(v), Some(loaded)) => loaded.vehicles.get(&v).cloned(),
+            (Some(v), None) => {
+                sqlx::query_as("SELECT name, zoho_item_id FROM vehicles WHERE id = $1")
+                    .bind(v)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| internal(e.to_string()))?
+            }
+            (None, _) => None,
+        };
+        let (vehicle_name, item) = vehicle.unwrap_or_default();
         let mut items = Vec::new();
         if let Some(product_id) = item {
             items.push(SalesOrderItem {
