@@ -709,13 +709,20 @@ fn stage(id: &str, booking_status: Option<domain::booking::BookingStatus>) -> St
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_runs_twice() {
-    let db = TestDb::new().await;
-    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+/// A lead created and won: the process manager's input.
+struct WonLead {
+    lead: Uuid,
+    client: Uuid,
+    /// The booking's id and code, fixed by `LeadWon`.
+    booking_id: Uuid,
+    booking_code: String,
+}
+
+/// Creates a lead and wins it (the Ghost, from day 20 to 23).
+async fn won_lead(bus: &CommandBus, kommo_lead_id: i64) -> WonLead {
     let lead = Uuid::now_v7();
     let client = Uuid::now_v7();
-    let lead_code = codes::allocate(&db.pool, CodeKind::Lead).await.unwrap();
+    let lead_code = codes::allocate(&bus.pool, CodeKind::Lead).await.unwrap();
     bus.leads
         .execute(
             lead,
@@ -734,7 +741,7 @@ async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_run
                 requested_end_at: Some(day(23)),
                 fleet_size: 1,
                 expected_close_at: None,
-                kommo_lead_id: Some(23_802_129),
+                kommo_lead_id: Some(kommo_lead_id),
             },
             &meta(),
             None,
@@ -742,7 +749,7 @@ async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_run
         .await
         .unwrap();
     let booking_id = Uuid::now_v7();
-    let booking_code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    let booking_code = codes::allocate(&bus.pool, CodeKind::Booking).await.unwrap();
     bus.leads
         .execute(
             lead,
@@ -760,6 +767,81 @@ async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_run
         )
         .await
         .unwrap();
+    WonLead {
+        lead,
+        client,
+        booking_id,
+        booking_code,
+    }
+}
+
+/// The process manager moves its checkpoint past the events it handled. Stopped by a `LeadWon`
+/// it cannot read, it has created the booking of the lead won before it, its checkpoint rests
+/// on that lead's `LeadWon` with the error recorded at the bad event, and it goes no further.
+#[tokio::test]
+async fn the_process_manager_stops_at_an_unreadable_event_with_the_events_before_it_handled() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let first = won_lead(&bus, 1).await;
+    let bad = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Lead', $1, 1, 'LeadWon', '1.0', '{\"LeadWon\": {\"booking_id\": 7}}', '{}')",
+    )
+    .bind(bad.to_string())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let after = won_lead(&bus, 2).await;
+    let position_of = async |lead: Uuid| -> i64 {
+        sqlx::query_scalar(
+            "SELECT global_position FROM events WHERE aggregate_id = $1 AND event_type = 'LeadWon'",
+        )
+        .bind(lead.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let (won_at, bad_at) = (position_of(first.lead).await, position_of(bad).await);
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let manager = tokio::spawn({
+        let bus = bus.clone();
+        async move { commands::process::run(&bus, stopped).await }
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let checkpoint = loop {
+        let row: Option<(i64, Option<i64>)> = sqlx::query_as(
+            "SELECT global_position, error_position FROM consumer_checkpoints WHERE name = $1",
+        )
+        .bind(commands::process::NAME)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some((at, Some(error))) = row {
+            break (at, error);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no error recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    stop.send(true).unwrap();
+    manager.await.unwrap();
+    assert_eq!(checkpoint, (won_at, bad_at));
+    let created = async |id| bus.bookings.replay(id, None).await.unwrap().0.created;
+    assert!(created(first.booking_id).await);
+    assert!(!created(after.booking_id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_won_lead_yields_exactly_one_booking_even_when_the_process_manager_runs_twice() {
+    let db = TestDb::new().await;
+    let bus = Arc::new(CommandBus::new(db.pool.clone()));
+    let WonLead {
+        lead,
+        client,
+        booking_id,
+        booking_code,
+    } = won_lead(&bus, 23_802_129).await;
 
     let log = crate::read_log(&db.pool, 2).await;
     let won = log

@@ -199,8 +199,18 @@ async fn follow(
         if !lead.still_held().await {
             return Ok(());
         }
+        // The checkpoint moves once per batch, past the events handled: handling is
+        // idempotent (the booking's id and code are fixed in `LeadWon`), so after a crash the
+        // events of an unsaved batch are handled again harmlessly. Saving after every event
+        // made each event a durable commit of its own, and the manager fell far behind a busy
+        // log.
+        let mut handled = None;
+        let mut count = 0;
         for event in &batch {
             if let Err(e) = handle(bus, event).await {
+                if let Some(position) = handled {
+                    checkpoints::save(&bus.pool, NAME, position, count).await?;
+                }
                 checkpoints::record_error(
                     &bus.pool,
                     NAME,
@@ -210,7 +220,11 @@ async fn follow(
                 .await?;
                 return Err(e);
             }
-            checkpoints::save(&bus.pool, NAME, event.position, 1).await?;
+            handled = Some(event.position);
+            count += 1;
+        }
+        if let Some(position) = handled {
+            checkpoints::save(&bus.pool, NAME, position, count).await?;
         }
         tracing::debug!(consumer = NAME, events = batch.len(), "batch handled");
     }
