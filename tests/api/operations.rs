@@ -8,6 +8,82 @@ use uuid::Uuid;
 
 use crate::helpers::TestApp;
 
+/// The log's other consumers are reported beside the projections, with their lag and the error
+/// one is stopped on (also as metrics): the outbox projector (it runs in the worker role; here
+/// once, by hand) and the won-lead process manager, stopped here by a `LeadWon` it cannot read.
+#[tokio::test]
+async fn the_outbox_projector_and_the_process_manager_report_their_lag_and_errors() {
+    let app = TestApp::spawn().await;
+    app.client("Consumer Case").await;
+    // Until the client's registration is final in the log and applied.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        projections::runner::catch_up(&app.pool, &outbox_worker::projector::OutboxProjector, 500)
+            .await
+            .unwrap();
+        let status = app.get("integration", "/v1/projections").await;
+        assert_eq!(status.status, 200);
+        if status.body["consumers"][0]["events_behind"] == 0 {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{:#}", status.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let consumers = status.body["consumers"].as_array().unwrap();
+    let names: Vec<&str> = consumers
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["outbox", "lead_to_booking"]);
+    let outbox = &consumers[0];
+    assert_eq!(outbox["events_behind"], 0, "{outbox:#}");
+    assert!(
+        outbox["global_position"].as_i64().unwrap() > 0,
+        "{outbox:#}"
+    );
+
+    let bad: i64 = sqlx::query_scalar(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Lead', $1, 1, 'LeadWon', '1.0', '{\"LeadWon\": {\"booking_id\": 7}}', '{}') \
+         RETURNING global_position",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let status = app
+        .eventually("operations", "/v1/projections", |b| {
+            b["consumers"][1]["error_position"] == bad
+        })
+        .await;
+    let manager = &status["consumers"][1];
+    assert!(manager["last_error"].as_str().is_some(), "{manager:#}");
+    assert!(manager["global_position"].as_i64().unwrap() < bad);
+    assert!(manager["events_behind"].as_i64().unwrap() >= 1);
+    assert!(status["consumers"][0]["events_behind"].as_i64().unwrap() >= 1);
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("consumer_stopped{consumer=\"lead_to_booking\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("consumer_stopped{consumer=\"outbox\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("projection_stopped{projection=\"bookings\"} 0"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn projections_show_their_lag_and_rebuild_in_the_background() {
     let app = TestApp::spawn().await;

@@ -14,6 +14,26 @@ use crate::consistency::MinPosition;
 use crate::error::{ApiResult, Problem, ProblemKind};
 use crate::extract::ApiQuery;
 
+/// The consumers of the global log besides the projections, by checkpoint and name: the outbox
+/// projector (in the worker role) and the won-lead process manager (in the projector role).
+/// They lag and stop on an event they cannot read like a projection, so they are reported
+/// beside them; they are not rebuilt.
+pub const OTHER_CONSUMERS: &[(&str, &str)] = &[
+    ("projection:outbox", "outbox"),
+    (commands::process::NAME, "lead_to_booking"),
+];
+
+/// Where each of [`OTHER_CONSUMERS`] stands.
+pub async fn other_consumers(
+    pool: &sqlx::PgPool,
+) -> Result<Vec<projections::status::ProjectionStatus>, sqlx::Error> {
+    let mut out = Vec::with_capacity(OTHER_CONSUMERS.len());
+    for (checkpoint, name) in OTHER_CONSUMERS {
+        out.push(projections::status::one(pool, checkpoint, name).await?);
+    }
+    Ok(out)
+}
+
 async fn require_outbox(state: &AppState) -> ApiResult<()> {
     let installed: bool =
         sqlx::query_scalar("SELECT to_regclass('integrations_outbox') IS NOT NULL")
@@ -149,7 +169,7 @@ pub async fn requeue(
     tag = "operations",
     params(MinPosition),
     responses(
-        (status = 200, description = "`{projections: [...], rebuilding: [...]}`", body = Object),
+        (status = 200, description = "`{projections: [...], consumers: [...], rebuilding: [...]}`: each projection's and each other consumer's (the outbox projector, the won-lead process manager) position, lag and error", body = Object),
         (status = "4XX", description = "Refused", body = crate::error::ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -159,9 +179,10 @@ pub async fn projection_status(
     ApiQuery(_min): ApiQuery<MinPosition>,
 ) -> ApiResult<Json<Value>> {
     let all = projections::status::all(&state.pool).await?;
+    let consumers = other_consumers(&state.pool).await?;
     let rebuilding: Vec<String> = state.rebuilding().into_iter().collect();
     Ok(Json(
-        json!({ "projections": all, "rebuilding": rebuilding }),
+        json!({ "projections": all, "consumers": consumers, "rebuilding": rebuilding }),
     ))
 }
 

@@ -72,22 +72,27 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     response
 }
 
+/// `{family}_events_behind`, `_seconds_behind`, `_position` and `_stopped`, labelled
+/// `{family}="name"`, for each consumer of the log in `all`.
+fn export_lag(family: &'static str, all: &[projections::status::ProjectionStatus]) {
+    for c in all {
+        let gauge =
+            |what: &str| metrics::gauge!(format!("{family}_{what}"), family => c.name.clone());
+        gauge("events_behind").set(c.events_behind as f64);
+        gauge("seconds_behind").set(c.seconds_behind);
+        gauge("position").set(c.global_position as f64);
+        gauge("stopped").set(if c.last_error.is_some() { 1.0 } else { 0.0 });
+    }
+}
+
 async fn refresh_gauges(state: &AppState) {
     match projections::status::all(&state.pool).await {
-        Ok(all) => {
-            for p in all {
-                let name = p.name.clone();
-                metrics::gauge!("projection_events_behind", "projection" => name.clone())
-                    .set(p.events_behind as f64);
-                metrics::gauge!("projection_seconds_behind", "projection" => name.clone())
-                    .set(p.seconds_behind);
-                metrics::gauge!("projection_position", "projection" => name.clone())
-                    .set(p.global_position as f64);
-                metrics::gauge!("projection_stopped", "projection" => name)
-                    .set(if p.last_error.is_some() { 1.0 } else { 0.0 });
-            }
-        }
+        Ok(all) => export_lag("projection", &all),
         Err(e) => tracing::warn!(error = %e, "cannot read projection status for metrics"),
+    }
+    match crate::ops::other_consumers(&state.pool).await {
+        Ok(all) => export_lag("consumer", &all),
+        Err(e) => tracing::warn!(error = %e, "cannot read consumer status for metrics"),
     }
     if let Ok(rows) = sqlx::query_as::<_, (String, i64)>(
         "SELECT status, count(*) FROM integrations_outbox GROUP BY status",
