@@ -61,27 +61,30 @@ async fn the_outbox_projector_and_the_process_manager_report_their_lag_and_error
     assert!(manager["global_position"].as_i64().unwrap() < bad);
     assert!(manager["events_behind"].as_i64().unwrap() >= 1);
     assert!(status["consumers"][0]["events_behind"].as_i64().unwrap() >= 1);
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains("consumer_stopped{consumer=\"lead_to_booking\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("consumer_stopped{consumer=\"outbox\"} 0"),
-        "{text}"
-    );
-    assert!(
-        text.contains("projection_stopped{projection=\"bookings\"} 0"),
-        "{text}"
-    );
+    // Gauges are set at each scrape (from this test's database; scraped again if another test
+    // in the same process scraped its own in between).
+    let expected = [
+        "consumer_stopped{consumer=\"lead_to_booking\"} 1",
+        "consumer_stopped{consumer=\"outbox\"} 0",
+        "projection_stopped{projection=\"bookings\"} 0",
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if expected.iter().all(|line| text.contains(line)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! Prometheus metrics: request counts and latency per route, and at each scrape the lag of every
-//! projection (events and seconds behind the head of the log), whether it is stopped on an error,
-//! the outbox by status and the Kommo webhook backlog.
+//! consumer of the log (events and seconds behind its head; `projection_*` for the projections,
+//! `consumer_*` for the outbox projector and the process manager), whether it is stopped on an
+//! error, the outbox by status and the Kommo webhook backlog.
 
 use std::sync::OnceLock;
 use std::time::Instant;

@@ -944,7 +944,7 @@ async fn http_commands(
     while worst_lag_ms(&db.pool, &lagging).await? > 0.0 {
         anyhow::ensure!(
             done.elapsed() < Duration::from_secs(300),
-            "projections never caught up"
+            "the log's consumers never caught up"
         );
         for c in &mut consumers {
             if let Some(status) = c.try_wait()? {
@@ -990,12 +990,12 @@ async fn http_commands(
     add("max latency".into(), max, "ms");
     if api_alone {
         add(
-            format!("projections' catch-up of the run's {backlog} events after it"),
+            format!("consumers' catch-up of the run's {backlog} events after it"),
             catch_up * 1000.0,
             "ms",
         );
         add(
-            "projections' catch-up rate (`skyluxse project` started after the run)".into(),
+            "consumers' catch-up rate (`skyluxse project` started after the run)".into(),
             backlog as f64 / catch_up.max(1e-9),
             "events/s",
         );

@@ -3,7 +3,8 @@
 //! `LeadWon` fixes the booking's id and code, so creating the booking is idempotent: running the
 //! manager twice on the same event (a crash before its checkpoint moved, two instances in a
 //! failover) finds the booking already created and only re-links it. Its checkpoint moves after
-//! the commands (at-least-once), which that idempotency makes exactly-once in effect.
+//! the commands, once per batch (at-least-once: a crash handles at most that batch again), which
+//! that idempotency makes exactly-once in effect.
 
 use std::time::Duration;
 
