@@ -807,6 +807,15 @@ fn consumers(with_outbox: bool) -> Vec<String> {
     names
 }
 
+/// Outbox rows not yet delivered (or dead).
+async fn open_outbox_rows(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM integrations_outbox WHERE status IN ('pending', 'processing')",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// The worst lag over `consumers`: how old the oldest event one of them has not handled is, in
 /// ms (0 = all caught up).
 async fn worst_lag_ms(pool: &PgPool, consumers: &[String]) -> anyhow::Result<f64> {
@@ -884,6 +893,7 @@ async fn http_commands(
     });
 
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -954,6 +964,32 @@ async fn http_commands(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let catch_up = done.elapsed().as_secs_f64();
+    // All in one, the worker delivers the run's outbox rows (its bookings' Zoho sales orders) to
+    // the sandbox CRMs meanwhile: how long after its event each reached its CRM, and when the
+    // last did. The clients' contacts, registered before the run, are not counted: they wait
+    // for Kommo's pacing (6 requests/s).
+    let mut crm_sync = None;
+    if !api_alone {
+        while open_outbox_rows(&db.pool).await? > 0 {
+            anyhow::ensure!(
+                done.elapsed() < Duration::from_secs(300),
+                "the outbox never drained"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drained = done.elapsed().as_secs_f64();
+        let (p50, p99, rows): (Option<f64>, Option<f64>, i64) = sqlx::query_as(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), \
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY d), count(*) \
+             FROM (SELECT extract(epoch FROM o.processed_at - e.recorded_at)::float8 * 1000 AS d \
+                   FROM integrations_outbox o JOIN events e ON e.global_position = o.source_position \
+                   WHERE o.status = 'processed' AND e.recorded_at >= $1) AS t",
+        )
+        .bind(started_at)
+        .fetch_one(&db.pool)
+        .await?;
+        crm_sync = Some((p50.unwrap_or(0.0), p99.unwrap_or(0.0), rows, drained));
+    }
     stop.send(true)?;
     let mut lags = sampler.await?;
     lags.sort_by(f64::total_cmp);
@@ -1004,6 +1040,19 @@ async fn http_commands(
         add("consumer lag p50 during the run".into(), lag(0.5), "ms");
         add("consumer lag p99 during the run".into(), lag(0.99), "ms");
         add("catch-up after the run".into(), catch_up * 1000.0, "ms");
+        if let Some((p50, p99, rows, drained)) = crm_sync {
+            add(
+                format!("CRM sync of the run's {rows} outbox rows: event to delivered p50"),
+                p50,
+                "ms",
+            );
+            add("CRM sync: event to delivered p99".into(), p99, "ms");
+            add(
+                "outbox drained after the run".into(),
+                drained * 1000.0,
+                "ms",
+            );
+        }
     }
     add("peak RSS of the API process".into(), rss_kb / 1024.0, "MB");
 
