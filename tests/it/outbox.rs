@@ -669,6 +669,47 @@ async fn a_sales_order_waits_for_its_contact_and_updates_instead_of_duplicating(
     assert_eq!(order["Status"], "Cancelled");
 }
 
+/// A sales order whose client's Zoho contact is not synced yet waits, without using an
+/// attempt, until the contact's row is due (here in backoff for 30 s), then looks again shortly
+/// after it, rather than every few seconds in between.
+#[tokio::test]
+async fn a_sales_order_waits_until_its_contacts_retry_is_due() {
+    let h = Harness::new().await;
+    let client = h.client("Nadia Karim").await;
+    let (booking, _) = h.confirmed_booking(client, 5).await;
+    h.derive().await;
+    let contact_due: chrono::DateTime<Utc> = sqlx::query_scalar(
+        "UPDATE integrations_outbox SET next_run_at = now() + interval '30 seconds', attempts = 1 \
+         WHERE entity_id = $1 AND target_system = 'zoho' RETURNING next_run_at",
+    )
+    .bind(client)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    let worker = h.worker(paced(), 5);
+    worker.try_execute_task().await.unwrap();
+    let (status, attempts, due, why): (String, i32, chrono::DateTime<Utc>, Option<String>) =
+        sqlx::query_as(
+            "SELECT status, attempts, next_run_at, last_error FROM integrations_outbox \
+             WHERE entity_id = $1 AND event_type = 'sales_order.upsert'",
+        )
+        .bind(booking)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "pending");
+    assert_eq!(attempts, 0, "waiting uses no attempt");
+    assert_eq!(
+        why.as_deref(),
+        Some("waiting for the client's Zoho contact")
+    );
+    assert!(
+        due >= contact_due && due <= contact_due + chrono::Duration::seconds(2),
+        "the sales order is due at {due}, its contact at {contact_due}"
+    );
+    assert!(h.zoho.sales_orders().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_workers_drain_a_large_backlog_once_each_in_order_within_kommo_pacing() {
     let h = Harness::new().await;

@@ -394,6 +394,14 @@ impl Worker {
     }
 }
 
+/// How soon a sales order waiting for its client's Zoho contact looks again after the contact's
+/// row is due (it is usually delivered within one call).
+const CONTACT_LOOK_AGAIN: Duration = Duration::from_millis(250);
+
+/// The longest a sales order waits for its contact's row before looking again (an operator may
+/// requeue a contact that waits longer).
+const CONTACT_WAIT_CAP: Duration = Duration::from_secs(60);
+
 /// The least time between a claim that found fewer due rows than it asked for and the next one.
 const SHORT_CLAIM_PAUSE: Duration = Duration::from_millis(20);
 
@@ -817,22 +825,34 @@ impl Inner {
         }
         let client = self.client(booking.client_id, prefetch).await?;
         let Some(contact_id) = client.zoho_contact_id.clone() else {
-            // The contact comes first. If its delivery is dead, this one cannot succeed either.
-            let contact_dead: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM integrations_outbox WHERE entity_id = $1 \
-                   AND target_system = 'zoho' AND event_type = 'contact.upsert' AND status = 'failed')",
+            // The contact comes first. If its delivery is dead, this one cannot succeed either;
+            // otherwise this one waits (no attempt used) until the contact's row is due, and
+            // looks again shortly after: a contact in delivery is usually done within a call.
+            let contact: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT status, next_run_at FROM integrations_outbox WHERE entity_id = $1 \
+                   AND target_system = 'zoho' AND event_type = 'contact.upsert' \
+                   AND status <> 'processed' \
+                 ORDER BY status = 'failed' DESC, next_run_at LIMIT 1",
             )
             .bind(booking.client_id)
-            .fetch_one(&self.pool)
+            .fetch_optional(&self.pool)
             .await
             .map_err(|e| internal(e.to_string()))?;
-            if contact_dead || !client.created {
+            let due_in = match contact {
+                Some((status, _)) if status == "failed" => None,
+                Some((status, at)) if status == "pending" => {
+                    Some((at - Utc::now()).to_std().unwrap_or_default())
+                }
+                // In delivery, or not derived yet, or delivered and its id on the way back.
+                _ => Some(Duration::ZERO),
+            };
+            let (Some(due_in), true) = (due_in, client.created) else {
                 return Err(permanent(
                     "the client's Zoho contact could not be synced; requeue it first".into(),
                 ));
-            }
+            };
             return Ok(Delivery::Wait(
-                Duration::from_secs(2),
+                due_in.min(CONTACT_WAIT_CAP) + CONTACT_LOOK_AGAIN,
                 "waiting for the client's Zoho contact".into(),
             ));
         };
