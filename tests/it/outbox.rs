@@ -671,7 +671,8 @@ async fn a_sales_order_waits_for_its_contact_and_updates_instead_of_duplicating(
 
 /// A sales order whose client's Zoho contact is not synced yet waits, without using an
 /// attempt, until the contact's row is due (here in backoff for 30 s), then looks again shortly
-/// after it, rather than every few seconds in between.
+/// after it, rather than every few seconds in between. A later contact row of the client (its
+/// details changed), due at once but waiting behind the first, does not make it look sooner.
 #[tokio::test]
 async fn a_sales_order_waits_until_its_contacts_retry_is_due() {
     let h = Harness::new().await;
@@ -686,6 +687,33 @@ async fn a_sales_order_waits_until_its_contacts_retry_is_due() {
     .fetch_one(&h.db.pool)
     .await
     .unwrap();
+    let update = ClientCommand::UpdateDetails {
+        name: None,
+        phone: Some("+971501234999".into()),
+        email: None,
+        residency_country: None,
+        preferred_language: None,
+        preferred_channels: None,
+        timezone: None,
+        gender: None,
+        date_of_birth: None,
+        passport_number: None,
+        emirates_id: None,
+    };
+    h.bus
+        .clients
+        .execute(client, update, &meta(), None)
+        .await
+        .unwrap();
+    h.derive().await;
+    let contact_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM integrations_outbox WHERE entity_id = $1 AND target_system = 'zoho'",
+    )
+    .bind(client)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(contact_rows, 2, "{:?}", statuses(&h.db.pool).await);
     let worker = h.worker(paced(), 5);
     worker.try_execute_task().await.unwrap();
     let (status, attempts, due, why): (String, i32, chrono::DateTime<Utc>, Option<String>) =

@@ -402,6 +402,9 @@ const CONTACT_LOOK_AGAIN: Duration = Duration::from_millis(250);
 /// requeue a contact that waits longer).
 const CONTACT_WAIT_CAP: Duration = Duration::from_secs(60);
 
+/// How long a sales order waits when its client has no Zoho contact row yet (not derived yet).
+const NO_CONTACT_ROW_WAIT: Duration = Duration::from_secs(2);
+
 /// The least time between a claim that found fewer due rows than it asked for and the next one.
 const SHORT_CLAIM_PAUSE: Duration = Duration::from_millis(20);
 
@@ -826,33 +829,34 @@ impl Inner {
         let client = self.client(booking.client_id, prefetch).await?;
         let Some(contact_id) = client.zoho_contact_id.clone() else {
             // The contact comes first. If its delivery is dead, this one cannot succeed either;
-            // otherwise this one waits (no attempt used) until the contact's row is due, and
-            // looks again shortly after: a contact in delivery is usually done within a call.
-            let contact: Option<(String, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT status, next_run_at FROM integrations_outbox WHERE entity_id = $1 \
+            // otherwise this one waits (no attempt used): until the earliest open contact row
+            // (the one the others wait behind) is due, or briefly while it is in delivery or
+            // just delivered (its id on the way back), or as before when there is no such row.
+            let contact: Option<(String, f64)> = sqlx::query_as(
+                "SELECT status, greatest(extract(epoch FROM next_run_at - now()), 0)::float8 \
+                 FROM integrations_outbox WHERE entity_id = $1 \
                    AND target_system = 'zoho' AND event_type = 'contact.upsert' \
-                   AND status <> 'processed' \
-                 ORDER BY status = 'failed' DESC, next_run_at LIMIT 1",
+                 ORDER BY status = 'failed' DESC, status = 'processed', source_position LIMIT 1",
             )
             .bind(booking.client_id)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| internal(e.to_string()))?;
-            let due_in = match contact {
+            let wait = match contact {
                 Some((status, _)) if status == "failed" => None,
-                Some((status, at)) if status == "pending" => {
-                    Some((at - Utc::now()).to_std().unwrap_or_default())
+                Some((status, due_in)) if status == "pending" => {
+                    Some(Duration::from_secs_f64(due_in).min(CONTACT_WAIT_CAP) + CONTACT_LOOK_AGAIN)
                 }
-                // In delivery, or not derived yet, or delivered and its id on the way back.
-                _ => Some(Duration::ZERO),
+                Some(_) => Some(CONTACT_LOOK_AGAIN),
+                None => Some(NO_CONTACT_ROW_WAIT),
             };
-            let (Some(due_in), true) = (due_in, client.created) else {
+            let (Some(wait), true) = (wait, client.created) else {
                 return Err(permanent(
                     "the client's Zoho contact could not be synced; requeue it first".into(),
                 ));
             };
             return Ok(Delivery::Wait(
-                due_in.min(CONTACT_WAIT_CAP) + CONTACT_LOOK_AGAIN,
+                wait,
                 "waiting for the client's Zoho contact".into(),
             ));
         };
