@@ -807,11 +807,17 @@ fn consumers(with_outbox: bool) -> Vec<String> {
     names
 }
 
-/// Outbox rows not yet delivered (or dead).
-async fn open_outbox_rows(pool: &PgPool) -> anyhow::Result<i64> {
+/// Outbox rows of events recorded since `since` not yet delivered (nor dead).
+async fn open_outbox_rows(
+    pool: &PgPool,
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM integrations_outbox WHERE status IN ('pending', 'processing')",
+        "SELECT count(*) FROM integrations_outbox o \
+         JOIN events e ON e.global_position = o.source_position \
+         WHERE o.status IN ('pending', 'processing') AND e.recorded_at >= $1",
     )
+    .bind(since)
     .fetch_one(pool)
     .await?)
 }
@@ -967,28 +973,39 @@ async fn http_commands(
     // All in one, the worker delivers the run's outbox rows (its bookings' Zoho sales orders) to
     // the sandbox CRMs meanwhile: how long after its event each reached its CRM, and when the
     // last did. The clients' contacts, registered before the run, are not counted: they wait
-    // for Kommo's pacing (6 requests/s).
+    // for Kommo's pacing (6 requests/s, two requests per new contact).
     let mut crm_sync = None;
     if !api_alone {
-        while open_outbox_rows(&db.pool).await? > 0 {
+        while open_outbox_rows(&db.pool, started_at).await? > 0 {
             anyhow::ensure!(
                 done.elapsed() < Duration::from_secs(300),
                 "the outbox never drained"
             );
+            if let Some(status) = served.child.try_wait()? {
+                anyhow::bail!("skyluxse serve exited before the outbox drained: {status}");
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let drained = done.elapsed().as_secs_f64();
-        let (p50, p99, rows): (Option<f64>, Option<f64>, i64) = sqlx::query_as(
-            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), \
-               percentile_cont(0.99) WITHIN GROUP (ORDER BY d), count(*) \
-             FROM (SELECT extract(epoch FROM o.processed_at - e.recorded_at)::float8 * 1000 AS d \
+        let (p50, p99, rows, failed): (Option<f64>, Option<f64>, i64, i64) = sqlx::query_as(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE delivered), \
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY d) FILTER (WHERE delivered), \
+               count(*) FILTER (WHERE delivered), count(*) FILTER (WHERE NOT delivered) \
+             FROM (SELECT extract(epoch FROM o.processed_at - e.recorded_at)::float8 * 1000 AS d, \
+                     o.status = 'processed' AS delivered \
                    FROM integrations_outbox o JOIN events e ON e.global_position = o.source_position \
-                   WHERE o.status = 'processed' AND e.recorded_at >= $1) AS t",
+                   WHERE e.recorded_at >= $1) AS t",
         )
         .bind(started_at)
         .fetch_one(&db.pool)
         .await?;
-        crm_sync = Some((p50.unwrap_or(0.0), p99.unwrap_or(0.0), rows, drained));
+        crm_sync = Some((
+            p50.unwrap_or(0.0),
+            p99.unwrap_or(0.0),
+            rows,
+            failed,
+            drained,
+        ));
     }
     stop.send(true)?;
     let mut lags = sampler.await?;
@@ -1040,7 +1057,7 @@ async fn http_commands(
         add("consumer lag p50 during the run".into(), lag(0.5), "ms");
         add("consumer lag p99 during the run".into(), lag(0.99), "ms");
         add("catch-up after the run".into(), catch_up * 1000.0, "ms");
-        if let Some((p50, p99, rows, drained)) = crm_sync {
+        if let Some((p50, p99, rows, failed, drained)) = crm_sync {
             add(
                 format!("CRM sync of the run's {rows} outbox rows: event to delivered p50"),
                 p50,
@@ -1051,6 +1068,11 @@ async fn http_commands(
                 "outbox drained after the run".into(),
                 drained * 1000.0,
                 "ms",
+            );
+            add(
+                "outbox rows of the run that failed (dead letters)".into(),
+                failed as f64,
+                "rows",
             );
         }
     }
