@@ -202,6 +202,18 @@ impl TestApp {
         )));
     }
 
+    /// The Prometheus text at `/metrics` (no key needed).
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -160,15 +160,7 @@ async fn health_readiness_and_metrics_answer() {
     assert_eq!(r.status, 200);
     let r = app.send(app.client.get(app.url("/healthz"))).await;
     assert!(r.header("x-request-id").is_some(), "request ids are echoed");
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(text.contains("http_requests_total"), "{text}");
     assert!(
         text.contains("projection_events_behind{projection=\"bookings\"}"),

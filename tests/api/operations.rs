@@ -70,15 +70,7 @@ async fn the_outbox_projector_and_the_process_manager_report_their_lag_and_error
     ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let text = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.metrics_text().await;
         if expected.iter().all(|line| text.contains(line)) {
             break;
         }

@@ -607,24 +607,7 @@ async fn replaying_many_aggregates_at_once_gives_each_the_state_of_its_own_repla
     let short = create(&bus, Some(GHOST), 3, 5).await;
     confirm(&bus, short).await.unwrap();
     let old = Uuid::now_v7();
-    let v1 = serde_json::json!({"BookingCreated": {
-        "external_code": "BK-7001", "client_id": Uuid::now_v7(),
-        "owner_id": SALES, "booking_type": "rental", "priority": "high", "channel": "Kommo",
-        "start_at": "2025-11-01T10:00:00Z", "end_at": "2025-11-03T10:00:00Z",
-        "rental_duration_days": 2, "vehicle_id": null, "driver_id": null,
-        "price_daily": "6500.00", "deposit_amount": "5000.00", "advance_payment": "0.00",
-        "full_insurance_fee": "0.00", "pickup_location": null, "dropoff_location": null,
-        "services": [], "lead_id": null, "total_amount": "13000.00"
-    }});
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         VALUES ('Booking', $1, 1, 'BookingCreated', '1.0', $2, '{\"actor_type\": \"system\"}')",
-    )
-    .bind(old.to_string())
-    .bind(&v1)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    crate::store_v1_booking_created(&db.pool, old, "BK-7001", Uuid::now_v7(), SALES).await;
     let unknown = Uuid::now_v7();
 
     let ids = [long, short, old, unknown];

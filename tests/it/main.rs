@@ -16,6 +16,38 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use store::global_log::{LogPosition, RecordedEvent, read_after};
+use uuid::Uuid;
+
+/// Stores booking `id`'s creation in its 1.0 shape, as written before `currency` existed (every
+/// booking was in AED), straight into the event store: what the upcaster must bring forward.
+/// Returns the stored payload.
+pub async fn store_v1_booking_created(
+    pool: &PgPool,
+    id: Uuid,
+    code: &str,
+    client: Uuid,
+    owner: Uuid,
+) -> serde_json::Value {
+    let v1 = serde_json::json!({"BookingCreated": {
+        "external_code": code, "client_id": client,
+        "owner_id": owner, "booking_type": "rental", "priority": "high", "channel": "Kommo",
+        "start_at": "2025-11-01T10:00:00Z", "end_at": "2025-11-03T10:00:00Z",
+        "rental_duration_days": 2, "vehicle_id": null, "driver_id": null,
+        "price_daily": "6500.00", "deposit_amount": "5000.00", "advance_payment": "0.00",
+        "full_insurance_fee": "0.00", "pickup_location": null, "dropoff_location": null,
+        "services": [], "lead_id": null, "total_amount": "13000.00"
+    }});
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Booking', $1, 1, 'BookingCreated', '1.0', $2, '{\"actor_type\": \"system\"}')",
+    )
+    .bind(id.to_string())
+    .bind(&v1)
+    .execute(pool)
+    .await
+    .unwrap();
+    v1
+}
 
 /// Reads the global log until at least `n` events are final, or 10 s passed. Other tests'
 /// open transactions on the same server hold the horizon back for a moment.

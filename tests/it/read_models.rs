@@ -1264,25 +1264,7 @@ async fn a_stored_v1_booking_created_reaches_the_read_models_upcast() {
         .await
         .unwrap();
     let id = Uuid::now_v7();
-    // `BookingCreated` 1.0 had no currency (every booking was in AED).
-    let v1 = serde_json::json!({"BookingCreated": {
-        "external_code": "BK-1001", "client_id": client,
-        "owner_id": OPS, "booking_type": "rental", "priority": "high", "channel": "Kommo",
-        "start_at": "2025-11-01T10:00:00Z", "end_at": "2025-11-03T10:00:00Z",
-        "rental_duration_days": 2, "vehicle_id": null, "driver_id": null,
-        "price_daily": "6500.00", "deposit_amount": "5000.00", "advance_payment": "0.00",
-        "full_insurance_fee": "0.00", "pickup_location": null, "dropoff_location": null,
-        "services": [], "lead_id": null, "total_amount": "13000.00"
-    }});
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-         VALUES ('Booking', $1, 1, 'BookingCreated', '1.0', $2, '{\"actor_type\": \"system\"}')",
-    )
-    .bind(id.to_string())
-    .bind(&v1)
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let v1 = crate::store_v1_booking_created(&db.pool, id, "BK-1001", client, OPS).await;
     bus.bookings
         .execute(
             id,
