@@ -56,7 +56,7 @@ async fn create(bus: &CommandBus, vehicle: Option<Uuid>, from: i64, to: i64) -> 
     let code = codes::allocate(&bus.pool, CodeKind::Booking).await.unwrap();
     let id = Uuid::now_v7();
     bus.bookings
-        .execute(
+        .create(
             id,
             BookingCommand::Create(Box::new(create_cmd(code, vehicle, from, to))),
             &meta(),
@@ -348,7 +348,7 @@ async fn two_creations_of_one_booking_with_different_codes_leave_one_and_refuse_
         let bus = bus.clone();
         tokio::spawn(async move {
             bus.bookings
-                .execute(
+                .create(
                     id,
                     BookingCommand::Create(Box::new(create_cmd(code, None, 0, 1))),
                     &meta(),
@@ -681,6 +681,56 @@ async fn a_stream_remembered_short_but_lengthened_elsewhere_is_decided_on_its_wh
     .await
     .unwrap();
     assert!(snapshot >= 28, "the snapshot went on: {snapshot}");
+}
+
+/// A creation loads its stream as a short one, but an id that already has a long stream with
+/// snapshots is still refused as existing, and writes nothing; a created stream takes its
+/// snapshots as it grows.
+#[tokio::test]
+async fn a_creation_on_an_id_with_a_long_stream_is_refused_and_a_new_stream_takes_snapshots() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::with_snapshots(db.pool.clone(), Some(4));
+    let id = create(&bus, None, 0, 1).await;
+    for i in 0..12 {
+        let command = BookingCommand::ChangeOwner {
+            owner_id: Uuid::from_u128(1000 + i),
+        };
+        bus.bookings
+            .execute(id, command, &meta(), None)
+            .await
+            .unwrap();
+    }
+    let snapshot = || {
+        sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT max(last_sequence) FROM snapshots \
+             WHERE aggregate_type = 'Booking' AND aggregate_id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_one(&db.pool)
+    };
+    assert!(
+        snapshot().await.unwrap().is_some_and(|s| s >= 8),
+        "the created stream took snapshots as it grew"
+    );
+    // Another process, which has never seen the stream, creates on the same id.
+    let other = CommandBus::with_snapshots(db.pool.clone(), Some(4));
+    let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    let again = other
+        .bookings
+        .create(
+            id,
+            BookingCommand::Create(Box::new(create_cmd(code.clone(), None, 5, 6))),
+            &meta(),
+            None,
+        )
+        .await;
+    assert!(
+        matches!(&again, Err(CommandError::Domain { code, .. }) if *code == "booking.already_exists"),
+        "{again:?}"
+    );
+    let (state, version) = other.bookings.replay(id, None).await.unwrap();
+    assert_eq!((version, state.owner_id), (13, Uuid::from_u128(1011)));
+    assert_eq!(codes::resolve(&db.pool, &code).await.unwrap(), None);
 }
 
 fn stage(id: &str, booking_status: Option<domain::booking::BookingStatus>) -> StageRef {

@@ -254,11 +254,41 @@ where
         metadata: &CommandMetadata,
         expected_version: Option<i64>,
     ) -> Result<Outcome, CommandError> {
+        self.run(id, command, metadata, expected_version, false)
+            .await
+    }
+
+    /// [`Self::execute`] for a creation on an id the caller has just made up (or one fixed in an
+    /// event, whose stream is at most a few events long): the stream is loaded in one query, as a
+    /// short one, instead of asking first for a snapshot it cannot have. Only the way of loading
+    /// differs: an id that does have a stream gets the same state, and the same refusal.
+    pub async fn create(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        metadata: &CommandMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<Outcome, CommandError> {
+        self.run(id, command, metadata, expected_version, true)
+            .await
+    }
+
+    async fn run(
+        &self,
+        id: Uuid,
+        command: A::Command,
+        metadata: &CommandMetadata,
+        expected_version: Option<i64>,
+        new_stream: bool,
+    ) -> Result<Outcome, CommandError> {
         let aggregate_id = id.to_string();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let store = self.store_for(id);
+            let store = match &self.short {
+                Some(short) if new_stream && attempt == 1 => &short.store,
+                _ => self.store_for(id),
+            };
             let mut context = store
                 .load_aggregate(&aggregate_id)
                 .await

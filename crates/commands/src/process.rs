@@ -117,7 +117,7 @@ pub async fn handle(bus: &CommandBus, event: &RecordedEvent) -> Result<Handled, 
     };
     let outcome = match bus
         .bookings
-        .execute(
+        .create(
             booking_id,
             BookingCommand::Create(Box::new(create)),
             &meta,

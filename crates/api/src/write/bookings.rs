@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, Empty, Extra, action, execute};
+use super::{Answer, Empty, Extra, action, execute_creation};
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{ApiJson, CommandContext};
@@ -132,7 +132,7 @@ pub async fn create(
         services,
         lead_id: req.lead_id,
     };
-    let outcome = execute(
+    let outcome = execute_creation(
         &state.bus.bookings,
         &ctx,
         id,

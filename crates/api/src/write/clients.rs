@@ -8,7 +8,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, execute};
+use super::{Answer, execute, execute_creation};
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{ApiJson, CommandContext};
@@ -73,7 +73,7 @@ pub async fn register(
         emirates_id: req.emirates_id,
         kommo_contact_id: req.kommo_contact_id,
     };
-    let outcome = execute(&state.bus.clients, &ctx, id, command).await?;
+    let outcome = execute_creation(&state.bus.clients, &ctx, id, command).await?;
     Ok(Answer::created(&outcome, format!("/v1/clients/{id}"), None))
 }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, Empty, Extra, action, execute};
+use super::{Answer, Empty, Extra, action, execute_creation};
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{ApiJson, CommandContext};
@@ -78,7 +78,7 @@ pub async fn create(
         first_payment_date: req.first_payment_date,
         contract_terms: req.contract_terms,
     };
-    let outcome = execute(&state.bus.deals, &ctx, id, command).await?;
+    let outcome = execute_creation(&state.bus.deals, &ctx, id, command).await?;
     Ok(Answer::created(
         &outcome,
         format!("/v1/deals/{id}"),

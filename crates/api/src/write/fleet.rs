@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, execute};
+use super::{Answer, execute, execute_creation};
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ApiJson, CommandContext};
@@ -57,7 +57,7 @@ pub async fn create_block(
         end_at: req.scheduled_end,
         description: req.description,
     };
-    let outcome = execute(&state.bus.vehicle_blocks, &ctx, id, command).await?;
+    let outcome = execute_creation(&state.bus.vehicle_blocks, &ctx, id, command).await?;
     Ok(Answer::created(
         &outcome,
         format!("/v1/vehicles/{vehicle_id}/blocks/{id}"),

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, action, execute};
+use super::{Answer, action, execute, execute_creation};
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ApiJson, CommandContext};
@@ -92,7 +92,7 @@ pub async fn create(
         expected_close_at: req.expected_close_at,
         kommo_lead_id: req.kommo_lead_id,
     };
-    let outcome = execute(&state.bus.leads, &ctx, id, command).await?;
+    let outcome = execute_creation(&state.bus.leads, &ctx, id, command).await?;
     Ok(Answer::created(
         &outcome,
         format!("/v1/leads/{id}"),

@@ -207,6 +207,25 @@ where
         .map_err(Problem::from)
 }
 
+/// Runs the creation `command` on `id`, an id the handler has just made up, for the caller
+/// ([`Executor::create`]: one query to load the stream it cannot have yet).
+pub async fn execute_creation<A>(
+    executor: &Executor<A>,
+    ctx: &CommandContext,
+    id: Uuid,
+    command: A::Command,
+) -> ApiResult<Outcome>
+where
+    A: Aggregate<Services = ()> + 'static,
+    A::Command: Clone,
+    A::Error: DomainError,
+{
+    executor
+        .create(id, command, &ctx.metadata, ctx.expected_version)
+        .await
+        .map_err(Problem::from)
+}
+
 /// Generates a `POST /v1/<resource>/{id}/<action>` handler: resolve the id, parse the body, build
 /// the command (the block may look things up with `.await?`), run it, answer 200.
 macro_rules! action {
