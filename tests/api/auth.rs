@@ -123,6 +123,16 @@ async fn every_role_is_allowed_or_refused_on_every_route_as_the_matrix_says() {
                     "a refused call wrote events"
                 );
             }
+            if method == Method::GET {
+                // axum runs the GET handler for HEAD: the same rule must apply.
+                let head = app.send(app.request(Method::HEAD, role, &path)).await;
+                assert_eq!(
+                    head.status == 403,
+                    !allowed,
+                    "{role} HEAD {path}: {}",
+                    head.status
+                );
+            }
         }
     }
 }

@@ -137,6 +137,12 @@ pub const ROLE_MATRIX: &[Rule] = &[
 
 /// The rule of a route, if it has one.
 pub fn rule_for(method: &Method, path: &str) -> Option<&'static Rule> {
+    // axum answers `HEAD` with the `GET` handler (the body dropped): the same rule applies.
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     ROLE_MATRIX
         .iter()
         .find(|r| r.method == method.as_str() && r.path == path)
