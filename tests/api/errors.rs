@@ -236,3 +236,75 @@ async fn a_bad_webhook_secret_or_signature_is_refused_and_nothing_is_stored() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(app.event_count().await, before);
 }
+
+/// Times out of the business's range (which PostgreSQL could not even hold, or the read models
+/// could not write) and NUL characters (which no text in PostgreSQL holds) are refused as invalid
+/// before anything is written, and the read models go on.
+#[tokio::test]
+async fn times_out_of_range_and_nul_characters_are_refused_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Range Case").await;
+    let before = app.event_count().await;
+    let out_of_range = |r: &crate::helpers::Resp| {
+        r.assert_problem(422, "validation");
+        let detail = r.body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("out of range") && detail.contains("1900-01-01 and 2199-12-31"),
+            "{:#}",
+            r.body
+        );
+    };
+    for start in [
+        "-10000-01-01T00:00:00Z",
+        "0000-06-01T00:00:00Z",
+        "2200-01-01T00:00:00Z",
+    ] {
+        let mut body = booking_body(&client);
+        body["start_at"] = json!(start);
+        out_of_range(&app.post("sales", "/v1/bookings", body).await);
+    }
+    let dob = json!({ "name": "Old Timer", "date_of_birth": "-10000-01-01" });
+    out_of_range(&app.post("sales", "/v1/clients", dob).await);
+    out_of_range(
+        &app.get("ceo", "/v1/bookings?from=-10000-01-01T00:00:00Z")
+            .await,
+    );
+    // Once a panic in the default range's arithmetic.
+    out_of_range(&app.get("ceo", "/v1/kpis?to=-262143-01-15").await);
+
+    let nul = |r: &crate::helpers::Resp| {
+        r.assert_problem(422, "validation");
+        assert_eq!(r.body["code"], "request.nul_character", "{:#}", r.body);
+    };
+    nul(&app
+        .post("sales", "/v1/clients", json!({ "name": "A\u{0}B" }))
+        .await);
+    nul(&app.get("ceo", "/v1/clients?tier=%00").await);
+    nul(&app
+        .post("operations", "/v1/bookings/BK-%00/confirm", json!({}))
+        .await);
+    assert_eq!(app.event_count().await, before, "a refusal wrote events");
+
+    // The edges of the range are taken, and the read models are still running.
+    let mut body = booking_body(&client);
+    body["start_at"] = json!("1900-01-01T00:00:00Z");
+    body["end_at"] = json!("1900-01-03T00:00:00Z");
+    let created = app.post("sales", "/v1/bookings", body).await;
+    assert_eq!(created.status, 201, "{:#}", created.body);
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let read = app
+        .get(
+            "ceo",
+            &format!(
+                "/v1/bookings/{id}?min_position={}",
+                created.body["position"]
+            ),
+        )
+        .await;
+    assert_eq!(read.status, 200, "{:#}", read.body);
+    assert_eq!(
+        read.body["start_at"], "1900-01-01T00:00:00+00:00",
+        "{:#}",
+        read.body
+    );
+}

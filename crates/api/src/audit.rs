@@ -70,6 +70,7 @@ fn no_booking(raw: &str) -> Problem {
 #[into_params(parameter_in = Query)]
 pub struct StateQuery {
     /// The state as it was at this time (RFC 3339): after the last event recorded at or before it.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub as_of: Option<DateTime<Utc>>,
     /// The state after this version (event sequence).
     pub version: Option<i64>,

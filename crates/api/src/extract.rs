@@ -66,6 +66,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], is_json: bool) -> Result<T,
     } else {
         bytes
     };
+    // PostgreSQL's text and jsonb hold no NUL character: refused here, before anything is
+    // written (only JSON's escape can put one into a string).
+    if text.windows(6).any(|w| w == b"\\u0000") && holds_nul(text) {
+        return Err(nul_problem("the body"));
+    }
     serde_json::from_slice(text).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
@@ -77,6 +82,40 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], is_json: bool) -> Result<T,
                 .with_code("request.invalid_body"),
         }
     })
+}
+
+/// Whether a string (or key) of the JSON document holds a NUL character.
+fn holds_nul(text: &[u8]) -> bool {
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(a) => a.iter().any(walk),
+            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || walk(v)),
+            _ => false,
+        }
+    }
+    serde_json::from_slice::<serde_json::Value>(text).is_ok_and(|v| walk(&v))
+}
+
+fn nul_problem(place: &str) -> Problem {
+    Problem::validation(format!(
+        "{place} holds a NUL character (\\u0000), which no text may"
+    ))
+    .with_code("request.nul_character")
+}
+
+/// Refuses a request whose path or query holds an encoded NUL character (`%00`), which no id,
+/// code or filter can be: PostgreSQL's text holds none.
+pub async fn refuse_nul(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let uri = request.uri();
+    let nul = |s: &str| s.contains("%00");
+    if nul(uri.path()) || uri.query().is_some_and(nul) {
+        return axum::response::IntoResponse::into_response(nul_problem("the address"));
+    }
+    next.run(request).await
 }
 
 /// The raw body (for webhooks), within the body limit.

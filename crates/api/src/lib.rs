@@ -48,6 +48,7 @@ pub mod ops;
 pub mod read;
 pub mod refs;
 pub mod telemetry;
+pub mod time;
 pub mod write;
 
 use std::collections::BTreeSet;
@@ -320,6 +321,7 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
                 )
                 .layer(from_fn(telemetry::track))
                 .layer(map_response(as_problem))
+                .layer(from_fn(extract::refuse_nul))
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::SERVICE_UNAVAILABLE,
                     REQUEST_TIMEOUT,

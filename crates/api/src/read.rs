@@ -220,8 +220,10 @@ pub struct ListBookings {
     pub client_id: Option<Uuid>,
     pub vehicle_id: Option<Uuid>,
     /// Bookings whose period ends after this time.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub from: Option<DateTime<Utc>>,
     /// Bookings whose period starts before this time.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub to: Option<DateTime<Utc>>,
     pub limit: Option<i64>,
     pub offset: Option<i64>,
@@ -274,8 +276,10 @@ pub async fn list_bookings(
 pub struct CalendarQuery {
     pub vehicle_id: Option<Uuid>,
     /// Default: 7 days ago.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub from: Option<DateTime<Utc>>,
     /// Default: 60 days from now.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub to: Option<DateTime<Utc>>,
     pub min_position: Option<i64>,
 }
@@ -472,8 +476,10 @@ pub async fn deal_events(
 #[into_params(parameter_in = Query)]
 pub struct KpiQuery {
     /// First business day (Asia/Dubai), `YYYY-MM-DD`; default 30 days before `to`.
+    #[serde(default, deserialize_with = "crate::time::opt_date")]
     pub from: Option<NaiveDate>,
     /// Last business day; default today.
+    #[serde(default, deserialize_with = "crate::time::opt_date")]
     pub to: Option<NaiveDate>,
     pub min_position: Option<i64>,
 }

@@ -54,7 +54,9 @@ pub struct CreateBookingRequest {
     pub priority: Option<Priority>,
     /// `Kommo`, `Website`, ...; default `Website`.
     pub channel: Option<String>,
+    #[serde(deserialize_with = "crate::time::instant")]
     pub start_at: DateTime<Utc>,
+    #[serde(deserialize_with = "crate::time::instant")]
     pub end_at: DateTime<Utc>,
     pub vehicle_id: Option<Uuid>,
     /// A `driver_profiles` id.
@@ -195,7 +197,9 @@ action!(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reschedule {
+    #[serde(deserialize_with = "crate::time::instant")]
     pub start_at: DateTime<Utc>,
+    #[serde(deserialize_with = "crate::time::instant")]
     pub end_at: DateTime<Utc>,
 }
 
@@ -247,6 +251,7 @@ pub struct StartDelivery {
     /// A `driver_profiles` id; the assigned driver when absent.
     pub driver_id: Option<Uuid>,
     /// When the car is promised at the client (delivery SLA); now when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub promised_at: Option<DateTime<Utc>>,
 }
 
@@ -271,6 +276,7 @@ action!(
 #[serde(deny_unknown_fields)]
 pub struct StartRental {
     /// When the car was handed over; now when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub started_at: Option<DateTime<Utc>>,
     pub pickup_mileage_km: i32,
     pub fuel_level_pct: i16,
@@ -294,6 +300,7 @@ action!(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Extend {
+    #[serde(deserialize_with = "crate::time::instant")]
     pub new_end_at: DateTime<Utc>,
     /// The daily price of the extra days; the booking's own when absent.
     #[schema(value_type = Option<String>)]
@@ -312,6 +319,7 @@ action!(
 #[serde(deny_unknown_fields)]
 pub struct Complete {
     /// When the car came back; now when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub returned_at: Option<DateTime<Utc>>,
     pub return_mileage_km: i32,
     pub fuel_level_pct: i16,
@@ -354,7 +362,9 @@ pub struct IssueInvoice {
     #[schema(value_type = String, example = "13000.00")]
     pub amount: Decimal,
     /// Now when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub issued_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub due_at: Option<DateTime<Utc>>,
 }
 
@@ -384,6 +394,7 @@ pub struct RecordPayment {
     /// `card`, `cash`, `bank_transfer`, ...
     pub method: String,
     /// Now when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub paid_at: Option<DateTime<Utc>>,
 }
 

@@ -31,6 +31,7 @@ pub struct RegisterClient {
     pub preferred_channels: Vec<String>,
     pub timezone: Option<String>,
     pub gender: Option<String>,
+    #[serde(default, deserialize_with = "crate::time::opt_date")]
     pub date_of_birth: Option<NaiveDate>,
     /// Personal data: stored in the event store only, never shown or logged.
     #[schema(value_type = Option<String>)]
@@ -89,6 +90,7 @@ pub struct UpdateClient {
     pub preferred_channels: Option<Vec<String>>,
     pub timezone: Option<String>,
     pub gender: Option<String>,
+    #[serde(default, deserialize_with = "crate::time::opt_date")]
     pub date_of_birth: Option<NaiveDate>,
     /// Personal data: stored in the event store only, never shown or logged.
     #[schema(value_type = Option<String>)]

@@ -33,8 +33,11 @@ pub struct DraftDeal {
     #[schema(value_type = Option<String>)]
     pub security_deposit: Option<Decimal>,
     pub term_months: i32,
+    #[serde(deserialize_with = "crate::time::date")]
     pub contract_start_date: NaiveDate,
+    #[serde(deserialize_with = "crate::time::date")]
     pub contract_end_date: NaiveDate,
+    #[serde(deserialize_with = "crate::time::date")]
     pub first_payment_date: NaiveDate,
     /// A JSON object of free-form terms.
     #[schema(value_type = Option<Object>)]
@@ -101,6 +104,7 @@ pub struct DealPayment {
     #[schema(value_type = String, example = "14500.00")]
     pub amount: Decimal,
     /// Now when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub paid_at: Option<DateTime<Utc>>,
 }
 
@@ -123,6 +127,7 @@ action!(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MissedPayment {
+    #[serde(deserialize_with = "crate::time::date")]
     pub due_date: NaiveDate,
     #[schema(value_type = String, example = "14500.00")]
     pub amount: Decimal,

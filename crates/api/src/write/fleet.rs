@@ -21,7 +21,9 @@ pub struct CreateBlock {
     /// `maintenance` (default), `repair`, `detailing`.
     #[schema(value_type = Option<String>, example = "maintenance")]
     pub job_type: Option<BlockKind>,
+    #[serde(deserialize_with = "crate::time::instant")]
     pub scheduled_start: DateTime<Utc>,
+    #[serde(deserialize_with = "crate::time::instant")]
     pub scheduled_end: DateTime<Utc>,
     pub description: Option<String>,
 }

@@ -42,10 +42,13 @@ pub struct CreateLead {
     /// Where the lead came from; default `API`.
     pub source: Option<String>,
     pub title: Option<String>,
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub requested_start_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub requested_end_at: Option<DateTime<Utc>>,
     /// Default 1.
     pub fleet_size: Option<i32>,
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub expected_close_at: Option<DateTime<Utc>>,
     pub kommo_lead_id: Option<i64>,
 }
@@ -149,6 +152,7 @@ action!(
 #[serde(deny_unknown_fields)]
 pub struct SetNextAction {
     pub next_action: String,
+    #[serde(deserialize_with = "crate::time::instant")]
     pub next_action_at: DateTime<Utc>,
 }
 
@@ -176,7 +180,9 @@ pub struct Win {
     #[schema(value_type = Option<String>, example = "rental")]
     pub booking_type: Option<BookingType>,
     /// The booked period; the lead's requested one when absent.
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub start_at: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub end_at: Option<DateTime<Utc>>,
     #[schema(value_type = String, example = "6500.00")]
     pub price_daily: Decimal,
