@@ -636,6 +636,99 @@ async fn permanent_errors_and_exhausted_attempts_dead_letter_and_a_requeue_deliv
     assert!(c.zoho_contact_id.is_some());
 }
 
+/// A dead letter requeued while a later row of the same client is in delivery (another worker
+/// holds it under a live lease) waits until that delivery ends: two deliveries of one record
+/// would both look it up, find nothing, and create it twice.
+#[tokio::test]
+async fn a_dead_letter_requeued_during_a_later_delivery_of_its_record_waits_for_it() {
+    let h = Harness::new().await;
+    h.kommo.inject(
+        FaultRule::new(Fault::Validation400)
+            .times(1)
+            .on(Method::POST, "/api/v4/contacts"),
+    );
+    let client = h.client("Huda Saleh").await;
+    let worker = h.worker(paced(), 3);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let first: Uuid = sqlx::query_scalar(
+        "SELECT id FROM integrations_outbox WHERE target_system = 'kommo' AND status = 'failed'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(h.kommo.contacts().is_empty());
+
+    // The client's details change; another worker is delivering that row.
+    h.bus
+        .clients
+        .execute(
+            client,
+            ClientCommand::UpdateDetails {
+                name: Some("Huda Saleh Al Amiri".into()),
+                phone: None,
+                email: None,
+                residency_country: None,
+                preferred_language: None,
+                preferred_channels: None,
+                timezone: None,
+                gender: None,
+                date_of_birth: None,
+                passport_number: None,
+                emirates_id: None,
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    h.derive().await;
+    let later: Uuid = sqlx::query_scalar(
+        "UPDATE integrations_outbox SET status = 'processing', lease_owner = 'another-worker', \
+           lease_expires_at = now() + interval '60 seconds', attempts = 1 \
+         WHERE target_system = 'kommo' AND status = 'pending' RETURNING id",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        outbox_worker::worker::requeue(&h.db.pool, first)
+            .await
+            .unwrap()
+    );
+    // A round (it delivers the client's Zoho row) leaves the requeued row alone.
+    worker.try_execute_task().await.unwrap();
+    let status: String = sqlx::query_scalar("SELECT status FROM integrations_outbox WHERE id = $1")
+        .bind(first)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "pending", "{:?}", statuses(&h.db.pool).await);
+    assert!(
+        h.kommo.contacts().is_empty(),
+        "delivered beside the other delivery"
+    );
+
+    // The other worker hands its row back; both rows are then delivered, one after the other,
+    // and the client has one Kommo contact.
+    sqlx::query(
+        "UPDATE integrations_outbox SET status = 'pending', lease_owner = NULL, \
+           lease_expires_at = NULL WHERE id = $1",
+    )
+    .bind(later)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(h.kommo.contacts().len(), 1);
+    let rows = statuses(&h.db.pool).await;
+    assert!(
+        rows.iter()
+            .filter(|r| r.0 == "kommo")
+            .all(|r| r.2 == "processed"),
+        "{rows:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_sales_order_waits_for_its_contact_and_updates_instead_of_duplicating() {
     let h = Harness::new().await;
@@ -1186,6 +1279,54 @@ async fn a_worker_whose_row_was_taken_over_gives_the_delivery_up_without_calling
     );
     // The Zoho row, still this worker's, was delivered.
     assert_eq!(h.zoho.contacts().len(), 1);
+}
+
+/// A worker whose lease renewals fail (its database connections are lost or exhausted) gives
+/// the delivery up before the lease it last renewed may run out: another worker could take the
+/// row over then, and two deliveries of one record would create it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_renew_its_lease_gives_the_delivery_up_before_it_runs_out() {
+    let h = Harness::new().await;
+    h.client("Renewal Refused").await;
+    h.derive().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_refuse_renewal() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF OLD.status = 'processing' AND NEW.status = 'processing' \
+           AND NEW.target_system = 'kommo' THEN RAISE EXCEPTION 'renewal refused by the test'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER zz_test_refuse_renewal BEFORE UPDATE ON integrations_outbox \
+           FOR EACH ROW EXECUTE FUNCTION test_refuse_renewal();",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let worker = Arc::new(h.worker_with(
+        Arc::new(Gate(gate)),
+        5,
+        Arc::new(crm::Unshared),
+        Duration::from_secs(1),
+    ));
+    let round = tokio::spawn({
+        let worker = worker.clone();
+        async move { worker.try_execute_task().await }
+    });
+    // The Kommo delivery waits for its turn to call, which does not come while its lease holds.
+    finishes_by_itself(
+        &round,
+        "the worker still waits to deliver a row whose lease it could not renew",
+    )
+    .await;
+    open.send_replace(true);
+    round.await.unwrap().unwrap();
+    assert!(h.kommo.requests().is_empty(), "{:?}", h.kommo.requests());
+    let kommo: String =
+        sqlx::query_scalar("SELECT status FROM integrations_outbox WHERE target_system = 'kommo'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(kommo, "processing", "left for its lease to run out");
+    assert_eq!(h.zoho.contacts().len(), 1, "the Zoho row was delivered");
 }
 
 /// A worker that claims its own row again after the lease of its first claim ran out (that

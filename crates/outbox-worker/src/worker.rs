@@ -435,8 +435,10 @@ impl Inner {
     /// Claims up to `limit` due rows. `few_due`: the last claim found fewer rows than it asked
     /// for, so most open rows are probably waiting behind an earlier row of their entity.
     ///
-    /// Two equivalent queries (a row is claimable when it is due and no earlier row of its entity
-    /// and target is open): walking the open rows in log order stops as soon as `limit` rows are
+    /// Two equivalent queries (a row is claimable when it is due, no earlier row of its entity
+    /// and target is open, and no other row of them is in delivery under a live lease: a dead
+    /// letter requeued while a later row of its entity is in delivery waits for it, so two
+    /// deliveries never look the same record up and create it twice): walking the open rows in log order stops as soon as `limit` rows are
     /// found, which is cheap when most open rows are claimable; when most wait behind an earlier
     /// row (a long backlog for few entities), that walk would visit every open row, so the first
     /// open row of each entity and target is taken instead, in one pass over an index.
@@ -450,6 +452,11 @@ impl Inner {
                SELECT o.id FROM heads h JOIN integrations_outbox o ON o.id = h.id \
                WHERE ((o.status = 'pending' AND o.next_run_at <= now()) \
                    OR (o.status = 'processing' AND o.lease_expires_at < now())) \
+                 AND NOT EXISTS ( \
+                   SELECT 1 FROM integrations_outbox p \
+                   WHERE p.entity_id = o.entity_id AND p.target_system = o.target_system \
+                     AND p.id <> o.id \
+                     AND p.status = 'processing' AND p.lease_expires_at >= now()) \
                ORDER BY h.source_position \
                LIMIT $1 \
                FOR UPDATE OF o SKIP LOCKED)"
@@ -461,8 +468,9 @@ impl Inner {
                  AND NOT EXISTS ( \
                    SELECT 1 FROM integrations_outbox p \
                    WHERE p.entity_id = o.entity_id AND p.target_system = o.target_system \
-                     AND p.source_position < o.source_position \
-                     AND p.status IN ('pending', 'processing')) \
+                     AND p.id <> o.id AND p.status IN ('pending', 'processing') \
+                     AND (p.source_position < o.source_position \
+                          OR (p.status = 'processing' AND p.lease_expires_at >= now()))) \
                ORDER BY o.source_position \
                LIMIT $1 \
                FOR UPDATE SKIP LOCKED)"
@@ -489,6 +497,8 @@ impl Inner {
     async fn deliver_leased(&self, row: &Claimed, prefetch: &Prefetch) -> Delivery {
         let delivery = self.deliver(row, prefetch);
         tokio::pin!(delivery);
+        // Until when the lease is surely held: the claim set it a lease from a moment before now.
+        let mut held_until = Instant::now() + self.config.lease;
         let mut renew = tokio::time::interval(self.config.lease / 3);
         renew.tick().await;
         loop {
@@ -497,9 +507,22 @@ impl Inner {
                 // the delivery goes on.
                 biased;
                 _ = renew.tick() => {
-                    if !self.renew_lease(row).await {
-                        tracing::warn!(row = %row.id, "this outbox row was claimed again; giving this delivery up");
-                        break Delivery::Abandoned;
+                    let asked = Instant::now();
+                    match self.renew_lease(row).await {
+                        Ok(true) => held_until = asked + self.config.lease,
+                        Ok(false) => {
+                            tracing::warn!(row = %row.id, "this outbox row was claimed again; giving this delivery up");
+                            break Delivery::Abandoned;
+                        }
+                        // The lease as last renewed may run out before the next renewal: then
+                        // another worker may take the row over, while this one cannot know.
+                        Err(e) if Instant::now() + self.config.lease / 3 >= held_until => {
+                            tracing::warn!(row = %row.id, error = %e, "could not renew this outbox row's lease before it may run out; giving this delivery up");
+                            break Delivery::Abandoned;
+                        }
+                        Err(e) => {
+                            tracing::warn!(row = %row.id, error = %e, "could not renew an outbox lease; trying again");
+                        }
                     }
                 }
                 d = &mut delivery => break d,
@@ -571,8 +594,8 @@ impl Inner {
 
     /// Extends the row's lease; false when the row is no longer this claim's: another worker
     /// took it over, or this one claimed it again (its attempt count moved on). A database error
-    /// says nothing either way: the delivery goes on (a takeover needs the database too).
-    async fn renew_lease(&self, row: &Claimed) -> bool {
+    /// says nothing either way (the caller gives up once the lease may have run out).
+    async fn renew_lease(&self, row: &Claimed) -> Result<bool, sqlx::Error> {
         let renewed = sqlx::query(
             "UPDATE integrations_outbox SET lease_expires_at = now() + make_interval(secs => $3) \
              WHERE id = $1 AND lease_owner = $2 AND attempts = $4 AND status = 'processing'",
@@ -583,13 +606,7 @@ impl Inner {
         .bind(row.attempts)
         .execute(&self.pool)
         .await;
-        match renewed {
-            Ok(done) => done.rows_affected() == 1,
-            Err(e) => {
-                tracing::warn!(row = %row.id, error = %e, "could not renew an outbox lease");
-                true
-            }
-        }
+        Ok(renewed?.rows_affected() == 1)
     }
 
     /// Hands back every row this worker holds (on shutdown): due again at once, the cut-off
