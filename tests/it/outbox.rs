@@ -309,6 +309,113 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
     assert_eq!(actors, 3, "kommo id, zoho id, sales order id");
 }
 
+/// A client whose first Zoho contact delivery failed for good, and whose details then changed
+/// (a new contact row): a sales order waits for that new row rather than failing with the old.
+#[tokio::test]
+async fn a_sales_order_waits_for_a_new_contact_row_after_an_older_one_failed() {
+    let h = Harness::new().await;
+    h.zoho.inject(
+        FaultRule::new(Fault::Validation400)
+            .times(1)
+            .path("/crm/v6/Contacts"),
+    );
+    let client = h.client("Second Chance").await;
+    let worker = h.worker(paced(), 5);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert!(h.zoho.contacts().is_empty());
+
+    h.bus
+        .clients
+        .execute(
+            client,
+            ClientCommand::UpdateDetails {
+                name: None,
+                phone: None,
+                email: Some("second.chance@example.com".into()),
+                residency_country: None,
+                preferred_language: None,
+                preferred_channels: None,
+                timezone: None,
+                gender: None,
+                date_of_birth: None,
+                passport_number: None,
+                emirates_id: None,
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    let (booking, code) = h.confirmed_booking(client, 1).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(h.zoho.contacts().len(), 1);
+    assert!(
+        h.zoho.sales_order_by_external(&code).is_some(),
+        "{:?}",
+        statuses(&h.db.pool).await
+    );
+    let (b, _) = h.bus.bookings.replay(booking, None).await.unwrap();
+    assert_eq!(b.zoho_sync_status.as_deref(), Some("synced"));
+}
+
+/// A sales order that failed for good after it was linked shows `failed` on its booking; once
+/// the operator requeues it and it goes through (Zoho answers with the id already linked), the
+/// booking shows `synced` again.
+#[tokio::test]
+async fn a_sales_order_synced_again_after_a_failure_shows_synced_on_its_booking() {
+    let h = Harness::new().await;
+    let client = h.client("Sync Again").await;
+    let (booking, _) = h.confirmed_booking(client, 1).await;
+    let worker = h.worker(paced(), 5);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let sync = async || {
+        let (b, _) = h.bus.bookings.replay(booking, None).await.unwrap();
+        (b.zoho_sync_status, b.zoho_sales_order_id)
+    };
+    let (status, linked) = sync().await;
+    assert_eq!(status.as_deref(), Some("synced"));
+
+    h.zoho.inject(
+        FaultRule::new(Fault::Validation400)
+            .times(1)
+            .path("/crm/v6/Sales_Orders"),
+    );
+    h.bus
+        .bookings
+        .execute(
+            booking,
+            BookingCommand::Cancel {
+                reason: "the guest changed plans".into(),
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(
+        sync().await.0.as_deref(),
+        Some("failed"),
+        "{:?}",
+        statuses(&h.db.pool).await
+    );
+
+    let failed: Uuid = sqlx::query_scalar(
+        "SELECT id FROM integrations_outbox WHERE status = 'failed' AND target_system = 'zoho'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        outbox_worker::worker::requeue(&h.db.pool, failed)
+            .await
+            .unwrap()
+    );
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(sync().await, (Some("synced".to_string()), linked));
+    assert_eq!(h.zoho.sales_orders().len(), 1);
+}
+
 /// The deliveries of one claim read their clients together; when that shared read fails (one
 /// client's stream holds an event this code cannot decode), each delivery reads its own, so
 /// only that client's rows fail (and are retried) and the others are delivered.

@@ -845,15 +845,20 @@ impl Inner {
         }
         let client = self.client(booking.client_id, prefetch).await?;
         let Some(contact_id) = client.zoho_contact_id.clone() else {
-            // The contact comes first. If its delivery is dead, this one cannot succeed either;
-            // otherwise this one waits (no attempt used): until the earliest open contact row
-            // (the one the others wait behind) is due, or briefly while it is in delivery or
-            // just delivered (its id on the way back), or as before when there is no such row.
+            // The contact comes first. While a contact row is open, this one waits (no attempt
+            // used): until the earliest open one (the one the others wait behind) is due, or
+            // briefly while it is in delivery. Otherwise the latest contact row tells: delivered
+            // (its id on the way back) waits briefly, dead means this one cannot succeed either
+            // (an older dead one does not, when a later one went through or is still open); and
+            // with no contact row yet it waits as before.
             let contact: Option<(String, f64)> = sqlx::query_as(
                 "SELECT status, greatest(extract(epoch FROM next_run_at - now()), 0)::float8 \
                  FROM integrations_outbox WHERE entity_id = $1 \
                    AND target_system = 'zoho' AND event_type = 'contact.upsert' \
-                 ORDER BY status = 'failed' DESC, status = 'processed', source_position LIMIT 1",
+                 ORDER BY status IN ('pending', 'processing') DESC, \
+                   CASE WHEN status IN ('pending', 'processing') THEN source_position \
+                        ELSE -source_position END \
+                 LIMIT 1",
             )
             .bind(booking.client_id)
             .fetch_optional(&self.pool)
@@ -908,8 +913,11 @@ impl Inner {
             items,
         };
         let id = self.targets.zoho.upsert_sales_order(&order).await?;
-        // Written back only when it is news (the command would be a no-op otherwise).
-        if booking.zoho_sales_order_id.as_deref() != Some(id.as_str()) {
+        // Written back only when it is news (the command would be a no-op otherwise): another
+        // id, or the same one after a failure was recorded (the order is in sync again).
+        if booking.zoho_sales_order_id.as_deref() != Some(id.as_str())
+            || booking.zoho_sync_status.as_deref() != Some("synced")
+        {
             self.bus
                 .bookings
                 .execute(
