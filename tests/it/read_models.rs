@@ -132,6 +132,106 @@ fn register(name: &str) -> ClientCommand {
     }
 }
 
+/// Each booking's outstanding amount as the client and KPI projections keep it equals the
+/// booking's own (`greatest(total - paid, 0)`), and the client's and the KPIs' sums are theirs.
+async fn assert_outstanding_amounts_agree(pool: &PgPool, context: &str) {
+    let facts: Vec<(Uuid, Decimal, Option<Decimal>, Option<Decimal>)> = sqlx::query_as(
+        "SELECT b.id, b.outstanding_amount, c.outstanding_amount, k.outstanding_amount \
+         FROM bookings b LEFT JOIN client_booking_facts c ON c.booking_id = b.id \
+           LEFT JOIN kpi_booking_facts k ON k.booking_id = b.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (id, booking, client, kpi) in facts {
+        assert_eq!(kpi, Some(booking), "{context}: booking {id}, KPI fact");
+        if let Some(client) = client {
+            assert_eq!(client, booking, "{context}: booking {id}, client fact");
+        }
+    }
+    let clients: Vec<(Uuid, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT c.id, c.outstanding_amount, coalesce(sum(b.outstanding_amount) \
+           FILTER (WHERE b.status <> 'cancelled'), 0) \
+         FROM clients c LEFT JOIN bookings b ON b.client_id = c.id GROUP BY c.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (id, shown, sum) in clients {
+        assert_eq!(shown, sum, "{context}: client {id}");
+    }
+    let (kpi, sum): (Decimal, Decimal) = sqlx::query_as(
+        "SELECT (SELECT outstanding_amount FROM kpi_totals), \
+           (SELECT coalesce(sum(outstanding_amount), 0) FROM bookings WHERE status <> 'cancelled')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(kpi, sum, "{context}: KPI total");
+}
+
+/// Paid in full, then the total goes down (a shorter period) and up again (a service): the
+/// booking owes nothing, and neither the client's figures nor the KPIs may say otherwise.
+#[tokio::test]
+async fn outstanding_amounts_follow_the_bookings_after_paying_more_than_a_lowered_total() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let client = Uuid::now_v7();
+    bus.clients
+        .execute(client, register("Paid Ahead"), &meta(), None)
+        .await
+        .unwrap();
+    let id = Uuid::now_v7();
+    let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    let start = Utc::now() + chrono::Duration::days(10);
+    bus.bookings
+        .create(
+            id,
+            BookingCommand::Create(Box::new(booking(code, client, None, start, 3))),
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    let (created, _) = bus.bookings.replay(id, None).await.unwrap();
+    for cmd in [
+        BookingCommand::RecordPayment {
+            payment_id: Uuid::now_v7(),
+            amount: created.total_amount.amount(),
+            method: "card".into(),
+            paid_at: Utc::now(),
+        },
+        BookingCommand::Reschedule {
+            start_at: start,
+            end_at: start + chrono::Duration::days(2),
+        },
+        BookingCommand::AddService(ServiceInput {
+            line_id: Uuid::now_v7(),
+            service_id: Uuid::now_v7(),
+            price: Decimal::from(500),
+            quantity: 1,
+            description: None,
+        }),
+    ] {
+        bus.bookings.execute(id, cmd, &meta(), None).await.unwrap();
+    }
+    project_all(&db.pool, 100).await;
+    let (b, _) = bus.bookings.replay(id, None).await.unwrap();
+    // A day less and a service more: still less than was paid.
+    assert_eq!(
+        b.total_amount.amount(),
+        created.total_amount.amount() - Decimal::from(6500 - 500)
+    );
+    assert_eq!(b.outstanding_amount().amount(), Decimal::ZERO);
+    assert_outstanding_amounts_agree(&db.pool, "paid ahead").await;
+    let shown: Decimal = sqlx::query_scalar("SELECT outstanding_amount FROM clients WHERE id = $1")
+        .bind(client)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(shown, Decimal::ZERO);
+}
+
 #[tokio::test]
 async fn a_booking_story_shows_in_every_read_model() {
     let db = TestDb::new().await;
@@ -624,6 +724,7 @@ fn incremental_read_models_equal_a_rebuild_from_zero_for_random_command_sequence
             let accepted = random_history(&db.pool, seed, steps).await;
             assert!(accepted > steps / 4, "the history did something ({accepted} of {steps})");
             project_all(&db.pool, 50).await;
+            assert_outstanding_amounts_agree(&db.pool, &format!("seed {seed}")).await;
             for p in projections::all() {
                 let report = projections::rebuild::rebuild(&db.pool, p.as_ref(), false, |_| {}).await.unwrap();
                 assert!(

@@ -57,8 +57,16 @@ struct Fact {
     client_id: Uuid,
     start_at: DateTime<Utc>,
     total_amount: Decimal,
-    outstanding_amount: Decimal,
+    /// All paid so far (the latest `BookingPaymentRecorded`'s `paid_amount`).
+    paid_amount: Decimal,
     cancelled: bool,
+}
+
+impl Fact {
+    /// `total_amount - paid_amount`, never below zero: the booking's own rule (SPEC §2).
+    fn outstanding(&self) -> Decimal {
+        (self.total_amount - self.paid_amount).max(Decimal::ZERO)
+    }
 }
 
 struct ClientsSession {
@@ -86,7 +94,7 @@ impl ClientsSession {
             return Ok(());
         }
         let rows: Vec<(Uuid, Uuid, DateTime<Utc>, Decimal, Decimal, bool)> = sqlx::query_as(
-            "SELECT booking_id, client_id, start_at, total_amount, outstanding_amount, cancelled \
+            "SELECT booking_id, client_id, start_at, total_amount, paid_amount, cancelled \
              FROM client_booking_facts WHERE booking_id = ANY($1)",
         )
         .bind(&missing)
@@ -95,14 +103,14 @@ impl ClientsSession {
         for b in missing {
             self.facts.insert(b, None);
         }
-        for (booking, client_id, start_at, total_amount, outstanding_amount, cancelled) in rows {
+        for (booking, client_id, start_at, total_amount, paid_amount, cancelled) in rows {
             self.facts.insert(
                 booking,
                 Some(Fact {
                     client_id,
                     start_at,
                     total_amount,
-                    outstanding_amount,
+                    paid_amount,
                     cancelled,
                 }),
             );
@@ -126,7 +134,7 @@ impl ClientsSession {
                     client_id: *client_id,
                     start_at: *start_at,
                     total_amount: total_amount.amount(),
-                    outstanding_amount: total_amount.amount(),
+                    paid_amount: Decimal::ZERO,
                     cancelled: false,
                 }),
             );
@@ -134,11 +142,6 @@ impl ClientsSession {
             return Some(*client_id);
         }
         let fact = self.facts.get_mut(&booking)?.as_mut()?;
-        let retotal = |f: &mut Fact, total: Decimal| {
-            f.outstanding_amount =
-                (f.outstanding_amount + total - f.total_amount).max(Decimal::ZERO);
-            f.total_amount = total;
-        };
         match ev {
             E::BookingRescheduled {
                 start_at,
@@ -146,14 +149,14 @@ impl ClientsSession {
                 ..
             } => {
                 fact.start_at = *start_at;
-                retotal(fact, total_amount.amount());
+                fact.total_amount = total_amount.amount();
             }
             E::BookingServiceAdded { total_amount, .. }
             | E::BookingServiceRemoved { total_amount, .. }
-            | E::BookingExtended { total_amount, .. } => retotal(fact, total_amount.amount()),
-            E::BookingPaymentRecorded {
-                outstanding_amount, ..
-            } => fact.outstanding_amount = outstanding_amount.amount(),
+            | E::BookingExtended { total_amount, .. } => fact.total_amount = total_amount.amount(),
+            E::BookingPaymentRecorded { paid_amount, .. } => {
+                fact.paid_amount = paid_amount.amount();
+            }
             E::BookingCancelled { .. } => fact.cancelled = true,
             _ => return None,
         }
@@ -194,6 +197,7 @@ const FACTS: Table = Table {
         "client_id",
         "start_at",
         "total_amount",
+        "paid_amount",
         "outstanding_amount",
         "cancelled",
     ],
@@ -265,7 +269,8 @@ impl Session for ClientsSession {
                 out.field("client_id", &f.client_id);
                 out.field("start_at", &f.start_at);
                 out.field("total_amount", &f.total_amount);
-                out.field("outstanding_amount", &f.outstanding_amount);
+                out.field("paid_amount", &f.paid_amount);
+                out.field("outstanding_amount", &f.outstanding());
                 out.field("cancelled", &f.cancelled);
             })
             .await?;

@@ -75,7 +75,8 @@ struct BookingFact {
     vehicle_id: Option<Uuid>,
     status: String,
     total_amount: Decimal,
-    outstanding_amount: Decimal,
+    /// All paid so far (the latest `BookingPaymentRecorded`'s `paid_amount`).
+    paid_amount: Decimal,
     start_at: DateTime<Utc>,
     end_at: DateTime<Utc>,
 }
@@ -88,11 +89,13 @@ impl BookingFact {
         )
     }
 
+    /// `total_amount - paid_amount`, never below zero (the booking's own rule, SPEC §2); none
+    /// for a cancelled booking.
     fn outstanding(&self) -> Decimal {
         if self.status == "cancelled" {
             Decimal::ZERO
         } else {
-            self.outstanding_amount
+            (self.total_amount - self.paid_amount).max(Decimal::ZERO)
         }
     }
 
@@ -236,7 +239,7 @@ impl KpisSession {
             let rows: Vec<(Uuid, BookingFact)> = fetch(
                 conn,
                 "SELECT booking_id AS id, vehicle_id, status::text AS status, total_amount, \
-                   outstanding_amount, start_at, end_at FROM kpi_booking_facts WHERE booking_id = ANY($1)",
+                   paid_amount, start_at, end_at FROM kpi_booking_facts WHERE booking_id = ANY($1)",
                 &bookings,
             )
             .await?;
@@ -382,11 +385,6 @@ impl KpisSession {
         day: NaiveDate,
     ) -> Result<(), ProjectionError> {
         use BookingEvent as E;
-        let retotal = |f: &mut BookingFact, total: Decimal| {
-            f.outstanding_amount =
-                (f.outstanding_amount + total - f.total_amount).max(Decimal::ZERO);
-            f.total_amount = total;
-        };
         let status = |s: &'static str| move |f: &mut BookingFact| f.status = s.to_string();
         match ev {
             E::BookingCreated {
@@ -400,7 +398,7 @@ impl KpisSession {
                     vehicle_id,
                     status: "lead".into(),
                     total_amount: total_amount.amount(),
-                    outstanding_amount: total_amount.amount(),
+                    paid_amount: Decimal::ZERO,
                     start_at,
                     end_at,
                 };
@@ -422,13 +420,13 @@ impl KpisSession {
                 self.set_booking(conn, id, |f| {
                     f.start_at = start_at;
                     f.end_at = end_at;
-                    retotal(f, total_amount.amount());
+                    f.total_amount = total_amount.amount();
                 })
                 .await?;
             }
             E::BookingServiceAdded { total_amount, .. }
             | E::BookingServiceRemoved { total_amount, .. } => {
-                self.set_booking(conn, id, |f| retotal(f, total_amount.amount()))
+                self.set_booking(conn, id, |f| f.total_amount = total_amount.amount())
                     .await?;
             }
             E::BookingExtended {
@@ -438,7 +436,7 @@ impl KpisSession {
             } => {
                 self.set_booking(conn, id, |f| {
                     f.end_at = new_end_at;
-                    retotal(f, total_amount.amount());
+                    f.total_amount = total_amount.amount();
                 })
                 .await?;
             }
@@ -472,13 +470,9 @@ impl KpisSession {
                 self.set_booking(conn, id, status("cancelled")).await?;
                 self.counts(conn, day).await?.bookings_cancelled += 1;
             }
-            E::BookingPaymentRecorded {
-                outstanding_amount, ..
-            } => {
-                self.set_booking(conn, id, |f| {
-                    f.outstanding_amount = outstanding_amount.amount()
-                })
-                .await?;
+            E::BookingPaymentRecorded { paid_amount, .. } => {
+                self.set_booking(conn, id, |f| f.paid_amount = paid_amount.amount())
+                    .await?;
             }
             _ => return Ok(()),
         }
@@ -730,6 +724,7 @@ const BOOKING_FACTS: Table = Table {
         "vehicle_id",
         "status",
         "total_amount",
+        "paid_amount",
         "outstanding_amount",
         "start_at",
         "end_at",
@@ -829,7 +824,12 @@ impl Session for KpisSession {
                 out.field("vehicle_id", &f.vehicle_id);
                 out.field("status", &f.status);
                 out.field("total_amount", &f.total_amount);
-                out.field("outstanding_amount", &f.outstanding_amount);
+                out.field("paid_amount", &f.paid_amount);
+                // As stored until now: not zeroed by a cancellation (the totals skip those).
+                out.field(
+                    "outstanding_amount",
+                    &(f.total_amount - f.paid_amount).max(Decimal::ZERO),
+                );
                 out.field("start_at", &f.start_at);
                 out.field("end_at", &f.end_at);
             })
