@@ -281,3 +281,68 @@ async fn booking_edits_blocks_and_cancellation() {
     assert_eq!(row["services"].as_array().unwrap().len(), 1);
     assert_eq!(row["currency"], "AED");
 }
+
+/// A win that names a client attaches it in the same command: when the win is refused, the lead
+/// keeps its client and its version (a retry with the same `If-Match` still fits); when it goes
+/// through, the won lead has the client and the booking is the client's.
+#[tokio::test]
+async fn a_win_naming_a_client_attaches_it_only_if_the_win_goes_through() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Attached On Win").await;
+    let lead = app
+        .ok(
+            "sales",
+            "/v1/leads",
+            json!({ "stage_id": "qualified", "value_amount": "20000", "source": "Website" }),
+        )
+        .await;
+    let code = lead["code"].as_str().unwrap().to_string();
+    let version = lead["version"].as_i64().unwrap();
+    let win = format!("/v1/leads/{code}/win");
+    // No period on the lead nor in the request: refused.
+    let r = app
+        .send(
+            app.request(reqwest::Method::POST, "sales", &win)
+                .header("if-match", version.to_string())
+                .json(&json!({ "client_id": client, "price_daily": "6500" })),
+        )
+        .await;
+    r.assert_problem(422, "validation");
+    let audit = app
+        .get(
+            "ceo",
+            &format!("/v1/leads/{code}?min_position={}", lead["position"]),
+        )
+        .await;
+    assert_eq!(audit.status, 200, "{:#}", audit.body);
+    assert!(audit.body["client_id"].is_null(), "{:#}", audit.body);
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Lead' AND aggregate_id = $1",
+    )
+    .bind(lead["id"].as_str().unwrap())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(events, version, "the refused win wrote nothing");
+
+    let won = app
+        .send(
+            app.request(reqwest::Method::POST, "sales", &win)
+                .header("if-match", version.to_string())
+                .json(&json!({ "client_id": client, "price_daily": "6500",
+                               "start_at": "2026-06-01T10:00:00Z",
+                               "end_at": "2026-06-03T10:00:00Z" })),
+        )
+        .await;
+    assert_eq!(won.status, 200, "{:#}", won.body);
+    assert_eq!(
+        won.body["version"],
+        version + 2,
+        "attached and won in one command"
+    );
+    let booking = won.body["booking_id"].as_str().unwrap().to_string();
+    let row = app
+        .eventually("ceo", &format!("/v1/bookings/{booking}"), |_| true)
+        .await;
+    assert_eq!(row["client_id"].as_str(), Some(client.as_str()));
+}

@@ -627,8 +627,9 @@ async fn a_takeover_waits_for_a_committing_first_attempt_and_answers_from_its_ev
     assert_eq!(confirmed, 1);
 }
 
-/// `win` attaches the client in a command of its own before winning: a first attempt that got
-/// only that far did not win, so its answer is not built from the attachment.
+/// `win` used to attach the client in a command of its own before winning (claims of that
+/// version may still be resolved): a first attempt that got only that far did not win, so its
+/// answer is not built from the attachment.
 #[test]
 fn a_win_that_only_attached_the_client_is_not_an_answer() {
     let lead = uuid::Uuid::now_v7();

@@ -794,6 +794,7 @@ async fn won_lead(bus: &CommandBus, kommo_lead_id: i64) -> WonLead {
                 end_at: None,
                 price_daily: Decimal::new(650_000, 2),
                 vehicle_id: Some(GHOST),
+                client_id: None,
             },
             &meta(),
             None,

@@ -610,6 +610,7 @@ async fn random_history(pool: &PgPool, seed: u64, steps: usize) -> usize {
                         end_at: None,
                         price_daily: Decimal::from(3000),
                         vehicle_id: None,
+                        client_id: None,
                     },
                 };
                 bus.leads.execute(id, cmd, &m, None).await.map(|_| ())

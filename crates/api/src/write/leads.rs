@@ -217,20 +217,8 @@ pub async fn win(
     if let Some(v) = req.vehicle_id {
         refs::require(&state.pool, "vehicle_id", Ref::Vehicle, v).await?;
     }
-    let mut ctx = ctx;
     if let Some(client_id) = req.client_id {
         refs::require(&state.pool, "client_id", Ref::Client, client_id).await?;
-        let attached = execute(
-            &state.bus.leads,
-            &ctx,
-            id,
-            LeadCommand::AttachClient { client_id },
-        )
-        .await?;
-        // The caller's If-Match was checked by the first command; the win follows it.
-        if ctx.expected_version.is_some() {
-            ctx.expected_version = Some(attached.version);
-        }
     }
     let booking_id = Uuid::now_v7();
     let booking_code = codes::allocate(&state.pool, CodeKind::Booking).await?;
@@ -242,6 +230,7 @@ pub async fn win(
         end_at: req.end_at,
         price_daily: req.price_daily,
         vehicle_id: req.vehicle_id,
+        client_id: req.client_id,
     };
     let outcome = execute(&state.bus.leads, &ctx, id, command).await?;
     Ok(Answer::ok(&outcome).map(|a| {

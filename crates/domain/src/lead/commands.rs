@@ -64,6 +64,9 @@ pub enum LeadCommand {
         end_at: Option<DateTime<Utc>>,
         price_daily: Decimal,
         vehicle_id: Option<Uuid>,
+        /// Attaches this client first (in the same commit), when it is not the lead's already.
+        #[serde(default)]
+        client_id: Option<Uuid>,
     },
     Lose {
         reason: String,

@@ -299,9 +299,13 @@ impl Aggregate for Lead {
                 end_at,
                 price_daily,
                 vehicle_id,
+                client_id,
             } => {
                 self.require_active("win")?;
-                let client_id = self.client_id.ok_or(LeadError::ClientRequired)?;
+                let attach = client_id.filter(|&c| self.client_id != Some(c));
+                let client_id = client_id
+                    .or(self.client_id)
+                    .ok_or(LeadError::ClientRequired)?;
                 let start_at = start_at.or(self.requested_start_at).ok_or_else(|| {
                     ValidationError::new(
                         "start_at",
@@ -312,15 +316,31 @@ impl Aggregate for Lead {
                     ValidationError::new("end_at", "is required: the lead has no requested period")
                 })?;
                 let period = Period::parse(start_at, end_at)?;
+                let price_daily = Money::parse("price_daily", price_daily)?;
+                // The booking the win makes will be refused if its total is: refused here, so
+                // that no won lead waits for a booking that can never be made.
+                if price_daily.times(period.duration_days()).is_none() {
+                    return Err(ValidationError::new(
+                        "price_daily",
+                        "is too large: the booking's total for the period would be too",
+                    )
+                    .into());
+                }
+                let booking_code = required_text("booking_code", &booking_code)?;
+                // Everything is checked: the client attached and the win commit together.
+                if let Some(client_id) = attach {
+                    sink.write(LeadEvent::LeadClientAttached { client_id }, self)
+                        .await;
+                }
                 LeadEvent::LeadWon {
                     booking_id,
-                    booking_code: required_text("booking_code", &booking_code)?,
+                    booking_code,
                     client_id,
                     owner_id: self.owner_id,
                     booking_type,
                     start_at: period.start_at,
                     end_at: period.end_at,
-                    price_daily: Money::parse("price_daily", price_daily)?,
+                    price_daily,
                     vehicle_id,
                     value_amount: self.value_amount,
                     source: self.source.clone(),

@@ -121,6 +121,7 @@ fn win_cmd() -> LeadCommand {
         end_at: None,
         price_daily: Decimal::new(250_000, 2),
         vehicle_id: Some(id(VEHICLE)),
+        client_id: None,
     }
 }
 
@@ -592,6 +593,7 @@ fn win_uses_the_commands_period_and_the_stages_booking_status() {
         end_at: Some(at(72)),
         price_daily: Decimal::new(3_000, 0),
         vehicle_id: None,
+        client_id: None,
     };
     Lf::with(())
         .given(vec![
@@ -628,6 +630,55 @@ fn win_uses_the_commands_period_and_the_stages_booking_status() {
 }
 
 #[test]
+fn win_naming_another_client_attaches_it_in_the_same_command() {
+    let mut cmd = win_cmd();
+    if let LeadCommand::Win { client_id, .. } = &mut cmd {
+        *client_id = Some(id(77));
+    }
+    let mut expected = won();
+    if let LeadEvent::LeadWon { client_id, .. } = &mut expected {
+        *client_id = id(77);
+    }
+    Lf::with(())
+        .given(vec![created()])
+        .when(cmd)
+        .then_expect_events(vec![
+            LeadEvent::LeadClientAttached { client_id: id(77) },
+            expected,
+        ]);
+    // Its own client again: nothing to attach.
+    let mut same = win_cmd();
+    if let LeadCommand::Win { client_id, .. } = &mut same {
+        *client_id = Some(id(CLIENT));
+    }
+    Lf::with(())
+        .given(vec![created()])
+        .when(same)
+        .then_expect_events(vec![won()]);
+    // A lead without a client is won with the one named.
+    let mut bare = win_cmd();
+    if let LeadCommand::Win {
+        client_id,
+        start_at,
+        end_at,
+        ..
+    } = &mut bare
+    {
+        *client_id = Some(id(CLIENT));
+        (*start_at, *end_at) = (Some(at(0)), Some(at(24 * 7)));
+    }
+    Lf::with(())
+        .given(vec![created_bare()])
+        .when(bare)
+        .then_expect_events(vec![
+            LeadEvent::LeadClientAttached {
+                client_id: id(CLIENT),
+            },
+            won(),
+        ]);
+}
+
+#[test]
 fn win_without_a_client_is_rejected() {
     Lf::with(())
         .given(vec![created_bare()])
@@ -661,6 +712,7 @@ fn win_with_a_backwards_period_is_rejected() {
         end_at: None,
         price_daily: Decimal::new(2_500, 0),
         vehicle_id: None,
+        client_id: None,
     };
     Lf::with(())
         .given(vec![created()])
@@ -678,11 +730,35 @@ fn win_rejects_a_negative_price() {
         end_at: None,
         price_daily: Decimal::new(-1, 0),
         vehicle_id: None,
+        client_id: None,
     };
     Lf::with(())
         .given(vec![created()])
         .when(cmd)
         .then_expect_error(validation("price_daily", "must not be negative"));
+}
+
+#[test]
+fn win_rejects_a_price_whose_booking_total_would_be_too_large() {
+    // A valid amount on its own, but not for the seven days of the requested period: the
+    // process manager could never create the booking.
+    let cmd = LeadCommand::Win {
+        booking_id: id(BOOKING),
+        booking_code: "BK-1052".into(),
+        booking_type: BookingType::Rental,
+        start_at: None,
+        end_at: None,
+        price_daily: Decimal::new(999_999_999_999, 2),
+        vehicle_id: None,
+        client_id: None,
+    };
+    Lf::with(())
+        .given(vec![created()])
+        .when(cmd)
+        .then_expect_error(validation(
+            "price_daily",
+            "is too large: the booking's total for the period would be too",
+        ));
 }
 
 #[test]
