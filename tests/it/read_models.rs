@@ -339,6 +339,15 @@ async fn a_booking_story_shows_in_every_read_model() {
             .await
             .unwrap();
     assert_eq!(util, Decimal::new(10, 2));
+    let shown: Decimal = sqlx::query_scalar("SELECT utilization_pct FROM vehicles WHERE id = $1")
+        .bind(ghost)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        shown, util,
+        "vehicles.utilization_pct follows the read model"
+    );
 
     let metrics: serde_json::Value =
         sqlx::query_scalar("SELECT metrics FROM kpi_snapshots ORDER BY snapshot_date DESC LIMIT 1")

@@ -1,6 +1,7 @@
 //! Vehicle utilization (SPEC §3): the share of the last 30 days each vehicle spent on confirmed,
-//! active or completed bookings. Kept in `vehicle_utilization` (the API shows it as the
-//! vehicle's `utilization_pct`); the tick recomputes it as time passes.
+//! active or completed bookings. Kept in `vehicle_utilization`, and copied into the reference
+//! table's `vehicles.utilization_pct` (the column SPEC §3 names) by the live path and the tick;
+//! the tick recomputes it as time passes, and the KPIs' fleet utilization averages it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -278,7 +279,21 @@ async fn write_utilization(
             "computed_at": now,
         }));
     }
-    UTILIZATION.write(conn, fresh, rows).await
+    UTILIZATION.write(conn, fresh, rows).await?;
+    if !fresh {
+        // SPEC §3 names the figure `vehicles.utilization_pct`: kept equal to the read model's
+        // (which a rebuild can swap; `vehicles` is reference data it cannot).
+        sqlx::query(
+            "UPDATE vehicles v SET utilization_pct = u.utilization_pct \
+             FROM vehicle_utilization u \
+             WHERE u.vehicle_id = ANY($1) AND v.id = u.vehicle_id \
+               AND v.utilization_pct IS DISTINCT FROM u.utilization_pct",
+        )
+        .bind(vehicles)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 const UTILIZATION: Table = Table {
