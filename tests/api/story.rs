@@ -138,7 +138,7 @@ async fn a_kommo_lead_becomes_a_paid_rental_that_every_read_model_and_the_audit_
         .ok(
             "ceo",
             &path("rate"),
-            json!({ "rating": 9, "feedback": "Flawless" }),
+            json!({ "sales_service_rating": 9, "sales_service_feedback": "Flawless" }),
         )
         .await;
     assert_eq!(rated["version"], 9);

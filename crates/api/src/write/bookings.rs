@@ -418,15 +418,24 @@ action!(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rate {
-    /// 0 to 10.
-    pub rating: i16,
-    pub feedback: Option<String>,
+    /// 0 to 10 (`rating` is accepted too).
+    #[serde(alias = "rating")]
+    pub sales_service_rating: i16,
+    /// (`feedback` is accepted too.)
+    #[serde(alias = "feedback")]
+    pub sales_service_feedback: Option<String>,
 }
 
 action!(
     /// Rates the sales service of the booking (ceo only).
     rate, "/v1/bookings/{id}/rate", "bookings", Kind::Booking, bookings,
     Rate, |state, ctx, id, req| {
-        (BookingCommand::RateSalesService { rating: req.rating, feedback: req.feedback }, None)
+        (
+            BookingCommand::RateSalesService {
+                rating: req.sales_service_rating,
+                feedback: req.sales_service_feedback,
+            },
+            None,
+        )
     }
 );
