@@ -215,6 +215,15 @@ async fn unknown_routes_and_methods_are_problems_too() {
     r.assert_problem(422, "validation");
     let r = app.get("ceo", "/v1/bookings?colour=red").await;
     r.assert_problem(422, "validation");
+    // A tier or segment that does not exist is an error, not an empty list.
+    for q in ["tier=platinum", "segment=sleepy"] {
+        let r = app.get("ceo", &format!("/v1/clients?{q}")).await;
+        r.assert_problem(422, "validation");
+    }
+    let r = app
+        .get("ceo", "/v1/clients?tier=vip&segment=premier_loyalist")
+        .await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
 }
 
 #[tokio::test]

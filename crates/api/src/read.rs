@@ -126,10 +126,12 @@ pub async fn get_client(
 #[into_params(parameter_in = Query)]
 pub struct ListClients {
     /// `vip`, `gold`, `silver`.
-    pub tier: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub tier: Option<projections::rules::Tier>,
     /// `premier_loyalist`, `dormant_vip`, `growth_gold`, `at_risk`, `new_rising`,
     /// `high_value_dormant`, `general`.
-    pub segment: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub segment: Option<projections::rules::Segment>,
     pub limit: Option<i64>,
     pub offset: Option<i64>,
     /// See the single-client query.
@@ -160,8 +162,8 @@ pub async fn list_clients(
          ORDER BY c.lifetime_value DESC, c.id LIMIT $3 OFFSET $4",
         row_json("c", CLIENT_NUMERIC)
     ))
-    .bind(q.tier)
-    .bind(q.segment)
+    .bind(q.tier.map(projections::rules::Tier::as_str))
+    .bind(q.segment.map(projections::rules::Segment::as_str))
     .bind(limit + 1)
     .bind(offset)
     .fetch_all(&state.pool)
