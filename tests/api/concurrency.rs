@@ -654,3 +654,54 @@ fn a_win_that_only_attached_the_client_is_not_an_answer() {
     assert_eq!(answer.body.version, 2);
     assert_eq!(answer.body.position, 10);
 }
+
+/// A command that lost too many races is told to try again (409 `concurrency`, `Retry-After`);
+/// that is not its answer: a retry with the same `Idempotency-Key` runs the command.
+#[tokio::test]
+async fn a_try_again_answer_is_not_kept_for_the_idempotency_key() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Contended Case").await;
+    let created = app
+        .ok(
+            "sales",
+            "/v1/bookings",
+            json!({ "client_id": client, "start_at": "2026-08-01T10:00:00Z",
+                    "end_at": "2026-08-03T10:00:00Z", "price_daily": "4500.00" }),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    // Every write to this booking loses the optimistic race, as if others always came first.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION test_always_lose() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.aggregate_id = '{id}' THEN \
+           RAISE unique_violation USING CONSTRAINT = 'events_pkey'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER zz_test_always_lose BEFORE INSERT ON events \
+           FOR EACH ROW EXECUTE FUNCTION test_always_lose();"
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let path = format!("/v1/bookings/{id}/assign-vehicle");
+    let send = || {
+        app.request(Method::POST, "operations", &path)
+            .header("idempotency-key", "contended-1")
+            .json(&json!({ "vehicle_id": crate::helpers::GHOST }))
+    };
+    let first = app.send(send()).await;
+    first.assert_problem(409, "conflict");
+    assert_eq!(first.body["code"], "concurrency", "{:#}", first.body);
+    assert!(first.headers.contains_key("retry-after"));
+
+    sqlx::raw_sql("DROP TRIGGER zz_test_always_lose ON events")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let retry = app.send(send()).await;
+    assert_eq!(retry.status, 200, "{:#}", retry.body);
+    assert!(!retry.headers.contains_key("idempotent-replayed"));
+    assert_eq!(retry.body["version"], 2);
+    // And that answer is the one kept.
+    let again = app.send(send()).await;
+    assert_eq!((again.status, &again.body), (200, &retry.body));
+    assert!(again.headers.contains_key("idempotent-replayed"));
+}

@@ -301,7 +301,8 @@ impl From<CommandError> for Problem {
                 ProblemKind::Conflict,
                 format!("the {aggregate} was changed concurrently; try again"),
             )
-            .with_code("concurrency"),
+            .with_code("concurrency")
+            .retry_after(1),
             CommandError::VehicleUnavailable { message, detail } => {
                 let p = Self::new(ProblemKind::VehicleUnavailable, message)
                     .with_code("vehicle.unavailable");

@@ -319,12 +319,15 @@ impl Claim {
         .retry_after(1))
     }
 
-    /// Stores the answer and returns it. After a server failure, the claim is resolved: the
-    /// command may have committed before the failure (then its answer is built from its events),
-    /// else the claim is released so a retry runs it. A claim taken over meanwhile is left to the
-    /// retry that took it.
+    /// Stores the answer and returns it. After a server failure, or an answer that says to try
+    /// again (`Retry-After`: a command that lost too many races), which are not answers to keep,
+    /// the claim is resolved: the command may have committed before the failure (then its answer
+    /// is built from its events), else the claim is released so a retry runs it. A claim taken
+    /// over meanwhile is left to the retry that took it.
     async fn finish(self, pool: &sqlx::PgPool, response: Response) -> Response {
-        if response.status().is_server_error() {
+        if response.status().is_server_error()
+            || response.headers().contains_key(header::RETRY_AFTER)
+        {
             let Some(id) = self.id else {
                 if let Err(e) = sqlx::query(
                     "DELETE FROM idempotency_keys \
