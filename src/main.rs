@@ -175,10 +175,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// The API, with every other role in the same process when `all_roles`.
 async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
+    // A setting that cannot work stops the process before it serves.
+    let outbox_config = all_roles
+        .then(outbox_worker::worker::WorkerConfig::from_env)
+        .transpose()
+        .context("configuring the outbox worker")?;
     let pool = open_pool(16).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let background = if all_roles {
-        spawn_background_roles(pool.clone(), stopped.clone(), true)
+        spawn_background_roles(pool.clone(), stopped.clone(), outbox_config)
     } else {
         tokio::spawn(async {})
     };
@@ -210,12 +215,12 @@ async fn open_pool(max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
     Ok(db::open(&config).await?)
 }
 
-/// The projections and the process managers (and the outbox when asked), until `stopped`
-/// turns true.
+/// The projections and the process managers (and the outbox with its settings, when given),
+/// until `stopped` turns true.
 fn spawn_background_roles(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
-    with_outbox: bool,
+    outbox: Option<outbox_worker::worker::WorkerConfig>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let pool_for_outbox = pool.clone();
@@ -231,10 +236,9 @@ fn spawn_background_roles(
         let runner = projections::runner::run(pool, projections::all(), config, stopped.clone());
         let process = commands::process::run(&bus, stopped.clone());
         let outbox = async move {
-            if with_outbox {
-                run_outbox(pool_for_outbox, stopped).await
-            } else {
-                Ok(())
+            match outbox {
+                Some(config) => run_outbox(pool_for_outbox, stopped, config).await,
+                None => Ok(()),
             }
         };
         let ((), (), outbox) = tokio::join!(runner, process, outbox);
@@ -249,6 +253,7 @@ fn spawn_background_roles(
 async fn run_outbox(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
+    config: outbox_worker::worker::WorkerConfig,
 ) -> anyhow::Result<()> {
     let crms = outbox_worker::setup::from_env(&pool)
         .await
@@ -258,7 +263,7 @@ async fn run_outbox(
         pool.clone(),
         bus,
         crms.targets,
-        outbox_worker::worker::WorkerConfig::from_env(),
+        config,
     );
     let projector = projections::runner::run(
         pool,
@@ -277,12 +282,19 @@ async fn run_outbox(
 }
 
 async fn worker() -> anyhow::Result<()> {
+    let config = outbox_worker::worker::WorkerConfig::from_env()
+        .context("configuring the outbox worker")?;
     let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let outbox = tokio::spawn(run_outbox(pool.clone(), stopped));
-    shutdown_signal().await;
-    let _ = stop.send(true);
-    outbox.await??;
+    let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, config));
+    tokio::select! {
+        () = shutdown_signal() => {
+            let _ = stop.send(true);
+            outbox.await??;
+        }
+        // Before any signal only when it could not start (the CRM settings): said at once.
+        ended = &mut outbox => ended??,
+    }
     pool.close().await;
     Ok(())
 }
@@ -290,7 +302,7 @@ async fn worker() -> anyhow::Result<()> {
 async fn project() -> anyhow::Result<()> {
     let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = spawn_background_roles(pool.clone(), stopped, false);
+    let background = spawn_background_roles(pool.clone(), stopped, None);
     shutdown_signal().await;
     let _ = stop.send(true);
     let _ = background.await;

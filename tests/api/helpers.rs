@@ -177,7 +177,7 @@ impl TestApp {
             std::sync::Arc::new(crm::Unshared),
         )
         .unwrap();
-        let mut worker_config = outbox_worker::worker::WorkerConfig::from_env();
+        let mut worker_config = outbox_worker::worker::WorkerConfig::from_env().unwrap();
         worker_config.idle = Duration::from_millis(50);
         let worker = outbox_worker::worker::Worker::new(
             pool.clone(),

@@ -509,7 +509,7 @@ async fn drain(
                 Duration::from_secs(30),
             )),
         )?;
-        let mut config = outbox_worker::worker::WorkerConfig::from_env();
+        let mut config = outbox_worker::worker::WorkerConfig::from_env()?;
         config.batch = 32;
         let w = outbox_worker::worker::Worker::new(pool.clone(), bus.clone(), targets, config);
         let s = stopped.clone();

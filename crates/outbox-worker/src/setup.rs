@@ -28,6 +28,8 @@ pub enum SetupError {
     Missing(&'static str, &'static str),
     #[error("{0} is not a valid number")]
     NotNumber(&'static str),
+    #[error("{0} must be from {1} to {2}")]
+    OutOfRange(&'static str, u64, u64),
     #[error("CRM client configuration: {0}")]
     Config(String),
     #[error("encryption key: {0}")]
@@ -82,6 +84,19 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The whole number setting `name` (`default` when unset), from `min` to `max`.
+pub fn number(name: &'static str, default: u64, min: u64, max: u64) -> Result<u64, SetupError> {
+    let n = match var(name) {
+        Some(v) => v.trim().parse().map_err(|_| SetupError::NotNumber(name))?,
+        None => default,
+    };
+    if (min..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(SetupError::OutOfRange(name, min, max))
+    }
+}
+
 fn required(name: &'static str, with: &'static str) -> Result<String, SetupError> {
     var(name).ok_or(SetupError::Missing(name, with))
 }
@@ -91,10 +106,8 @@ fn required(name: &'static str, with: &'static str) -> Result<String, SetupError
 pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     let key = EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
     let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(pool.clone(), key));
-    let rps: u32 = match var("KOMMO_RPS") {
-        Some(v) => v.parse().map_err(|_| SetupError::NotNumber("KOMMO_RPS"))?,
-        None => crm::DEFAULT_KOMMO_RPS,
-    };
+    // (At most 1,000: the pacing's own bound; Kommo's limit is 7 per account.)
+    let rps = number("KOMMO_RPS", crm::DEFAULT_KOMMO_RPS.into(), 1, 1_000)? as u32;
     let timeout = Duration::from_secs(15);
 
     if var("KOMMO_BASE_URL").is_none() && var("ZOHO_ACCOUNTS_URL").is_none() {
@@ -160,11 +173,8 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     if let Some(f) = var("ZOHO_SALES_ORDER_EXTERNAL_FIELD") {
         zc.sales_order_external_field = f;
     }
-    if let Some(n) = var("ZOHO_MAX_CONCURRENCY") {
-        zc.max_concurrency = n
-            .parse()
-            .map_err(|_| SetupError::NotNumber("ZOHO_MAX_CONCURRENCY"))?;
-    }
+    zc.max_concurrency =
+        number("ZOHO_MAX_CONCURRENCY", zc.max_concurrency as u64, 1, 1_000)? as usize;
     zc.timeout = timeout;
     // ZOHO_MAX_CONCURRENCY is the organisation's limit, so every worker process shares it. A
     // live holder renews its slot's lease; a dead one's slot is free again after 15 s.

@@ -51,22 +51,19 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    pub fn from_env() -> Self {
-        let num = |name: &str, default: u64| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
-        Self {
-            max_attempts: num("OUTBOX_MAX_ATTEMPTS", 12) as i32,
-            lease: Duration::from_secs(num("OUTBOX_LEASE_SECONDS", 60)),
+    /// From `OUTBOX_MAX_ATTEMPTS` (1 to 1,000, default 12) and `OUTBOX_LEASE_SECONDS` (1 to
+    /// 86,400, default 60: renewed every third of it); a value that does not fit is an error.
+    pub fn from_env() -> Result<Self, crate::setup::SetupError> {
+        use crate::setup::number;
+        Ok(Self {
+            max_attempts: number("OUTBOX_MAX_ATTEMPTS", 12, 1, 1_000)? as i32,
+            lease: Duration::from_secs(number("OUTBOX_LEASE_SECONDS", 60, 1, 86_400)?),
             batch: 32,
             max_in_flight: 64,
             backoff: Backoff::default(),
             owner: format!("worker-{}-{}", std::process::id(), Uuid::now_v7()),
             idle: Duration::from_millis(200),
-        }
+        })
     }
 }
 
