@@ -259,12 +259,7 @@ async fn run_outbox(
         .await
         .context("configuring the CRM clients")?;
     let bus = std::sync::Arc::new(commands::CommandBus::new(pool.clone()));
-    let worker = outbox_worker::worker::Worker::new(
-        pool.clone(),
-        bus,
-        crms.targets,
-        config,
-    );
+    let worker = outbox_worker::worker::Worker::new(pool.clone(), bus, crms.targets, config);
     let projector = projections::runner::run(
         pool,
         vec![std::sync::Arc::new(
@@ -282,8 +277,8 @@ async fn run_outbox(
 }
 
 async fn worker() -> anyhow::Result<()> {
-    let config = outbox_worker::worker::WorkerConfig::from_env()
-        .context("configuring the outbox worker")?;
+    let config =
+        outbox_worker::worker::WorkerConfig::from_env().context("configuring the outbox worker")?;
     let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, config));
