@@ -1304,6 +1304,24 @@ async fn refreshers_of_one_token_wait_in_their_process_not_on_database_connectio
     );
 }
 
+/// A 429 seen by one process pauses the account for every process: the shared slot moves past
+/// the wait, so another process's next request waits for it too.
+#[tokio::test]
+async fn a_hold_off_after_a_429_pauses_the_shared_pacing_for_every_process() {
+    let db = TestDb::new().await;
+    let one = PgPacer::new(db.pool.clone(), "kommo", 6);
+    let other = PgPacer::new(db.pool.clone(), "kommo", 6);
+    one.acquire().await;
+    one.hold_off(Duration::from_secs(2)).await;
+    let held_at = std::time::Instant::now();
+    other.acquire().await;
+    let waited = held_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_900),
+        "let through after {waited:?}"
+    );
+}
+
 /// Waits (up to 20 s) for `task` to end without help; `stuck` says what it means if not.
 async fn finishes_by_itself<T>(task: &tokio::task::JoinHandle<T>, stuck: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

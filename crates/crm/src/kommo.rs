@@ -363,12 +363,18 @@ impl KommoClient {
                 tracing::warn!(path, "kommo refused the access token");
                 return Err(CrmError::Unauthorized);
             }
-            return Err(classify_kommo(
+            let error = classify_kommo(
                 &context,
                 answer.status,
                 answer.retry_after.as_deref(),
                 &answer.body,
-            ));
+            );
+            if let CrmError::RateLimited { retry_after } = &error {
+                self.pacer
+                    .hold_off(crate::pacer::hold_off_after_429(*retry_after))
+                    .await;
+            }
+            return Err(error);
         }
     }
 
@@ -476,12 +482,15 @@ impl TokenEndpoint {
                 Some("invalid_grant".into()),
                 format!("{context}: refresh token or client credentials rejected"),
             )),
-            s => Err(classify_kommo(
-                context,
-                s,
-                answer.retry_after.as_deref(),
-                &answer.body,
-            )),
+            s => {
+                let error = classify_kommo(context, s, answer.retry_after.as_deref(), &answer.body);
+                if let CrmError::RateLimited { retry_after } = &error {
+                    self.pacer
+                        .hold_off(crate::pacer::hold_off_after_429(*retry_after))
+                        .await;
+                }
+                Err(error)
+            }
         }
     }
 }

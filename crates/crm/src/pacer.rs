@@ -18,12 +18,28 @@ pub const DEFAULT_KOMMO_RPS: u32 = 6;
 pub trait Pacer: Send + Sync {
     /// Waits until one more request may be sent.
     async fn acquire(&self);
+
+    /// Kommo answered 429: no request of the account may go out for `wait` (repeated 429s
+    /// earn the IP a block, so the whole account pauses, not just the request that got it).
+    async fn hold_off(&self, wait: std::time::Duration) {
+        let _ = wait;
+    }
+}
+
+/// How long the account pauses after a 429: its `Retry-After`, else one second; at most a
+/// minute.
+pub fn hold_off_after_429(retry_after: Option<std::time::Duration>) -> std::time::Duration {
+    retry_after
+        .unwrap_or(std::time::Duration::from_secs(1))
+        .min(std::time::Duration::from_secs(60))
 }
 
 /// In-process pacing with `governor`: requests are spaced evenly (no bursts), so any one-second
 /// window holds at most `rps` of them.
 pub struct LocalPacer {
     limiter: DefaultDirectRateLimiter,
+    /// No request before this (after a 429).
+    held_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl LocalPacer {
@@ -32,6 +48,7 @@ impl LocalPacer {
         let quota = Quota::per_second(rps).allow_burst(NonZeroU32::MIN);
         Self {
             limiter: RateLimiter::direct(quota),
+            held_until: std::sync::Mutex::new(None),
         }
     }
 
@@ -59,7 +76,30 @@ impl std::fmt::Debug for LocalPacer {
 #[async_trait]
 impl Pacer for LocalPacer {
     async fn acquire(&self) {
+        loop {
+            let held = *self
+                .held_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match held {
+                Some(until) if until > tokio::time::Instant::now() => {
+                    tokio::time::sleep_until(until).await;
+                }
+                _ => break,
+            }
+        }
         self.limiter.until_ready().await;
+    }
+
+    async fn hold_off(&self, wait: std::time::Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut held = self
+            .held_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.is_none_or(|h| h < until) {
+            *held = Some(until);
+        }
     }
 }
 

@@ -287,6 +287,22 @@ impl PgPacer {
 
 #[async_trait]
 impl Pacer for PgPacer {
+    /// Moves the shared slot past `wait`: every process's next request waits for it.
+    async fn hold_off(&self, wait: Duration) {
+        let held = sqlx::query(
+            "UPDATE rate_limits \
+             SET next_slot = greatest(next_slot, clock_timestamp() + make_interval(secs => $2)) \
+             WHERE name = $1",
+        )
+        .bind(&self.name)
+        .bind(wait.as_secs_f64())
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = held {
+            tracing::warn!(error = %e, "could not pause the shared pacing after a 429");
+        }
+    }
+
     async fn acquire(&self) {
         let _turn = self.turn.lock().await;
         loop {

@@ -448,6 +448,28 @@ async fn rate_limits_server_errors_and_validation_are_classified() {
     assert!(!err.to_string().contains("jane@example.com"));
 }
 
+/// A 429 pauses the whole account, not just the request that got it: the next request, any
+/// request, waits for its `Retry-After` (repeated 429s would earn the IP a block).
+#[tokio::test]
+async fn a_429_holds_every_request_of_the_account_for_its_retry_after() {
+    let fake = FakeKommo::start().await.unwrap();
+    let client = long_lived_client(&fake, TIMEOUT);
+    fake.fail_next(Fault::TooManyRequests {
+        retry_after: Some(2),
+        json_body: true,
+    });
+    let err = client.find_contact("k").await.unwrap_err();
+    assert!(matches!(err, CrmError::RateLimited { .. }), "{err:?}");
+    let refused_at = std::time::Instant::now();
+    assert_eq!(client.find_contact("another").await.unwrap(), None);
+    let waited = refused_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_900),
+        "sent after {waited:?}"
+    );
+    assert_eq!(fake.requests().len(), 2);
+}
+
 #[tokio::test]
 async fn leads_are_looked_up_before_create_and_notes_added() {
     let fake = FakeKommo::start().await.unwrap();
