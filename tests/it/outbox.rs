@@ -1304,6 +1304,38 @@ async fn refreshers_of_one_token_wait_in_their_process_not_on_database_connectio
     );
 }
 
+/// A row whose deliveries never end (each one's worker dies during it) is not claimed for
+/// ever: once its attempts are used up, the next claim makes it a dead letter without calling
+/// the CRM.
+#[tokio::test]
+async fn a_row_whose_deliveries_never_end_becomes_a_dead_letter_after_its_attempts() {
+    let h = Harness::new().await;
+    h.client("Crash Loop").await;
+    h.derive().await;
+    // Three claims so far, the last one's worker gone (its lease ran out).
+    sqlx::query(
+        "UPDATE integrations_outbox SET status = 'processing', attempts = 3, \
+           lease_owner = 'dead-worker', lease_expires_at = now() - interval '1 second' \
+         WHERE target_system = 'kommo'",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let worker = h.worker(paced(), 3);
+    worker.try_execute_task().await.unwrap();
+    let (status, error): (String, Option<String>) = sqlx::query_as(
+        "SELECT status, last_error FROM integrations_outbox WHERE target_system = 'kommo'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "failed", "{error:?}");
+    assert!(error.unwrap_or_default().contains("3 attempts"));
+    assert!(h.kommo.requests().is_empty(), "{:?}", h.kommo.requests());
+    // Its Zoho row, on its first attempt, went through.
+    assert_eq!(h.zoho.contacts().len(), 1);
+}
+
 /// A 429 seen by one process pauses the account for every process: the shared slot moves past
 /// the wait, so another process's next request waits for it too.
 #[tokio::test]

@@ -725,6 +725,15 @@ impl Inner {
     }
 
     async fn deliver(&self, row: &Claimed, prefetch: &Prefetch) -> Delivery {
+        // Every claim counts an attempt, but only a delivery that ends checks the limit: a row
+        // whose deliveries never end (each takes its worker down, or is cut off by a deploy)
+        // would otherwise be claimed for ever. Past the limit it is a dead letter, uncalled.
+        if row.attempts > self.config.max_attempts {
+            return Delivery::Failed(permanent(format!(
+                "no delivery ended in {} attempts (each one's worker stopped during it)",
+                self.config.max_attempts
+            )));
+        }
         let result = match (row.target_system.as_str(), row.event_type.as_str()) {
             ("kommo", "contact.upsert") => self.kommo_contact(row, prefetch).await,
             ("zoho", "contact.upsert") => self.zoho_contact(row, prefetch).await,
