@@ -232,6 +232,55 @@ async fn outstanding_amounts_follow_the_bookings_after_paying_more_than_a_lowere
     assert_eq!(shown, Decimal::ZERO);
 }
 
+/// Half a cent rounds the same way in the KPIs as in the pipeline's weighted value (away from
+/// zero, as PostgreSQL's numeric does), so the two screens never differ by a cent.
+#[tokio::test]
+async fn the_kpi_pipeline_value_rounds_half_a_cent_as_the_pipeline_does() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    bus.leads
+        .execute(
+            Uuid::now_v7(),
+            LeadCommand::Create {
+                lead_code: codes::allocate(&db.pool, CodeKind::Lead).await.unwrap(),
+                client_id: None,
+                owner_id: OPS,
+                stage: StageRef {
+                    id: "negotiation".into(),
+                    probability: Decimal::new(50, 2),
+                    sla_days: 3,
+                    booking_status: None,
+                },
+                value_amount: Decimal::new(100_005, 2),
+                source: "Website".into(),
+                title: None,
+                requested_start_at: None,
+                requested_end_at: None,
+                fleet_size: 1,
+                expected_close_at: None,
+                kommo_lead_id: None,
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    project_all(&db.pool, 100).await;
+    // As `GET /v1/pipeline` sums it.
+    let weighted: Decimal =
+        sqlx::query_scalar("SELECT sum(weighted_value)::numeric(14, 2) FROM sales_leads")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(weighted, Decimal::new(50_003, 2));
+    let metrics: serde_json::Value =
+        sqlx::query_scalar("SELECT metrics FROM kpi_snapshots ORDER BY snapshot_date DESC LIMIT 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(metrics["pipeline_value"], serde_json::json!("500.03"));
+}
+
 #[tokio::test]
 async fn a_booking_story_shows_in_every_read_model() {
     let db = TestDb::new().await;

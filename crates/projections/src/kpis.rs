@@ -618,7 +618,7 @@ impl KpisSession {
             total_util += rules::utilization(mine, end_of_day);
         }
         let money = |d: Decimal| {
-            let mut d = d.round_dp(2);
+            let mut d = half_up(d, 2);
             d.rescale(2);
             d
         };
@@ -627,8 +627,8 @@ impl KpisSession {
             (Value::Null, Value::Null)
         } else {
             (
-                json!((total_util / Decimal::from(fleet_size)).round_dp(2)),
-                json!((revenue / Decimal::from(fleet_size)).round_dp(2)),
+                json!(half_up(total_util / Decimal::from(fleet_size), 2)),
+                json!(half_up(revenue / Decimal::from(fleet_size), 2)),
             )
         };
         let metrics = json!({
@@ -686,8 +686,15 @@ fn ratio(num: i64, den: i64) -> Value {
     if den == 0 {
         Value::Null
     } else {
-        json!((Decimal::from(num) / Decimal::from(den)).round_dp(4))
+        json!(half_up(Decimal::from(num) / Decimal::from(den), 4))
     }
+}
+
+/// Rounds half away from zero, as PostgreSQL's `numeric` does and as every other figure here is
+/// rounded (`round_dp` rounds half to even: a KPI would then differ from the same sum shown
+/// elsewhere by a cent).
+fn half_up(d: Decimal, places: u32) -> Decimal {
+    d.round_dp_with_strategy(places, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
 }
 
 const SNAPSHOTS: Table = Table {
