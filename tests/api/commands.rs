@@ -346,3 +346,46 @@ async fn a_win_naming_a_client_attaches_it_only_if_the_win_goes_through() {
         .await;
     assert_eq!(row["client_id"].as_str(), Some(client.as_str()));
 }
+
+/// The calendar answers in pages: `next_offset` says there is more instead of cutting the list
+/// silently.
+#[tokio::test]
+async fn the_calendar_pages_its_events() {
+    let app = TestApp::spawn().await;
+    let mut last = 0;
+    for (start, end) in [
+        ("2027-03-01T00:00:00Z", "2027-03-02T00:00:00Z"),
+        ("2027-03-05T00:00:00Z", "2027-03-06T00:00:00Z"),
+    ] {
+        let b = app
+            .ok(
+                "operations",
+                &format!("/v1/vehicles/{GHOST}/blocks"),
+                json!({ "job_type": "maintenance", "scheduled_start": start,
+                        "scheduled_end": end }),
+            )
+            .await;
+        last = b["position"].as_i64().unwrap();
+    }
+    let range = format!(
+        "/v1/calendar?vehicle_id={GHOST}&from=2027-02-28T00:00:00Z&to=2027-03-10T00:00:00Z\
+         &min_position={last}"
+    );
+    let first = app.get("driver", &format!("{range}&limit=1")).await;
+    assert_eq!(first.status, 200, "{:#}", first.body);
+    let items = first.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["start_at"], "2027-03-01T00:00:00+00:00");
+    assert_eq!(first.body["next_offset"], 1);
+    let rest = app
+        .get("driver", &format!("{range}&limit=1&offset=1"))
+        .await;
+    let items = rest.body["items"].as_array().unwrap();
+    assert_eq!(items[0]["start_at"], "2027-03-05T00:00:00+00:00");
+    assert!(rest.body["next_offset"].is_null(), "{:#}", rest.body);
+    let whole = app.get("driver", &range).await;
+    assert_eq!(whole.body["items"].as_array().unwrap().len(), 2);
+    app.get("driver", &format!("{range}&limit=2001"))
+        .await
+        .assert_problem(422, "validation");
+}

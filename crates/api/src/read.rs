@@ -283,8 +283,15 @@ pub struct CalendarQuery {
     /// Default: 60 days from now.
     #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub to: Option<DateTime<Utc>>,
+    /// At most this many events (1 to 2,000, default 2,000); `next_offset` says where the rest
+    /// begin.
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
     pub min_position: Option<i64>,
 }
+
+/// The most calendar events one answer holds.
+const CALENDAR_PAGE: i64 = 2_000;
 
 /// Calendar events (bookings with a vehicle, maintenance and repair blocks) overlapping a range.
 #[utoipa::path(
@@ -293,7 +300,7 @@ pub struct CalendarQuery {
     tag = "bookings",
     params(CalendarQuery),
     responses(
-        (status = 200, description = "`{from, to, items}` of `calendar_events` rows", body = Object),
+        (status = 200, description = "`{from, to, items, limit, offset, next_offset}` of `calendar_events` rows", body = Object),
         (status = "4XX", description = "Refused", body = crate::error::ProblemDocument, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -307,19 +314,31 @@ pub async fn calendar(
     if to <= from {
         return Err(Problem::validation("to must be after from"));
     }
+    let limit = q.limit.unwrap_or(CALENDAR_PAGE);
+    let offset = q.offset.unwrap_or(0);
+    if !(1..=CALENDAR_PAGE).contains(&limit) || offset < 0 {
+        return Err(Problem::validation(format!(
+            "limit must be between 1 and {CALENDAR_PAGE} and offset must not be negative"
+        )));
+    }
     wait(&state, &["bookings"], q.min_position).await?;
     let rows: Vec<Value> = sqlx::query_scalar(
         "SELECT to_jsonb(e) FROM calendar_events e \
          WHERE ($1::uuid IS NULL OR e.vehicle_id = $1) \
            AND tstzrange(e.start_at, e.end_at) && tstzrange($2, $3) \
-         ORDER BY e.start_at, e.id LIMIT 2000",
+         ORDER BY e.start_at, e.id LIMIT $4 OFFSET $5",
     )
     .bind(q.vehicle_id)
     .bind(from)
     .bind(to)
+    .bind(limit + 1)
+    .bind(offset)
     .fetch_all(&state.pool)
     .await?;
-    Ok(Json(json!({ "from": from, "to": to, "items": rows })))
+    let mut answer = page(rows, limit, offset);
+    answer["from"] = json!(from);
+    answer["to"] = json!(to);
+    Ok(Json(answer))
 }
 
 // ---------------------------------------------------------------------------------------------
