@@ -281,6 +281,66 @@ async fn the_kpi_pipeline_value_rounds_half_a_cent_as_the_pipeline_does() {
     assert_eq!(metrics["pipeline_value"], serde_json::json!("500.03"));
 }
 
+/// The tick writes the snapshots of days without events; when it ran ahead of the projection
+/// (here: to the day after tomorrow), the events applied afterwards reach those later days too,
+/// which would otherwise keep the state from before them for ever.
+#[tokio::test]
+async fn kpi_days_the_tick_wrote_ahead_follow_the_events_applied_after_it() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let lead = |value: i64| LeadCommand::Create {
+        lead_code: String::new(),
+        client_id: None,
+        owner_id: OPS,
+        stage: StageRef {
+            id: "negotiation".into(),
+            probability: Decimal::new(50, 2),
+            sla_days: 3,
+            booking_status: None,
+        },
+        value_amount: Decimal::from(value),
+        source: "Website".into(),
+        title: None,
+        requested_start_at: None,
+        requested_end_at: None,
+        fleet_size: 1,
+        expected_close_at: None,
+        kommo_lead_id: None,
+    };
+    let create = async |value: i64| {
+        let mut command = lead(value);
+        if let LeadCommand::Create { lead_code, .. } = &mut command {
+            *lead_code = codes::allocate(&db.pool, CodeKind::Lead).await.unwrap();
+        }
+        bus.leads
+            .execute(Uuid::now_v7(), command, &meta(), None)
+            .await
+            .unwrap();
+    };
+    create(10_000).await;
+    project_all(&db.pool, 100).await;
+    let kpis = projections::by_name("kpis").unwrap();
+    let ahead = Utc::now() + chrono::Duration::days(2);
+    let mut conn = db.pool.acquire().await.unwrap();
+    kpis.tick(&mut conn, ahead).await.unwrap();
+    drop(conn);
+    create(20_000).await;
+    project_all(&db.pool, 100).await;
+    let days: Vec<(chrono::NaiveDate, serde_json::Value)> =
+        sqlx::query_as("SELECT snapshot_date, metrics FROM kpi_snapshots ORDER BY snapshot_date")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(days.len(), 3, "{days:?}");
+    for (day, metrics) in days {
+        assert_eq!(
+            metrics["pipeline_value"],
+            serde_json::json!("15000.00"),
+            "{day}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_booking_story_shows_in_every_read_model() {
     let db = TestDb::new().await;

@@ -798,6 +798,16 @@ impl Session for KpisSession {
     async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
         if let Some((d, pos)) = self.current.take() {
             self.snapshot(conn, d, pos).await?;
+            // Days after it that already have a snapshot (the tick wrote them while this
+            // projection was behind: a backlog around midnight, a restart after a quiet night)
+            // have had no events of their own applied yet, so they carry this state too.
+            if let Some((last, _)) = self.last_snapshot(conn).await? {
+                let mut later = d + Duration::days(1);
+                while later <= last {
+                    self.snapshot(conn, later, pos).await?;
+                    later += Duration::days(1);
+                }
+            }
         }
         let (mut bookings, mut leads, mut deals) = (Vec::new(), Vec::new(), Vec::new());
         for (kind, id) in std::mem::take(&mut self.changed) {
