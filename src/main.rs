@@ -176,10 +176,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 /// The API, with every other role in the same process when `all_roles`.
 async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
     // A setting that cannot work stops the process before it serves.
-    let outbox_config = all_roles
-        .then(outbox_worker::worker::WorkerConfig::from_env)
-        .transpose()
-        .context("configuring the outbox worker")?;
+    let outbox_config = all_roles.then(outbox_settings).transpose()?;
     let pool = open_pool(16).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let background = if all_roles {
@@ -276,9 +273,14 @@ async fn run_outbox(
     Ok(())
 }
 
+/// The outbox worker's settings, and the CRM limits checked, before anything starts.
+fn outbox_settings() -> anyhow::Result<outbox_worker::worker::WorkerConfig> {
+    outbox_worker::setup::Limits::from_env().context("configuring the CRM clients")?;
+    outbox_worker::worker::WorkerConfig::from_env().context("configuring the outbox worker")
+}
+
 async fn worker() -> anyhow::Result<()> {
-    let config =
-        outbox_worker::worker::WorkerConfig::from_env().context("configuring the outbox worker")?;
+    let config = outbox_settings()?;
     let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, config));

@@ -77,3 +77,21 @@ async fn a_status_change_for_an_unknown_lead_is_recorded_and_skipped() {
     assert_eq!(label.as_deref(), Some("Closed - won"));
     assert_eq!(app.event_count().await, 0);
 }
+
+/// A NUL character in a delivery (`%00`), which no PostgreSQL text holds, is dropped: the
+/// delivery is stored and its lead created, rather than failing with a 500 that Kommo retries.
+#[tokio::test]
+async fn a_nul_character_in_a_delivery_is_dropped() {
+    let app = TestApp::spawn().await;
+    let body = "leads[add][0][id]=778&leads[add][0][name]=Cul%00linan&leads[add][0][status_id]=999";
+    assert_eq!(app.webhook(WEBHOOK_SECRET, body, None).await.status, 200);
+    let results = processed(&app, 1).await;
+    assert_eq!(results[0][0]["result"], "ok", "{results:?}");
+    let title: Option<String> = sqlx::query_scalar(
+        "SELECT payload->'LeadCreated'->>'title' FROM events WHERE aggregate_type = 'Lead'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(title.as_deref(), Some("Cullinan"));
+}

@@ -318,26 +318,41 @@ async fn a_worker_killed_between_the_crm_call_and_its_commit_neither_loses_nor_d
     assert!(state.zoho_contact_id.is_some(), "the id was written back");
 }
 
-/// A worker configured with settings that cannot work stops at once, naming the setting and
-/// its range, instead of running on a default (or panicking at its first delivery).
+/// A worker (or `serve`) configured with settings that cannot work stops at once, naming the
+/// setting and its range, instead of running on a default (or panicking at its first delivery,
+/// or serving with its outbox stopped).
 #[tokio::test]
 async fn a_worker_with_an_unusable_setting_refuses_to_start_and_names_it() {
     let db = TestDb::new().await;
-    for (name, value, says) in [
+    for (role, name, value, says) in [
         (
+            "worker",
             "OUTBOX_LEASE_SECONDS",
             "0",
             "OUTBOX_LEASE_SECONDS must be from 1 to 86400",
         ),
         (
+            "worker",
             "OUTBOX_MAX_ATTEMPTS",
             "twelve",
             "OUTBOX_MAX_ATTEMPTS is not a valid number",
         ),
-        ("KOMMO_RPS", "0", "KOMMO_RPS must be from 1 to 1000"),
+        (
+            "worker",
+            "KOMMO_RPS",
+            "0",
+            "KOMMO_RPS must be from 1 to 1000",
+        ),
+        (
+            "serve",
+            "ZOHO_MAX_CONCURRENCY",
+            "0",
+            "ZOHO_MAX_CONCURRENCY must be from 1 to 1000",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_skyluxse"))
-            .arg("worker")
+            .arg(role)
+            .env("BIND_ADDR", "127.0.0.1:0")
             .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "warn")
             .env("SKYLUXSE_ENCRYPTION_KEY", "cd".repeat(32))
@@ -349,7 +364,7 @@ async fn a_worker_with_an_unusable_setting_refuses_to_start_and_names_it() {
             .expect("the worker stops by itself")
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name}={value}: {stderr}");
-        assert!(stderr.contains(says), "{name}={value}: {stderr}");
+        assert!(!out.status.success(), "{role} {name}={value}: {stderr}");
+        assert!(stderr.contains(says), "{role} {name}={value}: {stderr}");
     }
 }

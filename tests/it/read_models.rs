@@ -331,8 +331,10 @@ async fn kpi_days_the_tick_wrote_ahead_follow_the_events_applied_after_it() {
             .fetch_all(&db.pool)
             .await
             .unwrap();
+    // Today's and the two days the tick wrote ahead (the last two hold the second lead whether
+    // or not the two leads straddled midnight in Dubai).
     assert_eq!(days.len(), 3, "{days:?}");
-    for (day, metrics) in days {
+    for (day, metrics) in &days[1..] {
         assert_eq!(
             metrics["pipeline_value"],
             serde_json::json!("15000.00"),

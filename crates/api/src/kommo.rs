@@ -162,9 +162,17 @@ pub async fn webhook(
 }
 
 /// The form fields as a JSON object of strings (a repeated field keeps its last value).
+/// The form's fields; a NUL character (`%00`), which no PostgreSQL text holds, is dropped.
 fn form_to_json(body: &[u8]) -> Map<String, Value> {
+    let text = |s: std::borrow::Cow<'_, str>| {
+        if s.contains('\0') {
+            s.replace('\0', "")
+        } else {
+            s.into_owned()
+        }
+    };
     form_urlencoded::parse(body)
-        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+        .map(|(k, v)| (text(k), Value::String(text(v))))
         .collect()
 }
 
@@ -373,7 +381,7 @@ async fn add_lead(
         expected_close_at: None,
         kommo_lead_id: Some(kommo_lead_id),
     };
-    let result = state.bus.leads.execute(lead_id, command, meta, None).await;
+    let result = state.bus.leads.create(lead_id, command, meta, None).await;
     match result {
         // Delivered before: the lead exists already.
         Err(CommandError::Domain {

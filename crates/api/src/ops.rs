@@ -135,9 +135,12 @@ pub async fn requeue(
         || Problem::not_found(format!("no outbox row {raw}")).with_code("outbox.not_found");
     let id = Uuid::parse_str(&raw).map_err(|_| not_found())?;
     require_outbox(&state).await?;
+    // Due in two seconds, as `outbox_worker::worker::requeue` says why: a claim running now
+    // may be taking a later row of the same record.
     let row: Option<Value> = sqlx::query_scalar(
-        "UPDATE integrations_outbox SET status = 'pending', attempts = 0, next_run_at = now(), \
-         updated_at = now() WHERE id = $1 AND status = 'failed' RETURNING to_jsonb(integrations_outbox)",
+        "UPDATE integrations_outbox SET status = 'pending', attempts = 0, \
+           next_run_at = now() + interval '2 seconds', updated_at = now() \
+         WHERE id = $1 AND status = 'failed' RETURNING to_jsonb(integrations_outbox)",
     )
     .bind(id)
     .fetch_optional(&state.pool)

@@ -65,12 +65,22 @@ fn not_found(noun: &str, raw: &str) -> Problem {
 
 /// Paging of lists: `limit` (1 to 200, default 50) and `offset`.
 fn paging(limit: Option<i64>, offset: Option<i64>) -> ApiResult<(i64, i64)> {
-    let limit = limit.unwrap_or(50);
+    paging_up_to(limit, offset, 50, 200)
+}
+
+/// `limit` (`default` when absent, at most `max`) and `offset` (0 when absent), checked.
+fn paging_up_to(
+    limit: Option<i64>,
+    offset: Option<i64>,
+    default: i64,
+    max: i64,
+) -> ApiResult<(i64, i64)> {
+    let limit = limit.unwrap_or(default);
     let offset = offset.unwrap_or(0);
-    if !(1..=200).contains(&limit) || offset < 0 {
-        return Err(Problem::validation(
-            "limit must be between 1 and 200 and offset must not be negative",
-        ));
+    if !(1..=max).contains(&limit) || offset < 0 {
+        return Err(Problem::validation(format!(
+            "limit must be between 1 and {max} and offset must not be negative"
+        )));
     }
     Ok((limit, offset))
 }
@@ -314,13 +324,7 @@ pub async fn calendar(
     if to <= from {
         return Err(Problem::validation("to must be after from"));
     }
-    let limit = q.limit.unwrap_or(CALENDAR_PAGE);
-    let offset = q.offset.unwrap_or(0);
-    if !(1..=CALENDAR_PAGE).contains(&limit) || offset < 0 {
-        return Err(Problem::validation(format!(
-            "limit must be between 1 and {CALENDAR_PAGE} and offset must not be negative"
-        )));
-    }
+    let (limit, offset) = paging_up_to(q.limit, q.offset, CALENDAR_PAGE, CALENDAR_PAGE)?;
     wait(&state, &["bookings"], q.min_position).await?;
     let rows: Vec<Value> = sqlx::query_scalar(
         "SELECT to_jsonb(e) FROM calendar_events e \

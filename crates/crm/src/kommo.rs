@@ -369,12 +369,7 @@ impl KommoClient {
                 answer.retry_after.as_deref(),
                 &answer.body,
             );
-            if let CrmError::RateLimited { retry_after } = &error {
-                self.pacer
-                    .hold_off(crate::pacer::hold_off_after_429(*retry_after))
-                    .await;
-            }
-            return Err(error);
+            return Err(hold_off_on_429(self.pacer.as_ref(), error).await);
         }
     }
 
@@ -484,15 +479,20 @@ impl TokenEndpoint {
             )),
             s => {
                 let error = classify_kommo(context, s, answer.retry_after.as_deref(), &answer.body);
-                if let CrmError::RateLimited { retry_after } = &error {
-                    self.pacer
-                        .hold_off(crate::pacer::hold_off_after_429(*retry_after))
-                        .await;
-                }
-                Err(error)
+                Err(hold_off_on_429(self.pacer.as_ref(), error).await)
             }
         }
     }
+}
+
+/// After a 429 the whole account holds off (see [`Pacer::hold_off`]); returns the error.
+async fn hold_off_on_429(pacer: &dyn Pacer, error: CrmError) -> CrmError {
+    if let CrmError::RateLimited { retry_after } = &error {
+        pacer
+            .hold_off(crate::pacer::hold_off_after_429(*retry_after))
+            .await;
+    }
+    error
 }
 
 fn parse_kommo_token(answer: &Answer) -> Option<StoredToken> {

@@ -85,10 +85,19 @@ impl Pacer for LocalPacer {
                 Some(until) if until > tokio::time::Instant::now() => {
                     tokio::time::sleep_until(until).await;
                 }
-                _ => break,
+                // Checked again after the wait for a slot: a hold-off may have begun meanwhile.
+                _ => {
+                    self.limiter.until_ready().await;
+                    let held = *self
+                        .held_until
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if held.is_none_or(|until| until <= tokio::time::Instant::now()) {
+                        return;
+                    }
+                }
             }
         }
-        self.limiter.until_ready().await;
     }
 
     async fn hold_off(&self, wait: std::time::Duration) {

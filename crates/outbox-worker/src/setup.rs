@@ -84,6 +84,29 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The CRMs' shared limits (SPEC §6), checked: a process can refuse them before it starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `KOMMO_RPS`, 1 to 1,000 (the pacing's own bound; Kommo's limit is 7 per account).
+    pub kommo_rps: u32,
+    /// `ZOHO_MAX_CONCURRENCY`, 1 to 1,000.
+    pub zoho_max_concurrency: usize,
+}
+
+impl Limits {
+    pub fn from_env() -> Result<Self, SetupError> {
+        Ok(Self {
+            kommo_rps: number("KOMMO_RPS", crm::DEFAULT_KOMMO_RPS.into(), 1, 1_000)? as u32,
+            zoho_max_concurrency: number(
+                "ZOHO_MAX_CONCURRENCY",
+                crm::DEFAULT_MAX_CONCURRENCY as u64,
+                1,
+                1_000,
+            )? as usize,
+        })
+    }
+}
+
 /// The whole number setting `name` (`default` when unset), from `min` to `max`.
 pub fn number(name: &'static str, default: u64, min: u64, max: u64) -> Result<u64, SetupError> {
     let n = match var(name) {
@@ -106,8 +129,8 @@ fn required(name: &'static str, with: &'static str) -> Result<String, SetupError
 pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     let key = EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
     let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(pool.clone(), key));
-    // (At most 1,000: the pacing's own bound; Kommo's limit is 7 per account.)
-    let rps = number("KOMMO_RPS", crm::DEFAULT_KOMMO_RPS.into(), 1, 1_000)? as u32;
+    let limits = Limits::from_env()?;
+    let rps = limits.kommo_rps;
     let timeout = Duration::from_secs(15);
 
     if var("KOMMO_BASE_URL").is_none() && var("ZOHO_ACCOUNTS_URL").is_none() {
@@ -173,8 +196,7 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     if let Some(f) = var("ZOHO_SALES_ORDER_EXTERNAL_FIELD") {
         zc.sales_order_external_field = f;
     }
-    zc.max_concurrency =
-        number("ZOHO_MAX_CONCURRENCY", zc.max_concurrency as u64, 1, 1_000)? as usize;
+    zc.max_concurrency = limits.zoho_max_concurrency;
     zc.timeout = timeout;
     // ZOHO_MAX_CONCURRENCY is the organisation's limit, so every worker process shares it. A
     // live holder renews its slot's lease; a dead one's slot is free again after 15 s.

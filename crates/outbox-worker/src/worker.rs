@@ -435,8 +435,8 @@ impl Inner {
     /// Two equivalent queries (a row is claimable when it is due, no earlier row of its entity
     /// and target is open, and no other row of them is in delivery under a live lease: a dead
     /// letter requeued while a later row of its entity is in delivery waits for it, so two
-    /// deliveries never look the same record up and create it twice): walking the open rows in log order stops as soon as `limit` rows are
-    /// found, which is cheap when most open rows are claimable; when most wait behind an earlier
+    /// deliveries never look the same record up and create it twice): walking the open rows in
+    /// log order stops as soon as `limit` rows are found, which is cheap when most open rows are claimable; when most wait behind an earlier
     /// row (a long backlog for few entities), that walk would visit every open row, so the first
     /// open row of each entity and target is taken instead, in one pass over an index.
     async fn claim(&self, limit: i64, few_due: bool) -> Result<Vec<Claimed>, sqlx::Error> {
@@ -726,11 +726,12 @@ impl Inner {
 
     async fn deliver(&self, row: &Claimed, prefetch: &Prefetch) -> Delivery {
         // Every claim counts an attempt, but only a delivery that ends checks the limit: a row
-        // whose deliveries never end (each takes its worker down, or is cut off by a deploy)
-        // would otherwise be claimed for ever. Past the limit it is a dead letter, uncalled.
+        // whose deliveries never end (each takes its worker down, is killed with it, or is
+        // given up when its lease cannot be kept) would otherwise be claimed for ever. Past the
+        // limit it is a dead letter, uncalled.
         if row.attempts > self.config.max_attempts {
             return Delivery::Failed(permanent(format!(
-                "no delivery ended in {} attempts (each one's worker stopped during it)",
+                "no delivery ended in {} attempts (each was cut off before it ended)",
                 self.config.max_attempts
             )));
         }
@@ -1068,10 +1069,15 @@ fn zoho_status(status: BookingStatus) -> &'static str {
     }
 }
 
-/// Requeues a dead letter (operators): back to `pending`, attempts reset, due now.
+/// Requeues a dead letter (operators): back to `pending`, attempts reset, due in two seconds.
+///
+/// Due a moment later, not at once: a claim running meanwhile may be taking a later row of the
+/// same record (uncommitted, so its statement's snapshot would not show it to a second claim);
+/// once it has committed, the claim rules keep the two deliveries apart.
 pub async fn requeue(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE integrations_outbox SET status = 'pending', attempts = 0, next_run_at = now(), \
+        "UPDATE integrations_outbox SET status = 'pending', attempts = 0, \
+           next_run_at = now() + interval '2 seconds', \
            last_error = NULL, updated_at = now() WHERE id = $1 AND status = 'failed'",
     )
     .bind(id)

@@ -65,7 +65,7 @@ struct Fact {
 impl Fact {
     /// `total_amount - paid_amount`, never below zero: the booking's own rule (SPEC §2).
     fn outstanding(&self) -> Decimal {
-        (self.total_amount - self.paid_amount).max(Decimal::ZERO)
+        rules::outstanding(self.total_amount, self.paid_amount)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Vehicle utilization (SPEC §3): the share of the last 30 days each vehicle spent on confirmed,
 //! active or completed bookings. Kept in `vehicle_utilization`, and copied into the reference
 //! table's `vehicles.utilization_pct` (the column SPEC §3 names) by the live path and the tick;
-//! the tick recomputes it as time passes, and the KPIs' fleet utilization averages it.
+//! the tick recomputes it as time passes.
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use domain::booking::BookingEvent;
 use domain::deal::DealEvent;
 use domain::lead::LeadEvent;
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 use store::RecordedEvent;
@@ -95,7 +95,7 @@ impl BookingFact {
         if self.status == "cancelled" {
             Decimal::ZERO
         } else {
-            (self.total_amount - self.paid_amount).max(Decimal::ZERO)
+            rules::outstanding(self.total_amount, self.paid_amount)
         }
     }
 
@@ -488,7 +488,7 @@ impl KpisSession {
     ) -> Result<(), ProjectionError> {
         use LeadEvent as E;
         // As stored: numeric(3, 2).
-        let two = |d: Decimal| d.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+        let two = |d: Decimal| rules::round(d, 2);
         let old = self.leads.get(&id).cloned().flatten();
         let new = match (ev, &old) {
             (
@@ -618,7 +618,7 @@ impl KpisSession {
             total_util += rules::utilization(mine, end_of_day);
         }
         let money = |d: Decimal| {
-            let mut d = half_up(d, 2);
+            let mut d = rules::round(d, 2);
             d.rescale(2);
             d
         };
@@ -627,8 +627,8 @@ impl KpisSession {
             (Value::Null, Value::Null)
         } else {
             (
-                json!(half_up(total_util / Decimal::from(fleet_size), 2)),
-                json!(half_up(revenue / Decimal::from(fleet_size), 2)),
+                json!(rules::round(total_util / Decimal::from(fleet_size), 2)),
+                json!(rules::round(revenue / Decimal::from(fleet_size), 2)),
             )
         };
         let metrics = json!({
@@ -686,15 +686,8 @@ fn ratio(num: i64, den: i64) -> Value {
     if den == 0 {
         Value::Null
     } else {
-        json!(half_up(Decimal::from(num) / Decimal::from(den), 4))
+        json!(rules::round(Decimal::from(num) / Decimal::from(den), 4))
     }
-}
-
-/// Rounds half away from zero, as PostgreSQL's `numeric` does and as every other figure here is
-/// rounded (`round_dp` rounds half to even: a KPI would then differ from the same sum shown
-/// elsewhere by a cent).
-fn half_up(d: Decimal, places: u32) -> Decimal {
-    d.round_dp_with_strategy(places, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
 }
 
 const SNAPSHOTS: Table = Table {
@@ -845,7 +838,7 @@ impl Session for KpisSession {
                 // As stored until now: not zeroed by a cancellation (the totals skip those).
                 out.field(
                     "outstanding_amount",
-                    &(f.total_amount - f.paid_amount).max(Decimal::ZERO),
+                    &rules::outstanding(f.total_amount, f.paid_amount),
                 );
                 out.field("start_at", &f.start_at);
                 out.field("end_at", &f.end_at);

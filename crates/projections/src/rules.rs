@@ -141,9 +141,20 @@ pub fn utilization(periods: &[(DateTime<Utc>, DateTime<Utc>)], now: DateTime<Utc
     }
     let window = Duration::days(UTILIZATION_WINDOW_DAYS).num_seconds();
     let ratio = Decimal::from(used.num_seconds()) / Decimal::from(window);
-    ratio
-        .min(Decimal::ONE)
-        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+    round(ratio.min(Decimal::ONE), 2)
+}
+
+/// Rounds half away from zero, as PostgreSQL's `numeric` does; every figure a projection
+/// rounds is rounded so (`round_dp` rounds half to even: a figure would then differ from the
+/// same sum shown elsewhere by a cent).
+pub fn round(d: Decimal, places: u32) -> Decimal {
+    d.round_dp_with_strategy(places, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+}
+
+/// A booking's outstanding amount: `total - paid`, never below zero (the booking's own rule,
+/// SPEC §2).
+pub fn outstanding(total: Decimal, paid: Decimal) -> Decimal {
+    (total - paid).max(Decimal::ZERO)
 }
 
 #[cfg(test)]
