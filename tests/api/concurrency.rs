@@ -76,6 +76,11 @@ async fn a_retried_command_with_the_same_key_returns_the_first_answer_and_writes
         assert_eq!(again.status, 201);
         assert_eq!(again.body, first.body);
         assert_eq!(again.header("idempotent-replayed"), Some("true"));
+        // With the headers a client acts on: the version to send back, the new resource.
+        for name in ["etag", "location"] {
+            assert!(first.header(name).is_some(), "{name}");
+            assert_eq!(again.header(name), first.header(name), "{name}");
+        }
     }
     assert_eq!(app.event_count().await, after_first);
 

@@ -29,6 +29,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -203,13 +204,14 @@ fn fenced(path: &str) -> bool {
     !(path.starts_with("/v1/outbox/") || path.starts_with("/v1/projections/"))
 }
 
-/// A stored key: request digest, status, response status and body, claim id, and for how many
-/// seconds it has been claimed.
+/// A stored key: request digest, status, response status, body and kept headers, claim id,
+/// and for how many seconds it has been claimed.
 type StoredKey = (
     Vec<u8>,
     String,
     Option<i16>,
     Option<Vec<u8>>,
+    Option<Value>,
     Option<Uuid>,
     f64,
 );
@@ -259,8 +261,8 @@ impl Claim {
                 return Ok(Taken::Ours);
             }
             let row: Option<StoredKey> = sqlx::query_as(
-                "SELECT request_digest, status, response_status, response_body, claim_id, \
-                        extract(epoch FROM clock_timestamp() - claimed_at)::float8 \
+                "SELECT request_digest, status, response_status, response_body, response_headers, \
+                        claim_id, extract(epoch FROM clock_timestamp() - claimed_at)::float8 \
                  FROM idempotency_keys \
                  WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3",
             )
@@ -270,7 +272,9 @@ impl Claim {
             .fetch_optional(&state.pool)
             .await?;
             // Released between the insert and the select: try to claim it again.
-            let Some((stored, status, response_status, response_body, claim_id, age)) = row else {
+            let Some((stored, status, response_status, response_body, headers, claim_id, age)) =
+                row
+            else {
                 continue;
             };
             if stored != digest {
@@ -281,7 +285,11 @@ impl Claim {
                 .with_code("idempotency.key_reused"));
             }
             if status == "completed" {
-                return Ok(Taken::Replay(replay(response_status, response_body)));
+                return Ok(Taken::Replay(replay(
+                    response_status,
+                    response_body,
+                    headers,
+                )));
             }
             let in_progress = |wait: f64| {
                 Problem::new(
@@ -367,7 +375,7 @@ impl Claim {
         };
         if let Err(e) = sqlx::query(
             "UPDATE idempotency_keys SET status = 'completed', response_status = $5, \
-             response_body = $6, completed_at = now() \
+             response_body = $6, response_headers = $7, completed_at = now() \
              WHERE staff_id = $1 AND route = $2 AND idempotency_key = $3 \
                AND claim_id IS NOT DISTINCT FROM $4 AND status = 'in_progress'",
         )
@@ -377,6 +385,7 @@ impl Claim {
         .bind(self.id)
         .bind(stored_status(parts.status))
         .bind(bytes.as_ref())
+        .bind(kept_headers(&parts.headers))
         .execute(pool)
         .await
         {
@@ -443,22 +452,25 @@ async fn resolve(
     };
     let response = answer.into_response();
     let status = response.status();
+    let headers = kept_headers(response.headers());
     let body = to_bytes(response.into_body(), 1024 * 1024)
         .await
         .map_err(|e| Problem::internal(format!("reading a response: {e}")))?;
     sqlx::query(
         "UPDATE idempotency_keys SET status = 'completed', response_status = $2, \
-         response_body = $3, completed_at = now() WHERE claim_id = $1",
+         response_body = $3, response_headers = $4, completed_at = now() WHERE claim_id = $1",
     )
     .bind(id)
     .bind(stored_status(status))
     .bind(body.as_ref())
+    .bind(&headers)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(Resolved::Answered(replay(
         Some(stored_status(status)),
         Some(body.to_vec()),
+        Some(headers),
     )))
 }
 
@@ -466,8 +478,24 @@ fn stored_status(status: StatusCode) -> i16 {
     i16::try_from(status.as_u16()).unwrap_or(500)
 }
 
-/// A stored answer, sent again.
-fn replay(status: Option<i16>, body: Option<Vec<u8>>) -> Response {
+/// The headers of an answer a replay sends again: those a client acts on.
+const KEPT_HEADERS: [header::HeaderName; 2] = [header::ETAG, header::LOCATION];
+
+/// `{name: value}` of the answer's [`KEPT_HEADERS`].
+fn kept_headers(headers: &axum::http::HeaderMap) -> Value {
+    let kept: serde_json::Map<String, Value> = KEPT_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name.as_str().to_string(), Value::String(value.to_string())))
+        })
+        .collect();
+    Value::Object(kept)
+}
+
+/// A stored answer, sent again (with its kept headers; answers stored before they were kept
+/// have none).
+fn replay(status: Option<i16>, body: Option<Vec<u8>>, kept: Option<Value>) -> Response {
     let status = status
         .and_then(|s| StatusCode::from_u16(u16::try_from(s).ok()?).ok())
         .unwrap_or(StatusCode::OK);
@@ -480,6 +508,19 @@ fn replay(status: Option<i16>, body: Option<Vec<u8>>) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    for (name, value) in kept
+        .as_ref()
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        if let (Ok(name), Some(Ok(value))) = (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            value.as_str().map(HeaderValue::from_str),
+        ) {
+            headers.insert(name, value);
+        }
+    }
     response
 }
 
