@@ -1336,6 +1336,29 @@ async fn a_row_whose_deliveries_never_end_becomes_a_dead_letter_after_its_attemp
     assert_eq!(h.zoho.contacts().len(), 1);
 }
 
+/// A CRM down for maintenance (503 with `Retry-After`) is not asked again before it said: the
+/// row's retry waits that long, not the few milliseconds of its backoff.
+#[tokio::test]
+async fn a_503_with_retry_after_is_retried_no_sooner_than_asked() {
+    let h = Harness::new().await;
+    h.zoho
+        .inject(FaultRule::new(Fault::Unavailable { retry_after: 120 }).path("/crm/v6/Contacts"));
+    h.client("Maintenance Window").await;
+    h.derive().await;
+    let worker = h.worker(paced(), 5);
+    worker.try_execute_task().await.unwrap();
+    let (status, attempts, due_in): (String, i32, f64) = sqlx::query_as(
+        "SELECT status, attempts, extract(epoch FROM next_run_at - now())::float8 \
+         FROM integrations_outbox WHERE target_system = 'zoho'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(due_in > 100.0, "retried in {due_in} s");
+    assert_eq!(h.kommo.contacts().len(), 1, "the other CRM is not held up");
+}
+
 /// A 429 seen by one process pauses the account for every process: the shared slot moves past
 /// the wait, so another process's next request waits for it too.
 #[tokio::test]

@@ -316,6 +316,10 @@ async fn handle(
     let mut after = After::Answer;
     let early = match &fault {
         Some(Fault::Status500) => Some(problem(500, "Internal Server Error", "Internal Server Error")),
+        Some(Fault::Unavailable { retry_after }) => Some(crate::server::with_retry_after(
+            problem(503, "Service Unavailable", "Service Unavailable"),
+            *retry_after,
+        )),
         Some(Fault::TooManyRequests {
             retry_after,
             json_body,

@@ -23,6 +23,11 @@ use tower::ServiceExt;
 pub enum Fault {
     /// Answer 500 without applying the request.
     Status500,
+    /// Answer 503 with `Retry-After: <secs>` without applying the request (maintenance).
+    Unavailable {
+        /// Seconds for the `Retry-After` header.
+        retry_after: u64,
+    },
     /// Answer 429 without applying the request, with `Retry-After: <secs>` when given, and a
     /// JSON body or (as Kommo's front servers may) an HTML one.
     TooManyRequests {
@@ -354,4 +359,12 @@ pub(crate) fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `response` with a `Retry-After: <secs>` header.
+pub(crate) fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
 }

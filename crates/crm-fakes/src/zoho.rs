@@ -316,6 +316,10 @@ async fn handle(
     let mut partial = false;
     let early = match &fault {
         Some(Fault::Status500) => Some(error(500, "INTERNAL_ERROR", "Internal Server Error")),
+        Some(Fault::Unavailable { retry_after }) => Some(crate::server::with_retry_after(
+            error(503, "INTERNAL_ERROR", "Service Unavailable"),
+            *retry_after,
+        )),
         Some(Fault::TooManyRequests {
             retry_after,
             json_body,

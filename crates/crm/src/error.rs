@@ -22,6 +22,8 @@ pub enum CrmError {
         status: Option<u16>,
         /// What failed, without secrets or personal data.
         message: String,
+        /// The wait the answer asked for (`Retry-After` on a 503, say), if any.
+        retry_after: Option<Duration>,
     },
     /// HTTP 429 (or Zoho's token-rate refusal): wait `retry_after` when given, else back off.
     /// This should not burn an attempt ("snooze").
@@ -65,7 +67,7 @@ impl CrmError {
     /// The wait the CRM asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after } => *retry_after,
+            Self::RateLimited { retry_after } | Self::Transient { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -89,11 +91,21 @@ impl CrmError {
         }
     }
 
-    pub(crate) fn transient(status: Option<u16>, message: impl Into<String>) -> Self {
+    pub fn transient(status: Option<u16>, message: impl Into<String>) -> Self {
         Self::Transient {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// This error with the wait the CRM asked for (a transient one only; others keep theirs).
+    #[must_use]
+    pub fn with_retry_after(mut self, wait: Option<Duration>) -> Self {
+        if let Self::Transient { retry_after, .. } = &mut self {
+            *retry_after = wait;
+        }
+        self
     }
 
     pub(crate) fn permanent(status: u16, code: Option<String>, message: impl Into<String>) -> Self {
@@ -159,7 +171,8 @@ pub fn classify_kommo(
             retry_after: retry_after.and_then(|v| parse_retry_after(v, SystemTime::now())),
         },
         401 => CrmError::Unauthorized,
-        408 | 500..=599 => CrmError::transient(Some(status), format!("{context}: HTTP {status}")),
+        408 | 500..=599 => CrmError::transient(Some(status), format!("{context}: HTTP {status}"))
+            .with_retry_after(retry_after.and_then(|v| parse_retry_after(v, SystemTime::now()))),
         _ => {
             let (code, detail) = kommo_problem(body);
             let what = match status {
@@ -253,7 +266,8 @@ pub fn classify_zoho(
         408 | 500..=599 => CrmError::transient(
             Some(status),
             format!("{context}: HTTP {status}{}", code_text(code.as_deref())),
-        ),
+        )
+        .with_retry_after(retry_after.and_then(|v| parse_retry_after(v, SystemTime::now()))),
         _ => {
             let message = parsed
                 .as_ref()

@@ -579,7 +579,12 @@ impl Inner {
                 self.reschedule(row, after, "rate limited", false).await
             }
             Delivery::Failed(e) if e.is_retryable() && row.attempts < self.config.max_attempts => {
-                let after = self.config.backoff.delay(row.attempts as u32);
+                // Not sooner than the CRM asked (a 503's Retry-After), capped at an hour.
+                let after = self.config.backoff.delay(row.attempts as u32).max(
+                    e.retry_after()
+                        .unwrap_or_default()
+                        .min(Duration::from_secs(3600)),
+                );
                 self.reschedule(row, after, &e.to_string(), true).await
             }
             Delivery::Failed(e) => {
@@ -1045,10 +1050,7 @@ fn permanent(message: String) -> CrmError {
 
 /// Our own failure (database, write-back): transient, retried like a CRM outage.
 fn internal(e: impl std::fmt::Display) -> CrmError {
-    CrmError::Transient {
-        status: None,
-        message: format!("internal: {e}"),
-    }
+    CrmError::transient(None, format!("internal: {e}"))
 }
 
 fn split_name(name: &str) -> (Option<String>, Option<String>) {

@@ -417,6 +417,12 @@ async fn rate_limits_server_errors_and_validation_are_classified() {
         "{err:?}"
     );
 
+    fake.fail_next(Fault::Unavailable { retry_after: 120 });
+    let err = client.find_contact("k").await.unwrap_err();
+    assert_eq!(err.status(), Some(503));
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(120)), "{err:?}");
+    assert!(err.is_retryable());
+
     fake.inject(FaultRule::new(Fault::Validation400).on(Method::POST, "/api/v4/contacts"));
     let err = client
         .upsert_contact(&contact(Uuid::new_v4()), None)
