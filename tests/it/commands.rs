@@ -67,6 +67,17 @@ async fn create(bus: &CommandBus, vehicle: Option<Uuid>, from: i64, to: i64) -> 
     id
 }
 
+/// Makes staff `n` (as a u128 id) booking `id`'s owner.
+async fn make_owner(bus: &CommandBus, id: Uuid, n: u128) -> commands::Outcome {
+    let command = BookingCommand::ChangeOwner {
+        owner_id: Uuid::from_u128(n),
+    };
+    bus.bookings
+        .execute(id, command, &meta(), None)
+        .await
+        .unwrap()
+}
+
 async fn confirm(bus: &CommandBus, id: Uuid) -> Result<commands::Outcome, CommandError> {
     bus.bookings
         .execute(id, BookingCommand::Confirm, &meta(), None)
@@ -596,13 +607,7 @@ async fn replaying_many_aggregates_at_once_gives_each_the_state_of_its_own_repla
     let bus = CommandBus::new(db.pool.clone());
     let long = create(&bus, None, 0, 1).await;
     for i in 0..60 {
-        let command = BookingCommand::ChangeOwner {
-            owner_id: Uuid::from_u128(500 + i),
-        };
-        bus.bookings
-            .execute(long, command, &meta(), None)
-            .await
-            .unwrap();
+        make_owner(&bus, long, 500 + i).await;
     }
     let short = create(&bus, Some(GHOST), 3, 5).await;
     confirm(&bus, short).await.unwrap();
@@ -692,13 +697,7 @@ async fn a_creation_on_an_id_with_a_long_stream_is_refused_and_a_new_stream_take
     let bus = CommandBus::with_snapshots(db.pool.clone(), Some(4));
     let id = create(&bus, None, 0, 1).await;
     for i in 0..12 {
-        let command = BookingCommand::ChangeOwner {
-            owner_id: Uuid::from_u128(1000 + i),
-        };
-        bus.bookings
-            .execute(id, command, &meta(), None)
-            .await
-            .unwrap();
+        make_owner(&bus, id, 1000 + i).await;
     }
     let snapshot = || {
         sqlx::query_scalar::<_, Option<i64>>(

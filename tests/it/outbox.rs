@@ -140,6 +140,34 @@ impl Harness {
         id
     }
 
+    /// Changes a client's name, phone or email (those given).
+    async fn change_client(
+        &self,
+        client: Uuid,
+        name: Option<&str>,
+        phone: Option<&str>,
+        email: Option<&str>,
+    ) {
+        let update = ClientCommand::UpdateDetails {
+            name: name.map(str::to_string),
+            phone: phone.map(str::to_string),
+            email: email.map(str::to_string),
+            residency_country: None,
+            preferred_language: None,
+            preferred_channels: None,
+            timezone: None,
+            gender: None,
+            date_of_birth: None,
+            passport_number: None,
+            emirates_id: None,
+        };
+        self.bus
+            .clients
+            .execute(client, update, &meta(), None)
+            .await
+            .unwrap();
+    }
+
     /// A booking confirmed at once.
     async fn confirmed_booking(&self, client: Uuid, day: i64) -> (Uuid, String) {
         let (id, code) = self.booking(client, day, None).await;
@@ -324,28 +352,8 @@ async fn a_sales_order_waits_for_a_new_contact_row_after_an_older_one_failed() {
     h.drain(&worker, Duration::from_secs(20)).await;
     assert!(h.zoho.contacts().is_empty());
 
-    h.bus
-        .clients
-        .execute(
-            client,
-            ClientCommand::UpdateDetails {
-                name: None,
-                phone: None,
-                email: Some("second.chance@example.com".into()),
-                residency_country: None,
-                preferred_language: None,
-                preferred_channels: None,
-                timezone: None,
-                gender: None,
-                date_of_birth: None,
-                passport_number: None,
-                emirates_id: None,
-            },
-            &meta(),
-            None,
-        )
-        .await
-        .unwrap();
+    h.change_client(client, None, None, Some("second.chance@example.com"))
+        .await;
     let (booking, code) = h.confirmed_booking(client, 1).await;
     h.drain(&worker, Duration::from_secs(20)).await;
     assert_eq!(h.zoho.contacts().len(), 1);
@@ -766,28 +774,8 @@ async fn a_dead_letter_requeued_during_a_later_delivery_of_its_record_waits_for_
     assert!(h.kommo.contacts().is_empty());
 
     // The client's details change; another worker is delivering that row.
-    h.bus
-        .clients
-        .execute(
-            client,
-            ClientCommand::UpdateDetails {
-                name: Some("Huda Saleh Al Amiri".into()),
-                phone: None,
-                email: None,
-                residency_country: None,
-                preferred_language: None,
-                preferred_channels: None,
-                timezone: None,
-                gender: None,
-                date_of_birth: None,
-                passport_number: None,
-                emirates_id: None,
-            },
-            &meta(),
-            None,
-        )
-        .await
-        .unwrap();
+    h.change_client(client, Some("Huda Saleh Al Amiri"), None, None)
+        .await;
     h.derive().await;
     let later: Uuid = sqlx::query_scalar(
         "UPDATE integrations_outbox SET status = 'processing', lease_owner = 'another-worker', \
@@ -887,24 +875,8 @@ async fn a_sales_order_waits_until_its_contacts_retry_is_due() {
     .fetch_one(&h.db.pool)
     .await
     .unwrap();
-    let update = ClientCommand::UpdateDetails {
-        name: None,
-        phone: Some("+971501234999".into()),
-        email: None,
-        residency_country: None,
-        preferred_language: None,
-        preferred_channels: None,
-        timezone: None,
-        gender: None,
-        date_of_birth: None,
-        passport_number: None,
-        emirates_id: None,
-    };
-    h.bus
-        .clients
-        .execute(client, update, &meta(), None)
-        .await
-        .unwrap();
+    h.change_client(client, None, Some("+971501234999"), None)
+        .await;
     h.derive().await;
     let contact_rows: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM integrations_outbox WHERE entity_id = $1 AND target_system = 'zoho'",

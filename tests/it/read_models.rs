@@ -232,39 +232,40 @@ async fn outstanding_amounts_follow_the_bookings_after_paying_more_than_a_lowere
     assert_eq!(shown, Decimal::ZERO);
 }
 
+/// A new lead worth `value` in the negotiation stage (probability 0.5).
+async fn negotiation_lead(bus: &CommandBus, value: Decimal) {
+    let create = LeadCommand::Create {
+        lead_code: codes::allocate(&bus.pool, CodeKind::Lead).await.unwrap(),
+        client_id: None,
+        owner_id: OPS,
+        stage: StageRef {
+            id: "negotiation".into(),
+            probability: Decimal::new(50, 2),
+            sla_days: 3,
+            booking_status: None,
+        },
+        value_amount: value,
+        source: "Website".into(),
+        title: None,
+        requested_start_at: None,
+        requested_end_at: None,
+        fleet_size: 1,
+        expected_close_at: None,
+        kommo_lead_id: None,
+    };
+    bus.leads
+        .execute(Uuid::now_v7(), create, &meta(), None)
+        .await
+        .unwrap();
+}
+
 /// Half a cent rounds the same way in the KPIs as in the pipeline's weighted value (away from
 /// zero, as PostgreSQL's numeric does), so the two screens never differ by a cent.
 #[tokio::test]
 async fn the_kpi_pipeline_value_rounds_half_a_cent_as_the_pipeline_does() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    bus.leads
-        .execute(
-            Uuid::now_v7(),
-            LeadCommand::Create {
-                lead_code: codes::allocate(&db.pool, CodeKind::Lead).await.unwrap(),
-                client_id: None,
-                owner_id: OPS,
-                stage: StageRef {
-                    id: "negotiation".into(),
-                    probability: Decimal::new(50, 2),
-                    sla_days: 3,
-                    booking_status: None,
-                },
-                value_amount: Decimal::new(100_005, 2),
-                source: "Website".into(),
-                title: None,
-                requested_start_at: None,
-                requested_end_at: None,
-                fleet_size: 1,
-                expected_close_at: None,
-                kommo_lead_id: None,
-            },
-            &meta(),
-            None,
-        )
-        .await
-        .unwrap();
+    negotiation_lead(&bus, Decimal::new(100_005, 2)).await;
     project_all(&db.pool, 100).await;
     // As `GET /v1/pipeline` sums it.
     let weighted: Decimal =
@@ -288,43 +289,14 @@ async fn the_kpi_pipeline_value_rounds_half_a_cent_as_the_pipeline_does() {
 async fn kpi_days_the_tick_wrote_ahead_follow_the_events_applied_after_it() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let lead = |value: i64| LeadCommand::Create {
-        lead_code: String::new(),
-        client_id: None,
-        owner_id: OPS,
-        stage: StageRef {
-            id: "negotiation".into(),
-            probability: Decimal::new(50, 2),
-            sla_days: 3,
-            booking_status: None,
-        },
-        value_amount: Decimal::from(value),
-        source: "Website".into(),
-        title: None,
-        requested_start_at: None,
-        requested_end_at: None,
-        fleet_size: 1,
-        expected_close_at: None,
-        kommo_lead_id: None,
-    };
-    let create = async |value: i64| {
-        let mut command = lead(value);
-        if let LeadCommand::Create { lead_code, .. } = &mut command {
-            *lead_code = codes::allocate(&db.pool, CodeKind::Lead).await.unwrap();
-        }
-        bus.leads
-            .execute(Uuid::now_v7(), command, &meta(), None)
-            .await
-            .unwrap();
-    };
-    create(10_000).await;
+    negotiation_lead(&bus, Decimal::from(10_000)).await;
     project_all(&db.pool, 100).await;
     let kpis = projections::by_name("kpis").unwrap();
     let ahead = Utc::now() + chrono::Duration::days(2);
     let mut conn = db.pool.acquire().await.unwrap();
     kpis.tick(&mut conn, ahead).await.unwrap();
     drop(conn);
-    create(20_000).await;
+    negotiation_lead(&bus, Decimal::from(20_000)).await;
     project_all(&db.pool, 100).await;
     let days: Vec<(chrono::NaiveDate, serde_json::Value)> =
         sqlx::query_as("SELECT snapshot_date, metrics FROM kpi_snapshots ORDER BY snapshot_date")

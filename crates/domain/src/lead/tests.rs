@@ -125,6 +125,29 @@ fn win_cmd() -> LeadCommand {
     }
 }
 
+/// `win_cmd()` naming a client (`None`: the lead's own), at a daily price, over a period of its
+/// own (`None`: the lead's requested one).
+fn win_cmd_with(
+    client: Option<u128>,
+    price: Decimal,
+    period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+) -> LeadCommand {
+    let mut cmd = win_cmd();
+    if let LeadCommand::Win {
+        client_id,
+        price_daily,
+        start_at,
+        end_at,
+        ..
+    } = &mut cmd
+    {
+        *client_id = client.map(id);
+        *price_daily = price;
+        (*start_at, *end_at) = (period.map(|p| p.0), period.map(|p| p.1));
+    }
+    cmd
+}
+
 fn won() -> LeadEvent {
     LeadEvent::LeadWon {
         booking_id: id(BOOKING),
@@ -631,10 +654,8 @@ fn win_uses_the_commands_period_and_the_stages_booking_status() {
 
 #[test]
 fn win_naming_another_client_attaches_it_in_the_same_command() {
-    let mut cmd = win_cmd();
-    if let LeadCommand::Win { client_id, .. } = &mut cmd {
-        *client_id = Some(id(77));
-    }
+    let price = Decimal::new(250_000, 2);
+    let cmd = win_cmd_with(Some(77), price, None);
     let mut expected = won();
     if let LeadEvent::LeadWon { client_id, .. } = &mut expected {
         *client_id = id(77);
@@ -647,26 +668,13 @@ fn win_naming_another_client_attaches_it_in_the_same_command() {
             expected,
         ]);
     // Its own client again: nothing to attach.
-    let mut same = win_cmd();
-    if let LeadCommand::Win { client_id, .. } = &mut same {
-        *client_id = Some(id(CLIENT));
-    }
+    let same = win_cmd_with(Some(CLIENT), price, None);
     Lf::with(())
         .given(vec![created()])
         .when(same)
         .then_expect_events(vec![won()]);
     // A lead without a client is won with the one named.
-    let mut bare = win_cmd();
-    if let LeadCommand::Win {
-        client_id,
-        start_at,
-        end_at,
-        ..
-    } = &mut bare
-    {
-        *client_id = Some(id(CLIENT));
-        (*start_at, *end_at) = (Some(at(0)), Some(at(24 * 7)));
-    }
+    let bare = win_cmd_with(Some(CLIENT), price, Some((at(0), at(24 * 7))));
     Lf::with(())
         .given(vec![created_bare()])
         .when(bare)
@@ -742,16 +750,7 @@ fn win_rejects_a_negative_price() {
 fn win_rejects_a_price_whose_booking_total_would_be_too_large() {
     // A valid amount on its own, but not for the seven days of the requested period: the
     // process manager could never create the booking.
-    let cmd = LeadCommand::Win {
-        booking_id: id(BOOKING),
-        booking_code: "BK-1052".into(),
-        booking_type: BookingType::Rental,
-        start_at: None,
-        end_at: None,
-        price_daily: Decimal::new(999_999_999_999, 2),
-        vehicle_id: None,
-        client_id: None,
-    };
+    let cmd = win_cmd_with(None, Decimal::new(999_999_999_999, 2), None);
     Lf::with(())
         .given(vec![created()])
         .when(cmd)
