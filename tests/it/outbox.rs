@@ -219,6 +219,52 @@ impl Harness {
         (id, code)
     }
 
+    /// A sales lead at the negotiation stage, linked to a lead of the fake Kommo: (our lead,
+    /// Kommo's lead id).
+    async fn kommo_lead(&self, code: &str) -> (Uuid, i64) {
+        let targets = self.targets(paced(), Arc::new(crm::Unshared));
+        let kommo_lead = targets
+            .kommo
+            .upsert_lead(
+                &LeadInput {
+                    external_key: code.into(),
+                    name: "Two supercars for a week".into(),
+                    price: 90_000,
+                    status_id: Some(47_873_539),
+                    pipeline_id: Some(5_389_528),
+                    contact_id: None,
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let lead = Uuid::now_v7();
+        self.bus
+            .leads
+            .execute(
+                lead,
+                LeadCommand::Create {
+                    lead_code: code.into(),
+                    client_id: None,
+                    owner_id: SALES,
+                    stage: stage("negotiation", 7),
+                    value_amount: Decimal::from(90_000),
+                    source: "Kommo".into(),
+                    title: None,
+                    requested_start_at: None,
+                    requested_end_at: None,
+                    fleet_size: 1,
+                    expected_close_at: None,
+                    kommo_lead_id: Some(kommo_lead),
+                },
+                &meta(),
+                None,
+            )
+            .await
+            .unwrap();
+        (lead, kommo_lead)
+    }
+
     /// Derives outbox rows from everything in the log so far.
     async fn derive(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -276,6 +322,16 @@ async fn statuses(pool: &PgPool) -> Vec<(String, String, String, i32, Option<Str
 }
 
 /// Kommo's pacing as configured by default (6 requests/s, under the fake's limit of 7).
+/// A pipeline stage as the seeds have it (`probability` in tenths).
+fn stage(id: &str, probability: i64) -> StageRef {
+    StageRef {
+        id: id.into(),
+        probability: Decimal::new(probability, 1),
+        sla_days: 3,
+        booking_status: None,
+    }
+}
+
 fn paced() -> Arc<dyn Pacer> {
     Arc::new(LocalPacer::from_rps(6))
 }
@@ -474,11 +530,13 @@ async fn a_record_that_cannot_be_read_fails_only_its_own_rows_of_a_claim() {
     assert!(c.kommo_contact_id.is_some() && c.zoho_contact_id.is_some());
 }
 
-/// The rows derived per booking and action, in log order.
+/// The rows derived per booking and action, in log order (its Kommo lead status rows are its
+/// lead's, naming it).
 async fn booking_rows(pool: &PgPool, booking: Uuid) -> Vec<(String, String)> {
     sqlx::query_as(
         "SELECT event_type, payload ->> 'cause' FROM integrations_outbox \
-         WHERE entity_id = $1 ORDER BY source_position, event_type",
+         WHERE entity_id = $1 OR payload ->> 'booking_id' = $1::text \
+         ORDER BY source_position, event_type",
     )
     .bind(booking)
     .fetch_all(pool)
@@ -490,51 +548,7 @@ async fn booking_rows(pool: &PgPool, booking: Uuid) -> Vec<(String, String)> {
 async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_status() {
     let h = Harness::new().await;
     let worker = h.worker(paced(), 5);
-    let targets = h.targets(paced(), Arc::new(crm::Unshared));
-    let kommo_lead = targets
-        .kommo
-        .upsert_lead(
-            &LeadInput {
-                external_key: "LD-000001".into(),
-                name: "Two supercars for a week".into(),
-                price: 90_000,
-                status_id: Some(47_873_539),
-                pipeline_id: Some(5_389_528),
-                contact_id: None,
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    let lead = Uuid::now_v7();
-    h.bus
-        .leads
-        .execute(
-            lead,
-            LeadCommand::Create {
-                lead_code: "LD-000001".into(),
-                client_id: None,
-                owner_id: SALES,
-                stage: StageRef {
-                    id: "negotiation".into(),
-                    probability: Decimal::new(6, 1),
-                    sla_days: 3,
-                    booking_status: None,
-                },
-                value_amount: Decimal::from(90_000),
-                source: "Kommo".into(),
-                title: None,
-                requested_start_at: None,
-                requested_end_at: None,
-                fleet_size: 1,
-                expected_close_at: None,
-                kommo_lead_id: Some(kommo_lead),
-            },
-            &meta(),
-            None,
-        )
-        .await
-        .unwrap();
+    let (lead, kommo_lead) = h.kommo_lead("LD-000001").await;
     let client = h.client("Omar Farouk").await;
     // The won booking is confirmed in a batch after its creation's: the projector looks its
     // lead up. The others are created and confirmed in one batch: learnt from the batch itself.
@@ -612,6 +626,89 @@ async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_statu
             .await
             .unwrap();
     assert_eq!(failed, 0, "{:?}", statuses(&h.db.pool).await);
+}
+
+/// Rows for one Kommo lead come from the lead and from every booking won from it. A retried row
+/// of the lead must not land after a later booking's row and put back an older status.
+#[tokio::test]
+async fn a_retried_lead_status_never_lands_after_a_later_status_of_its_bookings() {
+    let h = Harness::new().await;
+    let worker = h.worker(paced(), 5);
+    let (lead, kommo_lead) = h.kommo_lead("LD-000002").await;
+    let client = h.client("Omar Farouk").await;
+    let (booking, _) = h.booking(client, 1, Some(lead)).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+
+    // The lead moves on; Kommo is briefly down for that update and asks to come back in 1 s.
+    h.kommo.inject(
+        FaultRule::new(Fault::Unavailable { retry_after: 1 })
+            .times(1)
+            .on(Method::PATCH, "/api/v4/leads"),
+    );
+    let moved = LeadCommand::MoveToStage {
+        stage: stage("offer_sent", 5),
+    };
+    h.bus
+        .leads
+        .execute(lead, moved, &meta(), None)
+        .await
+        .unwrap();
+    h.derive().await;
+    worker.try_execute_task().await.unwrap();
+    assert_eq!(
+        h.kommo.pending_faults(),
+        0,
+        "the lead's update met the outage"
+    );
+
+    // Meanwhile its booking is confirmed: Kommo's lead must end at "Deposit received".
+    h.confirm(booking).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let status = &h.kommo.lead(kommo_lead).unwrap()["status_id"];
+    assert_eq!(status, 47_888_833, "{:?}", statuses(&h.db.pool).await);
+}
+
+/// Rows derived before a booking's Kommo lead status was ordered under its lead are moved there
+/// by the migration, and delivered as the booking's status.
+#[tokio::test]
+async fn the_migration_moves_older_booking_lead_status_rows_under_their_lead() {
+    let h = Harness::new().await;
+    let (lead, kommo_lead) = h.kommo_lead("LD-000003").await;
+    let client = h.client("Omar Farouk").await;
+    let (booking, _) = h.booking(client, 1, Some(lead)).await;
+    h.confirm(booking).await;
+    h.derive().await;
+    // As the projector used to derive it.
+    let older = sqlx::query(
+        "UPDATE integrations_outbox SET entity_type = 'booking', entity_id = $1, \
+           payload = payload - 'booking_id' \
+         WHERE event_type = 'lead.status'",
+    )
+    .bind(booking)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(older.rows_affected(), 1);
+
+    sqlx::raw_sql(include_str!(
+        "../../migrations/20261124000007_booking_lead_status_rows_under_their_lead.sql"
+    ))
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let row: (String, Uuid, Option<String>) = sqlx::query_as(
+        "SELECT entity_type, entity_id, payload ->> 'booking_id' FROM integrations_outbox \
+         WHERE event_type = 'lead.status'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("lead".into(), lead, Some(booking.to_string())));
+
+    let worker = h.worker(paced(), 5);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let status = &h.kommo.lead(kommo_lead).unwrap()["status_id"];
+    assert_eq!(status, 47_888_833, "{:?}", statuses(&h.db.pool).await);
 }
 
 #[tokio::test]

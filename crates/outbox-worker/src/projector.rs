@@ -21,6 +21,10 @@ pub struct OutboxProjector;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Derived {
     pub entity_type: &'static str,
+    /// The entity the row is ordered under, when not the event's own aggregate: a booking's
+    /// Kommo lead status goes under its lead, so that every status sent to one Kommo lead (from
+    /// the lead and from each booking won from it) goes out in the order of the log.
+    pub entity_id: Option<Uuid>,
     pub target: &'static str,
     pub action: &'static str,
 }
@@ -28,6 +32,7 @@ pub struct Derived {
 const fn d(entity_type: &'static str, target: &'static str, action: &'static str) -> Derived {
     Derived {
         entity_type,
+        entity_id: None,
         target,
         action,
     }
@@ -38,15 +43,15 @@ const fn d(entity_type: &'static str, target: &'static str, action: &'static str
 pub struct BookingFacts {
     /// An earlier event of the stream confirmed the booking (Zoho has its sales order).
     pub was_confirmed: bool,
-    /// The booking was won from a sales lead: only then is there a Kommo lead to move.
-    pub has_lead: bool,
+    /// The sales lead the booking was won from: only then is there a Kommo lead to move.
+    pub lead: Option<Uuid>,
 }
 
 impl BookingFacts {
     /// Facts under which a booking event derives every row it ever can.
     const ALL: Self = Self {
         was_confirmed: true,
-        has_lead: true,
+        lead: Some(Uuid::nil()),
     };
 }
 
@@ -54,6 +59,7 @@ impl BookingFacts {
 /// the worker's write-backs (actor `outbox-worker`) derive nothing, so nothing echoes back. A
 /// booking moves its Kommo lead only if it came from one (a booking's lead is fixed when it is
 /// created), and updates its Zoho sales order only once one exists (after its confirmation).
+/// A booking's Kommo lead status is a row of its lead (see [`Derived::entity_id`]).
 pub fn derive(event: &RecordedEvent, booking: BookingFacts) -> Vec<Derived> {
     let actor = event
         .metadata
@@ -63,9 +69,10 @@ pub fn derive(event: &RecordedEvent, booking: BookingFacts) -> Vec<Derived> {
     if matches!(actor, "kommo" | "outbox-worker") {
         return vec![];
     }
-    let lead_status = booking
-        .has_lead
-        .then_some(d("booking", "kommo", "lead.status"));
+    let lead_status = booking.lead.map(|lead| Derived {
+        entity_id: Some(lead),
+        ..d("lead", "kommo", "lead.status")
+    });
     let sales_order = d("booking", "zoho", "sales_order.upsert");
     match (event.aggregate_type.as_str(), event.event_type.as_str()) {
         ("Client", "ClientRegistered" | "ClientDetailsUpdated") => vec![
@@ -112,8 +119,8 @@ fn row_id(dedupe_key: &str) -> Uuid {
 /// What a booking stream's creation and confirmation say, as far as they are known.
 #[derive(Default)]
 struct Stream {
-    /// `Some` once its `BookingCreated` is seen: whether it names a lead.
-    has_lead: Option<bool>,
+    /// `Some` once its `BookingCreated` is seen: the lead it names, if any.
+    lead: Option<Option<Uuid>>,
     /// The sequence of its `BookingConfirmed`, if any.
     confirmed_at: Option<i64>,
 }
@@ -123,7 +130,7 @@ impl Stream {
         match event.event_type.as_str() {
             "BookingCreated" => {
                 if let BookingEvent::BookingCreated { lead_id, .. } = decode(event)? {
-                    self.has_lead = Some(lead_id.is_some());
+                    self.lead = Some(lead_id);
                 }
             }
             "BookingConfirmed" => {
@@ -140,7 +147,7 @@ impl Stream {
     fn facts_at(&self, sequence: i64) -> BookingFacts {
         BookingFacts {
             was_confirmed: self.confirmed_at.is_some_and(|at| at < sequence),
-            has_lead: self.has_lead.unwrap_or(false),
+            lead: self.lead.flatten(),
         }
     }
 }
@@ -167,7 +174,7 @@ async fn booking_streams<'a>(
     }
     let unknown: Vec<&str> = streams
         .iter()
-        .filter(|(_, s)| s.has_lead.is_none())
+        .filter(|(_, s)| s.lead.is_none())
         .map(|(id, _)| *id)
         .collect();
     if unknown.is_empty() {
@@ -186,7 +193,7 @@ async fn booking_streams<'a>(
         }
     }
     for id in unknown {
-        if streams.get(id).is_some_and(|s| s.has_lead.is_none()) {
+        if streams.get(id).is_some_and(|s| s.lead.is_none()) {
             tracing::warn!(
                 booking = id,
                 "a booking stream has no BookingCreated: no Kommo lead to move"
@@ -227,7 +234,7 @@ impl Projection for OutboxProjector {
                 .get(e.aggregate_id.as_str())
                 .filter(|_| e.aggregate_type == "Booking")
                 .map_or_else(BookingFacts::default, |s| s.facts_at(e.sequence));
-            let Ok(entity_id) = Uuid::parse_str(&e.aggregate_id) else {
+            let Ok(aggregate_id) = Uuid::parse_str(&e.aggregate_id) else {
                 continue;
             };
             let pos = e.position.global_position;
@@ -235,14 +242,19 @@ impl Projection for OutboxProjector {
                 let dedupe_key = format!("{pos}:{}:{}", row.target, row.action);
                 ids.push(row_id(&dedupe_key));
                 entity_types.push(row.entity_type);
-                entity_ids.push(entity_id);
+                entity_ids.push(row.entity_id.unwrap_or(aggregate_id));
                 targets.push(row.target);
                 actions.push(row.action);
-                payloads.push(json!({
+                let mut payload = json!({
                     "cause": e.event_type,
                     "sequence": e.sequence,
                     "correlation_id": e.metadata.get("correlation_id"),
-                }));
+                });
+                if row.entity_id.is_some() && e.aggregate_type == "Booking" {
+                    // The status to send is the booking's.
+                    payload["booking_id"] = json!(aggregate_id);
+                }
+                payloads.push(payload);
                 dedupe_keys.push(dedupe_key);
                 positions.push(pos);
             }
@@ -416,14 +428,25 @@ mod tests {
             ("Lead", "LeadKommoStatusApplied", "kommo", false, false, &[]),
         ];
         for (aggregate, event_type, actor, was_confirmed, has_lead, expected) in cases {
+            let lead = Uuid::from_u128(7);
             let facts = BookingFacts {
                 was_confirmed: *was_confirmed,
-                has_lead: *has_lead,
+                lead: has_lead.then_some(lead),
             };
-            let got: Vec<(&str, &str)> = derive(&event(aggregate, event_type, actor), facts)
-                .into_iter()
-                .map(|d| (d.target, d.action))
-                .collect();
+            let derived = derive(&event(aggregate, event_type, actor), facts);
+            for row in &derived {
+                // A booking's lead status is ordered under its lead; every other row under
+                // the event's own aggregate.
+                let expected = (*aggregate == "Booking" && row.action == "lead.status")
+                    .then_some(("lead", Some(lead)));
+                assert_eq!(
+                    expected.unwrap_or((&aggregate.to_lowercase(), None)),
+                    (row.entity_type, row.entity_id),
+                    "{aggregate}.{event_type}: {row:?}"
+                );
+            }
+            let got: Vec<(&str, &str)> =
+                derived.into_iter().map(|d| (d.target, d.action)).collect();
             assert_eq!(
                 got,
                 expected.to_vec(),

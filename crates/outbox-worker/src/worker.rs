@@ -948,15 +948,22 @@ impl Inner {
 
     async fn kommo_lead_status(&self, row: &Claimed) -> Result<Delivery, CrmError> {
         let db = |e: sqlx::Error| internal(e.to_string());
-        let (lead_id, status): (Option<Uuid>, Option<(String, Option<String>)>) = match row
-            .entity_type
-            .as_str()
-        {
-            "booking" => {
+        // A booking's status goes under its lead, naming the booking; rows derived before that
+        // (entity type `booking`) are the booking's own.
+        let booking_id = match row.payload.get("booking_id") {
+            Some(id) => Some(
+                id.as_str()
+                    .and_then(|id| Uuid::parse_str(id).ok())
+                    .ok_or_else(|| permanent("the row names no valid booking".into()))?,
+            ),
+            None => (row.entity_type == "booking").then_some(row.entity_id),
+        };
+        let (lead_id, status): (Option<Uuid>, Option<(String, Option<String>)>) = match booking_id {
+            Some(booking_id) => {
                 let (booking, _) = self
                     .bus
                     .bookings
-                    .replay(row.entity_id, None)
+                    .replay(booking_id, None)
                     .await
                     .map_err(internal)?;
                 // A booking without a lead has no Kommo lead to move: no mapping to look up.
@@ -975,7 +982,7 @@ impl Inner {
                 };
                 (booking.lead_id, status)
             }
-            _ => {
+            None => {
                 let (lead, _) = self
                     .bus
                     .leads
