@@ -31,6 +31,20 @@ async fn if_match_with_a_stale_version_is_412_and_writes_nothing() {
     let r = app.send(patch("1", "Late Name")).await;
     r.assert_problem(412, "version-mismatch");
 
+    // Any current version (RFC 9110); none at all for a client that does not exist.
+    let r = app.send(patch("*", "Any Name")).await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["version"], 3);
+    let missing = format!("/v1/clients/{}", uuid::Uuid::now_v7());
+    let r = app
+        .send(
+            app.request(Method::PATCH, "sales", &missing)
+                .header("if-match", "*")
+                .json(&json!({ "name": "Nobody" })),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{:#}", r.body);
+
     let r = app.send(patch("soon", "Bad")).await;
     r.assert_problem(422, "validation");
 }

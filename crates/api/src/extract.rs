@@ -193,12 +193,16 @@ pub fn request_id(parts: &Parts) -> String {
         .unwrap_or_default()
 }
 
-/// `If-Match: 3`, `If-Match: "3"` or `W/"3"`: the expected version.
+/// `If-Match: 3`, `If-Match: "3"` or `W/"3"`: the expected version. `If-Match: *` (any current
+/// version, RFC 9110) expects none: a command on a resource that does not exist is refused anyway.
 fn if_match(parts: &Parts) -> Result<Option<i64>, Problem> {
     let Some(value) = parts.headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
     let text = value.to_str().unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
     let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
     text.parse::<i64>()
         .ok()
