@@ -315,6 +315,73 @@ async fn kpi_days_the_tick_wrote_ahead_follow_the_events_applied_after_it() {
     }
 }
 
+/// A KPI day counts the vehicles in the fleet at any time that day: selling a car leaves the
+/// days it was in the fleet as they were, a car bought counts from its first day, and a rebuild
+/// gives the same days.
+#[tokio::test]
+async fn kpi_days_keep_the_fleet_they_had_when_a_car_is_sold_or_bought() {
+    let db = TestDb::new().await;
+    let bus = CommandBus::new(db.pool.clone());
+    let client = Uuid::now_v7();
+    bus.clients
+        .execute(client, register("Karim Nasser"), &meta(), None)
+        .await
+        .unwrap();
+    // A car in use for the last 30 days: the fleet's utilization is 1 / the fleet's size.
+    let id = Uuid::now_v7();
+    let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
+    let start = Utc::now() - chrono::Duration::days(31);
+    let create = booking(code, client, Some(Uuid::from_u128(VEHICLES[0])), start, 33);
+    bus.bookings
+        .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
+        .await
+        .unwrap();
+    bus.bookings
+        .execute(id, BookingCommand::Confirm, &meta(), None)
+        .await
+        .unwrap();
+    project_all(&db.pool, 100).await;
+    // Today's figures, computed again after an event of today.
+    let today = || async {
+        negotiation_lead(&bus, Decimal::from(1_000)).await;
+        project_all(&db.pool, 100).await;
+        let metrics: serde_json::Value = sqlx::query_scalar(
+            "SELECT metrics FROM kpi_snapshots ORDER BY snapshot_date DESC LIMIT 1",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        let utilization = metrics["fleet_utilization"].as_str().unwrap().to_string();
+        utilization.parse::<Decimal>().unwrap()
+    };
+    let before = today().await;
+    assert!(before > Decimal::ZERO);
+
+    sqlx::query("UPDATE vehicles SET status = 'sold' WHERE id = $1")
+        .bind(Uuid::from_u128(VEHICLES[1]))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        today().await,
+        before,
+        "a car sold today was in today's fleet"
+    );
+    assert_every_read_model_equals_its_rebuild(&db.pool, false).await;
+
+    sqlx::query(
+        "INSERT INTO vehicles (name, make, model) VALUES ('Urus S', 'Lamborghini', 'Urus')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        today().await < before,
+        "a car bought today is in today's fleet"
+    );
+    assert_every_read_model_equals_its_rebuild(&db.pool, false).await;
+}
+
 #[tokio::test]
 async fn a_booking_story_shows_in_every_read_model() {
     let db = TestDb::new().await;

@@ -3,9 +3,11 @@
 //! Counters (bookings created/cancelled, revenue of completions, deliveries and their SLA) count
 //! the day's events. State metrics (active bookings, pipeline value, win rate, active deals,
 //! outstanding amount) are the state right after the day's last event; fleet utilization is
-//! measured over the 30 days ending at the end of that day. Days without events get a row from
-//! the tick (or when the next day's first event arrives), with the state carried over. So a row
-//! depends only on the events, never on when it was computed: a rebuild reproduces it exactly.
+//! measured over the 30 days ending at the end of that day, over the vehicles in the fleet at
+//! any time that day (`vehicle_fleet_periods`, kept by a trigger on the reference table). Days
+//! without events get a row from the tick (or when the next day's first event arrives), with the
+//! state carried over. So a row depends only on the events and the fleet's history, never on
+//! when it was computed: a rebuild reproduces it exactly.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -182,11 +184,15 @@ struct KpisSession {
     totals_changed: bool,
     /// The newest snapshot's day and position, once known (`Some(None)`: there is none).
     last: Option<Option<(NaiveDate, i64)>>,
-    fleet: Option<Vec<Uuid>>,
+    /// When each vehicle was in the fleet (`vehicle_fleet_periods`): start and end, unbounded
+    /// when `None`.
+    fleet: Option<Vec<FleetPeriod>>,
     snapshots: BTreeMap<NaiveDate, (Value, i64)>,
     /// The day being folded and the position of its latest event.
     current: Option<(NaiveDate, i64)>,
 }
+
+type FleetPeriod = (Uuid, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
 const BOOKING: u8 = 0;
 const LEAD: u8 = 1;
@@ -570,18 +576,27 @@ impl KpisSession {
                 .unwrap_or_default(),
         ) - Duration::hours(4);
         let (window_start, _) = rules::utilization_window(end_of_day);
-        let fleet = match &self.fleet {
-            Some(f) => f.clone(),
+        let periods = match &self.fleet {
+            Some(f) => f,
             None => {
-                let f: Vec<Uuid> = sqlx::query_scalar(
-                    "SELECT id FROM vehicles WHERE status <> 'sold' ORDER BY id",
+                let f: Vec<FleetPeriod> = sqlx::query_as(
+                    "SELECT vehicle_id, lower(in_fleet), upper(in_fleet) FROM vehicle_fleet_periods",
                 )
                 .fetch_all(&mut *conn)
                 .await?;
-                self.fleet = Some(f.clone());
-                f
+                self.fleet.insert(f)
             }
         };
+        // The vehicles in the fleet at any time of the business day.
+        let start_of_day = end_of_day - Duration::days(1);
+        let fleet: BTreeSet<Uuid> = periods
+            .iter()
+            .filter(|(_, from, until)| {
+                from.is_none_or(|from| from < end_of_day)
+                    && until.is_none_or(|until| until > start_of_day)
+            })
+            .map(|(v, _, _)| *v)
+            .collect();
         let mut periods: HashMap<Uuid, Vec<rules::Span>> = HashMap::new();
         let overlaps = |s: DateTime<Utc>, e: DateTime<Utc>| e > window_start && s < end_of_day;
         if !self.complete {
