@@ -11,7 +11,8 @@
 //! a stored row is leased (`next_attempt_at` pushed a minute ahead, so a crashed process's row
 //! comes back), `leads[add]` items become Lead `Create` commands (actor `kommo`, the Kommo lead id
 //! recorded, stage by `kommo_status_id`, else `new`) and `leads[status]` items become
-//! `ApplyKommoStatus` on the lead with that Kommo id. `kommo_lead_links` is claimed before a lead
+//! `ApplyKommoStatus` on the lead with that Kommo id (which also loses an active lead on Kommo's
+//! "Closed - lost"). `kommo_lead_links` is claimed before a lead
 //! is created, so one Kommo lead becomes one lead however often it is delivered; every step is
 //! idempotent, so a retried row does no harm. Database failures retry with backoff (5 attempts,
 //! then `failed`); a refusal by the domain is recorded in `fetched_data` and not retried.

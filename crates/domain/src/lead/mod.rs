@@ -181,6 +181,9 @@ impl Lead {
 
 use LeadStatus as S;
 
+/// Kommo's own status "Closed - lost", the same id in every pipeline of every account.
+pub const KOMMO_CLOSED_LOST: i64 = 143;
+
 impl Aggregate for Lead {
     const TYPE: &'static str = "Lead";
     type Command = LeadCommand;
@@ -362,10 +365,20 @@ impl Aggregate for Lead {
                 }
                 let stage = stage.map(parse_stage).transpose()?;
                 let moved = stage.filter(|s| self.status == S::Active && s.id != self.stage_id);
+                // Closed as lost in Kommo (its fixed status 143, in every pipeline): the lead is
+                // lost here too, in the same commit. (Closed as won needs the booking's details:
+                // the lead stays active at its stage until it is won here.)
+                let lost = kommo_status_id == KOMMO_CLOSED_LOST && self.status == S::Active;
+                let lose = LeadEvent::LeadLost {
+                    reason: "closed as lost in Kommo".into(),
+                };
                 if moved.is_none() && self.kommo_status_id == Some(kommo_status_id) {
+                    if lost {
+                        sink.write(lose, self).await;
+                    }
                     return Ok(());
                 }
-                match moved {
+                let applied = match moved {
                     Some(s) => LeadEvent::LeadKommoStatusApplied {
                         kommo_status_id,
                         stage_id: Some(s.id),
@@ -380,6 +393,12 @@ impl Aggregate for Lead {
                         sla_days: None,
                         booking_status: None,
                     },
+                };
+                if !lost {
+                    applied
+                } else {
+                    sink.write(applied, self).await;
+                    lose
                 }
             }
             LeadCommand::LinkBooking { booking_id } => {

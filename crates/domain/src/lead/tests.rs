@@ -1079,3 +1079,56 @@ fn status_serializes_in_snake_case() {
         "\"lost\""
     );
 }
+
+#[test]
+fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
+    let lost_stage = || Some(stage("lost", 0, None));
+    let applied = LeadEvent::LeadKommoStatusApplied {
+        kommo_status_id: KOMMO_CLOSED_LOST,
+        stage_id: Some("lost".into()),
+        probability: Some(Decimal::ZERO),
+        sla_days: Some(3),
+        booking_status: None,
+    };
+    let lose = LeadEvent::LeadLost {
+        reason: "closed as lost in Kommo".into(),
+    };
+    Lf::with(())
+        .given(vec![created()])
+        .when(LeadCommand::ApplyKommoStatus {
+            kommo_status_id: KOMMO_CLOSED_LOST,
+            stage: lost_stage(),
+        })
+        .then_expect_events(vec![applied.clone(), lose.clone()]);
+    let lead = fold(vec![created(), applied.clone(), lose.clone()]);
+    assert_eq!(lead.status, LeadStatus::Lost);
+    // Recorded before this rule: delivered again, the lead is lost now.
+    Lf::with(())
+        .given(vec![created(), applied.clone()])
+        .when(LeadCommand::ApplyKommoStatus {
+            kommo_status_id: KOMMO_CLOSED_LOST,
+            stage: lost_stage(),
+        })
+        .then_expect_events(vec![lose.clone()]);
+    // Already lost, or won here: nothing more.
+    Lf::with(())
+        .given(vec![created(), applied.clone(), lose])
+        .when(LeadCommand::ApplyKommoStatus {
+            kommo_status_id: KOMMO_CLOSED_LOST,
+            stage: lost_stage(),
+        })
+        .then_expect_events(vec![]);
+    Lf::with(())
+        .given(vec![created(), won()])
+        .when(LeadCommand::ApplyKommoStatus {
+            kommo_status_id: KOMMO_CLOSED_LOST,
+            stage: lost_stage(),
+        })
+        .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
+            kommo_status_id: KOMMO_CLOSED_LOST,
+            stage_id: None,
+            probability: None,
+            sla_days: None,
+            booking_status: None,
+        }]);
+}
