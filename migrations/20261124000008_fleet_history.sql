@@ -2,7 +2,7 @@
 -- not sold *now*: selling or adding a car changed every past day's figures in a rebuild, and the
 -- live table kept the old ones, so the two differed. `vehicles` is reference data kept outside
 -- the event log; this table keeps when each vehicle was in the fleet (not sold), written by a
--- trigger on `vehicles`, so a day's fleet is the vehicles in it at any time that day, whenever
+-- trigger on `vehicles`, so a day's fleet is the vehicles in it when the day began, whenever
 -- it is computed.
 --
 -- Vehicles in the fleet today count for every earlier day (unbounded start), sold ones for none:

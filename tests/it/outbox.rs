@@ -321,7 +321,6 @@ async fn statuses(pool: &PgPool) -> Vec<(String, String, String, i32, Option<Str
         .unwrap()
 }
 
-/// Kommo's pacing as configured by default (6 requests/s, under the fake's limit of 7).
 /// A pipeline stage as the seeds have it (`probability` in tenths).
 fn stage(id: &str, probability: i64) -> StageRef {
     StageRef {
@@ -332,6 +331,7 @@ fn stage(id: &str, probability: i64) -> StageRef {
     }
 }
 
+/// Kommo's pacing as configured by default (6 requests/s, under the fake's limit of 7).
 fn paced() -> Arc<dyn Pacer> {
     Arc::new(LocalPacer::from_rps(6))
 }

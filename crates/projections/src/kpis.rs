@@ -3,8 +3,8 @@
 //! Counters (bookings created/cancelled, revenue of completions, deliveries and their SLA) count
 //! the day's events. State metrics (active bookings, pipeline value, win rate, active deals,
 //! outstanding amount) are the state right after the day's last event; fleet utilization is
-//! measured over the 30 days ending at the end of that day, over the vehicles in the fleet at
-//! any time that day (`vehicle_fleet_periods`, kept by a trigger on the reference table). Days
+//! measured over the 30 days ending at the end of that day, over the vehicles in the fleet when
+//! the day began (`vehicle_fleet_periods`, kept by a trigger on the reference table). Days
 //! without events get a row from the tick (or when the next day's first event arrives), with the
 //! state carried over. So a row depends only on the events and the fleet's history, never on
 //! when it was computed: a rebuild reproduces it exactly.
@@ -587,12 +587,14 @@ impl KpisSession {
                 self.fleet.insert(f)
             }
         };
-        // The vehicles in the fleet at any time of the business day.
+        // The vehicles in the fleet when the business day began: known from then on, so the
+        // day's row is the same whenever it is computed (a car bought during the day counts
+        // from the next; one sold during the day still counts that day).
         let start_of_day = end_of_day - Duration::days(1);
         let fleet: BTreeSet<Uuid> = periods
             .iter()
             .filter(|(_, from, until)| {
-                from.is_none_or(|from| from < end_of_day)
+                from.is_none_or(|from| from <= start_of_day)
                     && until.is_none_or(|until| until > start_of_day)
             })
             .map(|(v, _, _)| *v)
