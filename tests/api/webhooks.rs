@@ -95,3 +95,45 @@ async fn a_nul_character_in_a_delivery_is_dropped() {
     .unwrap();
     assert_eq!(title.as_deref(), Some("Cullinan"));
 }
+
+/// Kommo's "Closed - lost" loses the lead; moved out of it again in Kommo, the lead is active
+/// again at the stage it was moved to.
+#[tokio::test]
+async fn a_lead_closed_as_lost_in_kommo_is_lost_here_until_kommo_reopens_it() {
+    let app = TestApp::spawn().await;
+    let deliveries = [
+        "leads[add][0][id]=880&leads[add][0][name]=Huracan&leads[add][0][status_id]=47873539",
+        "leads[status][0][id]=880&leads[status][0][status_id]=143&leads[status][0][old_status_id]=47873539",
+        "leads[status][0][id]=880&leads[status][0][status_id]=47873536&leads[status][0][old_status_id]=143",
+    ];
+    let events = || async {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT event_type FROM events WHERE aggregate_type = 'Lead' ORDER BY sequence",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|(t,)| t).collect::<Vec<_>>()
+    };
+    for (n, body) in deliveries.iter().enumerate() {
+        assert_eq!(app.webhook(WEBHOOK_SECRET, body, None).await.status, 200);
+        processed(&app, n as i64 + 1).await;
+    }
+    assert_eq!(
+        events().await,
+        [
+            "LeadCreated",
+            "LeadKommoStatusApplied",
+            "LeadLost",
+            "LeadReopened",
+            "LeadKommoStatusApplied"
+        ]
+    );
+    let state: Value = sqlx::query_scalar(
+        "SELECT payload::jsonb FROM events WHERE aggregate_type = 'Lead' ORDER BY sequence DESC LIMIT 1",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(state["LeadKommoStatusApplied"]["stage_id"], "offer_sent");
+}

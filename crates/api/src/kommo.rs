@@ -12,7 +12,7 @@
 //! comes back), `leads[add]` items become Lead `Create` commands (actor `kommo`, the Kommo lead id
 //! recorded, stage by `kommo_status_id`, else `new`) and `leads[status]` items become
 //! `ApplyKommoStatus` on the lead with that Kommo id (which also loses an active lead on Kommo's
-//! "Closed - lost"). `kommo_lead_links` is claimed before a lead
+//! "Closed - lost", and reopens a lost one moved out of it). `kommo_lead_links` is claimed before a lead
 //! is created, so one Kommo lead becomes one lead however often it is delivered; every step is
 //! idempotent, so a retried row does no harm. Database failures retry with backoff (5 attempts,
 //! then `failed`); a refusal by the domain is recorded in `fetched_data` and not retried.
@@ -478,6 +478,7 @@ async fn apply_status(
     let stage = refs::stage_for_kommo_status(&state.pool, status_id).await?;
     let command = LeadCommand::ApplyKommoStatus {
         kommo_status_id: status_id,
+        previous_kommo_status_id: kommo_id(item, "old_status_id"),
         stage,
     };
     let result = state.bus.leads.execute(lead_id, command, meta, None).await;

@@ -529,6 +529,10 @@ impl KpisSession {
                 status: "lost".into(),
                 ..f.clone()
             },
+            (E::LeadReopened {}, Some(f)) => LeadFact {
+                status: "active".into(),
+                ..f.clone()
+            },
             _ => return Ok(()),
         };
         let totals = self.totals(conn).await?;

@@ -74,6 +74,11 @@ pub enum LeadCommand {
     /// A status change coming from Kommo, with the local stage it maps to (if any).
     ApplyKommoStatus {
         kommo_status_id: i64,
+        /// Kommo's status before this move (the webhook's `old_status_id`), when known: a lead
+        /// lost here is reopened only when Kommo moves it out of "Closed - lost", never by a
+        /// delivery that predates the loss.
+        #[serde(default)]
+        previous_kommo_status_id: Option<i64>,
         stage: Option<StageRef>,
     },
     /// Records the booking created from the won lead.

@@ -71,6 +71,9 @@ pub enum LeadEvent {
     LeadLost {
         reason: String,
     },
+    /// A lost lead taken out of Kommo's "Closed - lost" again: active, without its loss reason
+    /// (the `LeadKommoStatusApplied` after it in the same commit sets its stage).
+    LeadReopened {},
     /// A status from Kommo. When the lead was active and the status maps to another stage, the
     /// lead moved there too: `stage_id` and the stage fields are then set (otherwise `None`).
     LeadKommoStatusApplied {
@@ -96,6 +99,7 @@ impl DomainEvent for LeadEvent {
             Self::LeadClientAttached { .. } => "LeadClientAttached",
             Self::LeadWon { .. } => "LeadWon",
             Self::LeadLost { .. } => "LeadLost",
+            Self::LeadReopened { .. } => "LeadReopened",
             Self::LeadKommoStatusApplied { .. } => "LeadKommoStatusApplied",
             Self::LeadBookingLinked { .. } => "LeadBookingLinked",
         };

@@ -358,13 +358,23 @@ impl Aggregate for Lead {
             }
             LeadCommand::ApplyKommoStatus {
                 kommo_status_id,
+                previous_kommo_status_id,
                 stage,
             } => {
                 if !self.created {
                     return Err(LeadError::NotFound);
                 }
                 let stage = stage.map(parse_stage).transpose()?;
-                let moved = stage.filter(|s| self.status == S::Active && s.id != self.stage_id);
+                // Moved in Kommo out of "Closed - lost" to a stage of ours: active again, there.
+                let reopened = self.status == S::Lost
+                    && previous_kommo_status_id == Some(KOMMO_CLOSED_LOST)
+                    && kommo_status_id != KOMMO_CLOSED_LOST
+                    && stage.is_some();
+                if reopened {
+                    sink.write(LeadEvent::LeadReopened {}, self).await;
+                }
+                let moved = stage
+                    .filter(|s| (self.status == S::Active || reopened) && s.id != self.stage_id);
                 // Closed as lost in Kommo (its fixed status 143, in every pipeline): the lead is
                 // lost here too, in the same commit. (Closed as won needs the booking's details:
                 // the lead stays active at its stage until it is won here.)
@@ -479,6 +489,10 @@ impl Aggregate for Lead {
             E::LeadLost { reason } => {
                 self.status = S::Lost;
                 self.loss_reason = Some(reason);
+            }
+            E::LeadReopened {} => {
+                self.status = S::Active;
+                self.loss_reason = None;
             }
             E::LeadKommoStatusApplied {
                 kommo_status_id,

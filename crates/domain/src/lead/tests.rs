@@ -208,6 +208,7 @@ fn every_other_command() -> Vec<LeadCommand> {
         },
         LeadCommand::ApplyKommoStatus {
             kommo_status_id: 1,
+            previous_kommo_status_id: None,
             stage: None,
         },
         LeadCommand::LinkBooking {
@@ -823,6 +824,7 @@ fn kommo_status_without_stage_is_recorded() {
         .given(vec![created()])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 555,
+            previous_kommo_status_id: None,
             stage: None,
         })
         .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
@@ -850,6 +852,7 @@ fn kommo_status_with_a_new_stage_moves_the_lead() {
         .given(vec![created()])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 556,
+            previous_kommo_status_id: None,
             stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
         })
         .then_expect_events(vec![kommo_moved(556)]);
@@ -866,6 +869,7 @@ fn same_kommo_status_and_stage_is_a_no_op() {
         .given(vec![created(), kommo_moved(556)])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 556,
+            previous_kommo_status_id: None,
             stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
         })
         .then_expect_events(vec![]);
@@ -873,6 +877,7 @@ fn same_kommo_status_and_stage_is_a_no_op() {
         .given(vec![created(), kommo_moved(556)])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 556,
+            previous_kommo_status_id: None,
             stage: None,
         })
         .then_expect_events(vec![]);
@@ -893,6 +898,7 @@ fn same_kommo_status_with_a_different_stage_moves_the_lead() {
         ])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 556,
+            previous_kommo_status_id: None,
             stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
         })
         .then_expect_events(vec![kommo_moved(556)]);
@@ -905,6 +911,7 @@ fn kommo_status_on_a_closed_lead_is_recorded_without_moving_it() {
             .given(vec![created(), closing])
             .when(LeadCommand::ApplyKommoStatus {
                 kommo_status_id: 142,
+                previous_kommo_status_id: None,
                 stage: Some(stage("negotiation", 60, None)),
             })
             .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
@@ -923,6 +930,7 @@ fn kommo_status_rejects_a_bad_stage() {
         .given(vec![created()])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 1,
+            previous_kommo_status_id: None,
             stage: Some(stage("x", -5, None)),
         })
         .then_expect_error(validation("probability", "must be between 0 and 1"));
@@ -1054,6 +1062,7 @@ fn event_type_is_the_variant_name_and_events_round_trip() {
         LeadEvent::LeadClientAttached { client_id: id(1) },
         won(),
         lost(),
+        LeadEvent::LeadReopened {},
         kommo_moved(1),
         LeadEvent::LeadBookingLinked { booking_id: id(1) },
     ];
@@ -1097,6 +1106,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
         .given(vec![created()])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: KOMMO_CLOSED_LOST,
+            previous_kommo_status_id: None,
             stage: lost_stage(),
         })
         .then_expect_events(vec![applied.clone(), lose.clone()]);
@@ -1107,6 +1117,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
         .given(vec![created(), applied.clone()])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: KOMMO_CLOSED_LOST,
+            previous_kommo_status_id: None,
             stage: lost_stage(),
         })
         .then_expect_events(vec![lose.clone()]);
@@ -1115,6 +1126,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
         .given(vec![created(), applied.clone(), lose])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: KOMMO_CLOSED_LOST,
+            previous_kommo_status_id: None,
             stage: lost_stage(),
         })
         .then_expect_events(vec![]);
@@ -1122,6 +1134,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
         .given(vec![created(), won()])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: KOMMO_CLOSED_LOST,
+            previous_kommo_status_id: None,
             stage: lost_stage(),
         })
         .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
@@ -1131,4 +1144,46 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             sla_days: None,
             booking_status: None,
         }]);
+}
+
+#[test]
+fn moved_out_of_closed_lost_in_kommo_a_lost_lead_is_active_again() {
+    let from = |previous: Option<i64>| LeadCommand::ApplyKommoStatus {
+        kommo_status_id: 556,
+        previous_kommo_status_id: previous,
+        stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
+    };
+    Lf::with(())
+        .given(vec![created(), lost()])
+        .when(from(Some(KOMMO_CLOSED_LOST)))
+        .then_expect_events(vec![LeadEvent::LeadReopened {}, kommo_moved(556)]);
+    let lead = fold(vec![
+        created(),
+        lost(),
+        LeadEvent::LeadReopened {},
+        kommo_moved(556),
+    ]);
+    assert_eq!(lead.status, LeadStatus::Active);
+    assert_eq!(lead.stage_id, "negotiation");
+    assert_eq!(lead.loss_reason, None);
+
+    // A move that did not start at "Closed - lost" (a delivery from before the loss), or one
+    // whose start is unknown, is only recorded; so is any move of a won lead.
+    let recorded = LeadEvent::LeadKommoStatusApplied {
+        kommo_status_id: 556,
+        stage_id: None,
+        probability: None,
+        sla_days: None,
+        booking_status: None,
+    };
+    for previous in [Some(555), None] {
+        Lf::with(())
+            .given(vec![created(), lost()])
+            .when(from(previous))
+            .then_expect_events(vec![recorded.clone()]);
+    }
+    Lf::with(())
+        .given(vec![created(), won()])
+        .when(from(Some(KOMMO_CLOSED_LOST)))
+        .then_expect_events(vec![recorded]);
 }
