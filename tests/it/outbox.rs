@@ -711,6 +711,60 @@ async fn the_migration_moves_older_booking_lead_status_rows_under_their_lead() {
     assert_eq!(status, 47_888_833, "{:?}", statuses(&h.db.pool).await);
 }
 
+/// A dead letter of a Kommo lead's status, requeued after a later status of that lead went out,
+/// would put the older status back: it is marked done without a call.
+#[tokio::test]
+async fn a_requeued_lead_status_does_not_undo_a_later_one() {
+    let h = Harness::new().await;
+    let worker = h.worker(paced(), 5);
+    let (lead, kommo_lead) = h.kommo_lead("LD-000004").await;
+    let client = h.client("Omar Farouk").await;
+    let (booking, _) = h.booking(client, 1, Some(lead)).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+
+    // The lead moves on, and Kommo refuses that update for good.
+    h.kommo.inject(
+        FaultRule::new(Fault::Validation400)
+            .times(1)
+            .on(Method::PATCH, "/api/v4/leads"),
+    );
+    let moved = LeadCommand::MoveToStage {
+        stage: stage("offer_sent", 5),
+    };
+    h.bus
+        .leads
+        .execute(lead, moved, &meta(), None)
+        .await
+        .unwrap();
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let dead: Uuid = sqlx::query_scalar(
+        "SELECT id FROM integrations_outbox WHERE event_type = 'lead.status' AND status = 'failed'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+
+    // Then its booking is confirmed, and only then is the dead letter requeued.
+    h.confirm(booking).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let status = |h: &Harness| h.kommo.lead(kommo_lead).unwrap()["status_id"].clone();
+    assert_eq!(status(&h), 47_888_833);
+    assert!(
+        outbox_worker::worker::requeue(&h.db.pool, dead)
+            .await
+            .unwrap()
+    );
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(status(&h), 47_888_833, "{:?}", statuses(&h.db.pool).await);
+    let response: serde_json::Value =
+        sqlx::query_scalar("SELECT response FROM integrations_outbox WHERE id = $1")
+            .bind(dead)
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert!(response.get("skipped").is_some(), "{response}");
+}
+
 #[tokio::test]
 async fn the_fault_matrix_ends_with_exactly_one_record_per_entity() {
     let h = Harness::new().await;

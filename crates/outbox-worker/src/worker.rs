@@ -948,6 +948,24 @@ impl Inner {
 
     async fn kommo_lead_status(&self, row: &Claimed) -> Result<Delivery, CrmError> {
         let db = |e: sqlx::Error| internal(e.to_string());
+        // The statuses of one Kommo lead go out in log order; a dead letter requeued after a
+        // later one was sent would put an older status back.
+        let superseded: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM integrations_outbox o JOIN integrations_outbox n \
+               ON n.entity_id = o.entity_id AND n.target_system = o.target_system \
+                 AND n.source_position > o.source_position \
+             WHERE o.id = $1 AND n.event_type = 'lead.status' AND n.status = 'processed' \
+               AND n.response ? 'status_id')",
+        )
+        .bind(row.id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        if superseded {
+            return Ok(Delivery::Done(
+                json!({ "skipped": "a later status of this Kommo lead was sent first" }),
+            ));
+        }
         // A booking's status goes under its lead, naming the booking; rows derived before that
         // (entity type `booking`) are the booking's own.
         let booking_id = match row.payload.get("booking_id") {
