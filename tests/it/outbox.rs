@@ -265,6 +265,33 @@ impl Harness {
         (lead, kommo_lead)
     }
 
+    /// A lead linked to a Kommo lead and a booking won from it, everything delivered: (lead,
+    /// Kommo's lead id, booking).
+    async fn lead_with_booking(&self, worker: &Worker, code: &str) -> (Uuid, i64, Uuid) {
+        let (lead, kommo_lead) = self.kommo_lead(code).await;
+        let client = self.client("Omar Farouk").await;
+        let (booking, _) = self.booking(client, 1, Some(lead)).await;
+        self.drain(worker, Duration::from_secs(20)).await;
+        (lead, kommo_lead, booking)
+    }
+
+    async fn move_to_offer_sent(&self, lead: Uuid) {
+        let moved = LeadCommand::MoveToStage {
+            stage: stage("offer_sent", 5),
+        };
+        self.bus
+            .leads
+            .execute(lead, moved, &meta(), None)
+            .await
+            .unwrap();
+    }
+
+    /// The Kommo lead's status is `expected`.
+    async fn assert_kommo_status(&self, kommo_lead: i64, expected: i64) {
+        let status = &self.kommo.lead(kommo_lead).unwrap()["status_id"];
+        assert_eq!(status, expected, "{:?}", statuses(&self.db.pool).await);
+    }
+
     /// Derives outbox rows from everything in the log so far.
     async fn derive(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -634,10 +661,7 @@ async fn only_a_booking_won_from_a_lead_moves_its_kommo_lead_through_every_statu
 async fn a_retried_lead_status_never_lands_after_a_later_status_of_its_bookings() {
     let h = Harness::new().await;
     let worker = h.worker(paced(), 5);
-    let (lead, kommo_lead) = h.kommo_lead("LD-000002").await;
-    let client = h.client("Omar Farouk").await;
-    let (booking, _) = h.booking(client, 1, Some(lead)).await;
-    h.drain(&worker, Duration::from_secs(20)).await;
+    let (lead, kommo_lead, booking) = h.lead_with_booking(&worker, "LD-000002").await;
 
     // The lead moves on; Kommo is briefly down for that update and asks to come back in 1 s.
     h.kommo.inject(
@@ -645,14 +669,7 @@ async fn a_retried_lead_status_never_lands_after_a_later_status_of_its_bookings(
             .times(1)
             .on(Method::PATCH, "/api/v4/leads"),
     );
-    let moved = LeadCommand::MoveToStage {
-        stage: stage("offer_sent", 5),
-    };
-    h.bus
-        .leads
-        .execute(lead, moved, &meta(), None)
-        .await
-        .unwrap();
+    h.move_to_offer_sent(lead).await;
     h.derive().await;
     worker.try_execute_task().await.unwrap();
     assert_eq!(
@@ -664,8 +681,7 @@ async fn a_retried_lead_status_never_lands_after_a_later_status_of_its_bookings(
     // Meanwhile its booking is confirmed: Kommo's lead must end at "Deposit received".
     h.confirm(booking).await;
     h.drain(&worker, Duration::from_secs(20)).await;
-    let status = &h.kommo.lead(kommo_lead).unwrap()["status_id"];
-    assert_eq!(status, 47_888_833, "{:?}", statuses(&h.db.pool).await);
+    h.assert_kommo_status(kommo_lead, 47_888_833).await;
 }
 
 /// Rows derived before a booking's Kommo lead status was ordered under its lead are moved there
@@ -707,8 +723,7 @@ async fn the_migration_moves_older_booking_lead_status_rows_under_their_lead() {
 
     let worker = h.worker(paced(), 5);
     h.drain(&worker, Duration::from_secs(20)).await;
-    let status = &h.kommo.lead(kommo_lead).unwrap()["status_id"];
-    assert_eq!(status, 47_888_833, "{:?}", statuses(&h.db.pool).await);
+    h.assert_kommo_status(kommo_lead, 47_888_833).await;
 }
 
 /// A dead letter of a Kommo lead's status, requeued after a later status of that lead went out,
@@ -717,10 +732,7 @@ async fn the_migration_moves_older_booking_lead_status_rows_under_their_lead() {
 async fn a_requeued_lead_status_does_not_undo_a_later_one() {
     let h = Harness::new().await;
     let worker = h.worker(paced(), 5);
-    let (lead, kommo_lead) = h.kommo_lead("LD-000004").await;
-    let client = h.client("Omar Farouk").await;
-    let (booking, _) = h.booking(client, 1, Some(lead)).await;
-    h.drain(&worker, Duration::from_secs(20)).await;
+    let (lead, kommo_lead, booking) = h.lead_with_booking(&worker, "LD-000004").await;
 
     // The lead moves on, and Kommo refuses that update for good.
     h.kommo.inject(
@@ -728,14 +740,7 @@ async fn a_requeued_lead_status_does_not_undo_a_later_one() {
             .times(1)
             .on(Method::PATCH, "/api/v4/leads"),
     );
-    let moved = LeadCommand::MoveToStage {
-        stage: stage("offer_sent", 5),
-    };
-    h.bus
-        .leads
-        .execute(lead, moved, &meta(), None)
-        .await
-        .unwrap();
+    h.move_to_offer_sent(lead).await;
     h.drain(&worker, Duration::from_secs(20)).await;
     let dead: Uuid = sqlx::query_scalar(
         "SELECT id FROM integrations_outbox WHERE event_type = 'lead.status' AND status = 'failed'",

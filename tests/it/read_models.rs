@@ -112,6 +112,38 @@ fn booking(
     }
 }
 
+/// A booking of `client` on `vehicle`, confirmed.
+async fn confirmed(
+    bus: &CommandBus,
+    client: Uuid,
+    vehicle: Uuid,
+    start: DateTime<Utc>,
+    days: i64,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    let code = codes::allocate(&bus.pool, CodeKind::Booking).await.unwrap();
+    let create = booking(code, client, Some(vehicle), start, days);
+    bus.bookings
+        .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
+        .await
+        .unwrap();
+    bus.bookings
+        .execute(id, BookingCommand::Confirm, &meta(), None)
+        .await
+        .unwrap();
+    id
+}
+
+/// A client registered under `name`.
+async fn registered(bus: &CommandBus, name: &str) -> Uuid {
+    let client = Uuid::now_v7();
+    bus.clients
+        .execute(client, register(name), &meta(), None)
+        .await
+        .unwrap();
+    client
+}
+
 fn register(name: &str) -> ClientCommand {
     ClientCommand::Register {
         name: name.into(),
@@ -176,11 +208,7 @@ async fn assert_outstanding_amounts_agree(pool: &PgPool, context: &str) {
 async fn outstanding_amounts_follow_the_bookings_after_paying_more_than_a_lowered_total() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let client = Uuid::now_v7();
-    bus.clients
-        .execute(client, register("Paid Ahead"), &meta(), None)
-        .await
-        .unwrap();
+    let client = registered(&bus, "Paid Ahead").await;
     let id = Uuid::now_v7();
     let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
     let start = Utc::now() + chrono::Duration::days(10);
@@ -322,24 +350,10 @@ async fn kpi_days_the_tick_wrote_ahead_follow_the_events_applied_after_it() {
 async fn kpi_days_keep_the_fleet_they_had_when_a_car_is_sold_or_bought() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let client = Uuid::now_v7();
-    bus.clients
-        .execute(client, register("Karim Nasser"), &meta(), None)
-        .await
-        .unwrap();
+    let client = registered(&bus, "Karim Nasser").await;
     // A car in use for the last 30 days: the fleet's utilization is 1 / the fleet's size.
-    let id = Uuid::now_v7();
-    let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
     let start = Utc::now() - chrono::Duration::days(31);
-    let create = booking(code, client, Some(Uuid::from_u128(VEHICLES[0])), start, 33);
-    bus.bookings
-        .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
-        .await
-        .unwrap();
-    bus.bookings
-        .execute(id, BookingCommand::Confirm, &meta(), None)
-        .await
-        .unwrap();
+    confirmed(&bus, client, Uuid::from_u128(VEHICLES[0]), start, 33).await;
     project_all(&db.pool, 100).await;
     // Today's figures, computed again after an event of today.
     let today = || async {
@@ -389,11 +403,7 @@ async fn kpi_days_keep_the_fleet_they_had_when_a_car_is_sold_or_bought() {
 async fn a_booking_story_shows_in_every_read_model() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let client = Uuid::now_v7();
-    bus.clients
-        .execute(client, register("Layla Hassan"), &meta(), None)
-        .await
-        .unwrap();
+    let client = registered(&bus, "Layla Hassan").await;
     let ghost = Uuid::from_u128(VEHICLES[0]);
     let id = Uuid::now_v7();
     let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
@@ -570,28 +580,14 @@ impl Rng {
 async fn utilization_counts_only_the_last_30_days_of_a_long_history() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let client = Uuid::now_v7();
-    bus.clients
-        .execute(client, register("Hamdan Saeed"), &meta(), None)
-        .await
-        .unwrap();
+    let client = registered(&bus, "Hamdan Saeed").await;
     let car = Uuid::from_u128(VEHICLES[1]);
     let now = Utc::now();
     let day = chrono::Duration::days;
     // (start, days) relative to now: long past, across the window's start (2 days count), inside
     // it (6), across now (2), ahead. 10 of the last 30 days: 0.33.
     for (start, days) in [(-45, 5), (-32, 4), (-10, 6), (-2, 5), (5, 4)] {
-        let id = Uuid::now_v7();
-        let code = codes::allocate(&db.pool, CodeKind::Booking).await.unwrap();
-        let create = booking(code, client, Some(car), now + day(start), days);
-        bus.bookings
-            .execute(id, BookingCommand::Create(Box::new(create)), &meta(), None)
-            .await
-            .unwrap();
-        bus.bookings
-            .execute(id, BookingCommand::Confirm, &meta(), None)
-            .await
-            .unwrap();
+        confirmed(&bus, client, car, now + day(start), days).await;
     }
     let utilization = || async {
         sqlx::query_scalar::<_, Decimal>(
@@ -1431,11 +1427,7 @@ async fn typed_rows_copied_in_binary_equal_rows_inserted_the_live_way() {
 async fn an_unreadable_event_stops_its_projection_there_and_the_others_go_on() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let client = Uuid::now_v7();
-    bus.clients
-        .execute(client, register("Omar"), &meta(), None)
-        .await
-        .unwrap();
+    registered(&bus, "Omar").await;
     // An event this code cannot know (written by a newer version, say).
     let bad: i64 = sqlx::query_scalar(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
@@ -1522,11 +1514,7 @@ async fn an_unreadable_event_stops_its_projection_there_and_the_others_go_on() {
 async fn a_stored_v1_booking_created_reaches_the_read_models_upcast() {
     let db = TestDb::new().await;
     let bus = CommandBus::new(db.pool.clone());
-    let client = Uuid::now_v7();
-    bus.clients
-        .execute(client, register("Omar"), &meta(), None)
-        .await
-        .unwrap();
+    let client = registered(&bus, "Omar").await;
     let id = Uuid::now_v7();
     let v1 = crate::store_v1_booking_created(&db.pool, id, "BK-1001", client, OPS).await;
     bus.bookings
