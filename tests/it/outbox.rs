@@ -275,9 +275,10 @@ impl Harness {
         (lead, kommo_lead, booking)
     }
 
-    async fn move_to_offer_sent(&self, lead: Uuid) {
+    /// Moves `lead` to stage `id` (probability in tenths).
+    async fn move_lead(&self, lead: Uuid, id: &str, probability: i64) {
         let moved = LeadCommand::MoveToStage {
-            stage: stage("offer_sent", 5),
+            stage: stage(id, probability),
         };
         self.bus
             .leads
@@ -669,7 +670,7 @@ async fn a_retried_lead_status_never_lands_after_a_later_status_of_its_bookings(
             .times(1)
             .on(Method::PATCH, "/api/v4/leads"),
     );
-    h.move_to_offer_sent(lead).await;
+    h.move_lead(lead, "offer_sent", 5).await;
     h.derive().await;
     worker.try_execute_task().await.unwrap();
     assert_eq!(
@@ -740,7 +741,7 @@ async fn a_requeued_lead_status_does_not_undo_a_later_one() {
             .times(1)
             .on(Method::PATCH, "/api/v4/leads"),
     );
-    h.move_to_offer_sent(lead).await;
+    h.move_lead(lead, "offer_sent", 5).await;
     h.drain(&worker, Duration::from_secs(20)).await;
     let dead: Uuid = sqlx::query_scalar(
         "SELECT id FROM integrations_outbox WHERE event_type = 'lead.status' AND status = 'failed'",
@@ -768,6 +769,44 @@ async fn a_requeued_lead_status_does_not_undo_a_later_one() {
             .await
             .unwrap();
     assert!(response.get("skipped").is_some(), "{response}");
+}
+
+/// ... unless the latest status failed too: then the requeued one sends the lead's status now.
+#[tokio::test]
+async fn a_requeued_lead_status_is_sent_when_the_latest_one_failed_too() {
+    let h = Harness::new().await;
+    let worker = h.worker(paced(), 5);
+    let (lead, kommo_lead, booking) = h.lead_with_booking(&worker, "LD-000005").await;
+    let refuse_once = |h: &Harness| {
+        h.kommo.inject(
+            FaultRule::new(Fault::Validation400)
+                .times(1)
+                .on(Method::PATCH, "/api/v4/leads"),
+        )
+    };
+    refuse_once(&h);
+    h.move_lead(lead, "offer_sent", 5).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let first: Uuid = sqlx::query_scalar(
+        "SELECT id FROM integrations_outbox WHERE event_type = 'lead.status' AND status = 'failed'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    h.confirm(booking).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    refuse_once(&h);
+    h.move_lead(lead, "qualified", 3).await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+    h.assert_kommo_status(kommo_lead, 47_888_833).await;
+
+    assert!(
+        outbox_worker::worker::requeue(&h.db.pool, first)
+            .await
+            .unwrap()
+    );
+    h.drain(&worker, Duration::from_secs(20)).await;
+    h.assert_kommo_status(kommo_lead, 47_873_533).await;
 }
 
 #[tokio::test]

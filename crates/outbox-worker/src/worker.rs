@@ -948,14 +948,16 @@ impl Inner {
 
     async fn kommo_lead_status(&self, row: &Claimed) -> Result<Delivery, CrmError> {
         let db = |e: sqlx::Error| internal(e.to_string());
-        // The statuses of one Kommo lead go out in log order; a dead letter requeued after a
-        // later one was sent would put an older status back.
+        // The statuses of one Kommo lead go out in log order; a dead letter requeued after the
+        // latest one was sent would put an older status back. (When the latest failed too,
+        // this one sends the current status.)
         let superseded: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM integrations_outbox o JOIN integrations_outbox n \
-               ON n.entity_id = o.entity_id AND n.target_system = o.target_system \
-                 AND n.source_position > o.source_position \
-             WHERE o.id = $1 AND n.event_type = 'lead.status' AND n.status = 'processed' \
-               AND n.response ? 'status_id')",
+            "SELECT coalesce((SELECT n.status = 'processed' AND coalesce(n.response ? 'status_id', false) \
+               FROM integrations_outbox o JOIN integrations_outbox n \
+                 ON n.entity_id = o.entity_id AND n.target_system = o.target_system \
+                   AND n.source_position > o.source_position \
+               WHERE o.id = $1 AND n.event_type = 'lead.status' \
+               ORDER BY n.source_position DESC LIMIT 1), false)",
         )
         .bind(row.id)
         .fetch_one(&self.pool)
