@@ -137,3 +137,41 @@ async fn a_lead_closed_as_lost_in_kommo_is_lost_here_until_kommo_reopens_it() {
     .unwrap();
     assert_eq!(state["LeadKommoStatusApplied"]["stage_id"], "offer_sent");
 }
+
+/// A delivery received earlier but processed later (it was retried, or another process was
+/// slow) is older news: the lead Kommo reopened stays open.
+#[tokio::test]
+async fn a_closing_delivery_processed_after_a_later_reopening_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let add = "leads[add][0][id]=881&leads[add][0][name]=Chiron&leads[add][0][status_id]=47873539";
+    let reopened = "leads[status][0][id]=881&leads[status][0][status_id]=47873536&leads[status][0][old_status_id]=143";
+    for (n, body) in [add, reopened].iter().enumerate() {
+        assert_eq!(app.webhook(WEBHOOK_SECRET, body, None).await.status, 200);
+        processed(&app, n as i64 + 1).await;
+    }
+    // The closing, received a minute before the reopening, reaches processing only now.
+    sqlx::query(
+        "INSERT INTO kommo_webhook_events (source_payload_id, payload, raw_body, created_at) \
+         VALUES ('late-closing', $1, '\\x00', now() - interval '1 minute')",
+    )
+    .bind(serde_json::json!({
+        "leads[status][0][id]": "881",
+        "leads[status][0][status_id]": "143",
+        "leads[status][0][old_status_id]": "47873539",
+    }))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let results = processed(&app, 3).await;
+    assert!(
+        results.iter().all(|r| r[0]["result"] == "ok"),
+        "{results:?}"
+    );
+    let types: Vec<String> = sqlx::query_scalar(
+        "SELECT event_type FROM events WHERE aggregate_type = 'Lead' ORDER BY sequence",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(types, ["LeadCreated", "LeadKommoStatusApplied"]);
+}

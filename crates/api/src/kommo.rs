@@ -23,6 +23,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
 use commands::CommandError;
 use commands::codes::{self, CodeKind};
 use domain::lead::LeadCommand;
@@ -237,21 +238,21 @@ pub async fn run_intake(state: AppState, mut shutdown: tokio::sync::watch::Recei
 
 /// Leases and processes one due delivery; `false` when none is due.
 pub async fn process_next(state: &AppState) -> Result<bool, sqlx::Error> {
-    let row: Option<(Uuid, Value, i32)> = sqlx::query_as(
+    let row: Option<(Uuid, Value, i32, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE kommo_webhook_events SET attempts = attempts + 1, \
             next_attempt_at = now() + interval '60 seconds' \
          WHERE id = (SELECT id FROM kommo_webhook_events \
                      WHERE status = 'received' AND next_attempt_at <= now() \
                      ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, payload, attempts",
+         RETURNING id, payload, attempts, created_at",
     )
     .fetch_optional(&state.pool)
     .await?;
-    let Some((id, payload, attempts)) = row else {
+    let Some((id, payload, attempts, received_at)) = row else {
         return Ok(false);
     };
     let payload = payload.as_object().cloned().unwrap_or_default();
-    match process(state, id, &payload).await {
+    match process(state, id, &payload, received_at).await {
         Ok(results) => {
             sqlx::query(
                 "UPDATE kommo_webhook_events SET status = 'processed', processed_at = now(), \
@@ -325,6 +326,7 @@ async fn process(
     state: &AppState,
     event_id: Uuid,
     payload: &Map<String, Value>,
+    received_at: DateTime<Utc>,
 ) -> Result<Vec<Value>, IntakeError> {
     let meta = CommandMetadata::new(Actor::kommo(), format!("kommo-webhook:{event_id}"));
     let mut results = Vec::new();
@@ -332,7 +334,7 @@ async fn process(
         results.push(add_lead(state, &meta, &item).await?);
     }
     for item in items(payload, "leads", "status") {
-        results.push(apply_status(state, &meta, &item).await?);
+        results.push(apply_status(state, &meta, &item, received_at).await?);
     }
     Ok(results)
 }
@@ -458,6 +460,7 @@ async fn apply_status(
     state: &AppState,
     meta: &CommandMetadata,
     item: &BTreeMap<String, String>,
+    received_at: DateTime<Utc>,
 ) -> Result<Value, IntakeError> {
     let (Some(kommo_lead_id), Some(status_id)) =
         (kommo_id(item, "id"), kommo_id(item, "status_id"))
@@ -480,6 +483,7 @@ async fn apply_status(
         kommo_status_id: status_id,
         previous_kommo_status_id: kommo_id(item, "old_status_id"),
         stage,
+        delivered_at: Some(received_at),
     };
     let result = state.bus.leads.execute(lead_id, command, meta, None).await;
     outcome(base, result)

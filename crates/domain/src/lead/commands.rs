@@ -80,6 +80,10 @@ pub enum LeadCommand {
         #[serde(default)]
         previous_kommo_status_id: Option<i64>,
         stage: Option<StageRef>,
+        /// When the delivery was received: one received before the status last applied
+        /// changes nothing.
+        #[serde(default)]
+        delivered_at: Option<DateTime<Utc>>,
     },
     /// Records the booking created from the won lead.
     LinkBooking {

@@ -82,6 +82,9 @@ pub enum LeadEvent {
         probability: Option<Decimal>,
         sla_days: Option<i32>,
         booking_status: Option<BookingStatus>,
+        /// When the Kommo delivery was received (absent on events from before it was kept).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delivered_at: Option<DateTime<Utc>>,
     },
     LeadBookingLinked {
         booking_id: Uuid,

@@ -118,6 +118,9 @@ pub struct Lead {
     pub booking_id: Option<Uuid>,
     pub kommo_lead_id: Option<i64>,
     pub kommo_status_id: Option<i64>,
+    /// When the Kommo delivery of the latest status applied was received, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kommo_status_delivered_at: Option<DateTime<Utc>>,
 }
 
 /// A stage whose fields were checked.
@@ -360,16 +363,23 @@ impl Aggregate for Lead {
                 kommo_status_id,
                 previous_kommo_status_id,
                 stage,
+                delivered_at,
             } => {
                 if !self.created {
                     return Err(LeadError::NotFound);
+                }
+                // Deliveries can be processed out of order (a retried one, several processes):
+                // one received before the status already applied is older news.
+                if let (Some(at), Some(seen)) = (delivered_at, self.kommo_status_delivered_at)
+                    && at < seen
+                {
+                    return Ok(());
                 }
                 let stage = stage.map(parse_stage).transpose()?;
                 // Moved in Kommo out of "Closed - lost" to a stage of ours: active again, there.
                 let reopened = self.status == S::Lost
                     && previous_kommo_status_id == Some(KOMMO_CLOSED_LOST)
-                    && kommo_status_id != KOMMO_CLOSED_LOST
-                    && stage.is_some();
+                    && kommo_status_id != KOMMO_CLOSED_LOST;
                 if reopened {
                     sink.write(LeadEvent::LeadReopened {}, self).await;
                 }
@@ -395,6 +405,7 @@ impl Aggregate for Lead {
                         probability: Some(s.probability),
                         sla_days: Some(s.sla_days),
                         booking_status: s.booking_status,
+                        delivered_at,
                     },
                     None => LeadEvent::LeadKommoStatusApplied {
                         kommo_status_id,
@@ -402,6 +413,7 @@ impl Aggregate for Lead {
                         probability: None,
                         sla_days: None,
                         booking_status: None,
+                        delivered_at,
                     },
                 };
                 if !lost {
@@ -500,8 +512,12 @@ impl Aggregate for Lead {
                 probability,
                 sla_days,
                 booking_status,
+                delivered_at,
             } => {
                 self.kommo_status_id = Some(kommo_status_id);
+                if delivered_at.is_some() {
+                    self.kommo_status_delivered_at = delivered_at;
+                }
                 if let Some(stage_id) = stage_id {
                     self.move_to(
                         stage_id,

@@ -210,6 +210,7 @@ fn every_other_command() -> Vec<LeadCommand> {
             kommo_status_id: 1,
             previous_kommo_status_id: None,
             stage: None,
+            delivered_at: None,
         },
         LeadCommand::LinkBooking {
             booking_id: id(BOOKING),
@@ -826,6 +827,7 @@ fn kommo_status_without_stage_is_recorded() {
             kommo_status_id: 555,
             previous_kommo_status_id: None,
             stage: None,
+            delivered_at: None,
         })
         .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
             kommo_status_id: 555,
@@ -833,6 +835,7 @@ fn kommo_status_without_stage_is_recorded() {
             probability: None,
             sla_days: None,
             booking_status: None,
+            delivered_at: None,
         }]);
 }
 
@@ -843,6 +846,7 @@ fn kommo_moved(status: i64) -> LeadEvent {
         probability: Some(Decimal::new(60, 2)),
         sla_days: Some(3),
         booking_status: Some(BookingStatus::Lead),
+        delivered_at: None,
     }
 }
 
@@ -854,6 +858,7 @@ fn kommo_status_with_a_new_stage_moves_the_lead() {
             kommo_status_id: 556,
             previous_kommo_status_id: None,
             stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
+            delivered_at: None,
         })
         .then_expect_events(vec![kommo_moved(556)]);
     let lead = fold(vec![created(), kommo_moved(556)]);
@@ -871,6 +876,7 @@ fn same_kommo_status_and_stage_is_a_no_op() {
             kommo_status_id: 556,
             previous_kommo_status_id: None,
             stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
+            delivered_at: None,
         })
         .then_expect_events(vec![]);
     Lf::with(())
@@ -879,6 +885,7 @@ fn same_kommo_status_and_stage_is_a_no_op() {
             kommo_status_id: 556,
             previous_kommo_status_id: None,
             stage: None,
+            delivered_at: None,
         })
         .then_expect_events(vec![]);
 }
@@ -894,12 +901,14 @@ fn same_kommo_status_with_a_different_stage_moves_the_lead() {
                 probability: None,
                 sla_days: None,
                 booking_status: None,
+                delivered_at: None,
             },
         ])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 556,
             previous_kommo_status_id: None,
             stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
+            delivered_at: None,
         })
         .then_expect_events(vec![kommo_moved(556)]);
 }
@@ -913,6 +922,7 @@ fn kommo_status_on_a_closed_lead_is_recorded_without_moving_it() {
                 kommo_status_id: 142,
                 previous_kommo_status_id: None,
                 stage: Some(stage("negotiation", 60, None)),
+                delivered_at: None,
             })
             .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
                 kommo_status_id: 142,
@@ -920,6 +930,7 @@ fn kommo_status_on_a_closed_lead_is_recorded_without_moving_it() {
                 probability: None,
                 sla_days: None,
                 booking_status: None,
+                delivered_at: None,
             }]);
     }
 }
@@ -932,6 +943,7 @@ fn kommo_status_rejects_a_bad_stage() {
             kommo_status_id: 1,
             previous_kommo_status_id: None,
             stage: Some(stage("x", -5, None)),
+            delivered_at: None,
         })
         .then_expect_error(validation("probability", "must be between 0 and 1"));
 }
@@ -1098,6 +1110,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
         probability: Some(Decimal::ZERO),
         sla_days: Some(3),
         booking_status: None,
+        delivered_at: None,
     };
     let lose = LeadEvent::LeadLost {
         reason: "closed as lost in Kommo".into(),
@@ -1108,6 +1121,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             kommo_status_id: KOMMO_CLOSED_LOST,
             previous_kommo_status_id: None,
             stage: lost_stage(),
+            delivered_at: None,
         })
         .then_expect_events(vec![applied.clone(), lose.clone()]);
     let lead = fold(vec![created(), applied.clone(), lose.clone()]);
@@ -1119,6 +1133,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             kommo_status_id: KOMMO_CLOSED_LOST,
             previous_kommo_status_id: None,
             stage: lost_stage(),
+            delivered_at: None,
         })
         .then_expect_events(vec![lose.clone()]);
     // Already lost, or won here: nothing more.
@@ -1128,6 +1143,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             kommo_status_id: KOMMO_CLOSED_LOST,
             previous_kommo_status_id: None,
             stage: lost_stage(),
+            delivered_at: None,
         })
         .then_expect_events(vec![]);
     Lf::with(())
@@ -1136,6 +1152,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             kommo_status_id: KOMMO_CLOSED_LOST,
             previous_kommo_status_id: None,
             stage: lost_stage(),
+            delivered_at: None,
         })
         .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
             kommo_status_id: KOMMO_CLOSED_LOST,
@@ -1143,6 +1160,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             probability: None,
             sla_days: None,
             booking_status: None,
+            delivered_at: None,
         }]);
 }
 
@@ -1152,6 +1170,7 @@ fn moved_out_of_closed_lost_in_kommo_a_lost_lead_is_active_again() {
         kommo_status_id: 556,
         previous_kommo_status_id: previous,
         stage: Some(stage("negotiation", 60, Some(BookingStatus::Lead))),
+        delivered_at: None,
     };
     Lf::with(())
         .given(vec![created(), lost()])
@@ -1175,6 +1194,7 @@ fn moved_out_of_closed_lost_in_kommo_a_lost_lead_is_active_again() {
         probability: None,
         sla_days: None,
         booking_status: None,
+        delivered_at: None,
     };
     for previous in [Some(555), None] {
         Lf::with(())
@@ -1186,4 +1206,60 @@ fn moved_out_of_closed_lost_in_kommo_a_lost_lead_is_active_again() {
         .given(vec![created(), won()])
         .when(from(Some(KOMMO_CLOSED_LOST)))
         .then_expect_events(vec![recorded]);
+}
+
+#[test]
+fn a_kommo_delivery_received_before_the_status_applied_changes_nothing() {
+    let applied_at = |status: i64, at: Option<DateTime<Utc>>| LeadEvent::LeadKommoStatusApplied {
+        kommo_status_id: status,
+        stage_id: None,
+        probability: None,
+        sla_days: None,
+        booking_status: None,
+        delivered_at: at,
+    };
+    let close = |at: DateTime<Utc>| LeadCommand::ApplyKommoStatus {
+        kommo_status_id: KOMMO_CLOSED_LOST,
+        previous_kommo_status_id: Some(47_873_539),
+        stage: None,
+        delivered_at: Some(at),
+    };
+    // Reopened at t2 in Kommo; the closing delivered at t1 is processed only afterwards.
+    let given = || vec![created(), applied_at(47_873_536, Some(at(2)))];
+    Lf::with(())
+        .given(given())
+        .when(close(at(1)))
+        .then_expect_events(vec![]);
+    Lf::with(())
+        .given(given())
+        .when(close(at(3)))
+        .then_expect_events(vec![
+            applied_at(KOMMO_CLOSED_LOST, Some(at(3))),
+            LeadEvent::LeadLost {
+                reason: "closed as lost in Kommo".into(),
+            },
+        ]);
+}
+
+#[test]
+fn a_lost_lead_moved_to_an_unmapped_kommo_status_is_active_again_at_its_stage() {
+    Lf::with(())
+        .given(vec![created(), lost()])
+        .when(LeadCommand::ApplyKommoStatus {
+            kommo_status_id: 999,
+            previous_kommo_status_id: Some(KOMMO_CLOSED_LOST),
+            stage: None,
+            delivered_at: None,
+        })
+        .then_expect_events(vec![
+            LeadEvent::LeadReopened {},
+            LeadEvent::LeadKommoStatusApplied {
+                kommo_status_id: 999,
+                stage_id: None,
+                probability: None,
+                sla_days: None,
+                booking_status: None,
+                delivered_at: None,
+            },
+        ]);
 }
