@@ -275,6 +275,26 @@ impl Harness {
         (lead, kommo_lead, booking)
     }
 
+    /// Moves `lead` to stage `id` while Kommo refuses that update for good; returns the dead
+    /// letter.
+    async fn refused_move(&self, worker: &Worker, lead: Uuid, id: &str, probability: i64) -> Uuid {
+        self.kommo.inject(
+            FaultRule::new(Fault::Validation400)
+                .times(1)
+                .on(Method::PATCH, "/api/v4/leads"),
+        );
+        self.move_lead(lead, id, probability).await;
+        self.drain(worker, Duration::from_secs(20)).await;
+        sqlx::query_scalar(
+            "SELECT id FROM integrations_outbox \
+             WHERE event_type = 'lead.status' AND status = 'failed' \
+             ORDER BY source_position DESC LIMIT 1",
+        )
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
     /// Moves `lead` to stage `id` (probability in tenths).
     async fn move_lead(&self, lead: Uuid, id: &str, probability: i64) {
         let moved = LeadCommand::MoveToStage {
@@ -736,19 +756,7 @@ async fn a_requeued_lead_status_does_not_undo_a_later_one() {
     let (lead, kommo_lead, booking) = h.lead_with_booking(&worker, "LD-000004").await;
 
     // The lead moves on, and Kommo refuses that update for good.
-    h.kommo.inject(
-        FaultRule::new(Fault::Validation400)
-            .times(1)
-            .on(Method::PATCH, "/api/v4/leads"),
-    );
-    h.move_lead(lead, "offer_sent", 5).await;
-    h.drain(&worker, Duration::from_secs(20)).await;
-    let dead: Uuid = sqlx::query_scalar(
-        "SELECT id FROM integrations_outbox WHERE event_type = 'lead.status' AND status = 'failed'",
-    )
-    .fetch_one(&h.db.pool)
-    .await
-    .unwrap();
+    let dead = h.refused_move(&worker, lead, "offer_sent", 5).await;
 
     // Then its booking is confirmed, and only then is the dead letter requeued.
     h.confirm(booking).await;
@@ -777,27 +785,10 @@ async fn a_requeued_lead_status_is_sent_when_the_latest_one_failed_too() {
     let h = Harness::new().await;
     let worker = h.worker(paced(), 5);
     let (lead, kommo_lead, booking) = h.lead_with_booking(&worker, "LD-000005").await;
-    let refuse_once = |h: &Harness| {
-        h.kommo.inject(
-            FaultRule::new(Fault::Validation400)
-                .times(1)
-                .on(Method::PATCH, "/api/v4/leads"),
-        )
-    };
-    refuse_once(&h);
-    h.move_lead(lead, "offer_sent", 5).await;
-    h.drain(&worker, Duration::from_secs(20)).await;
-    let first: Uuid = sqlx::query_scalar(
-        "SELECT id FROM integrations_outbox WHERE event_type = 'lead.status' AND status = 'failed'",
-    )
-    .fetch_one(&h.db.pool)
-    .await
-    .unwrap();
+    let first = h.refused_move(&worker, lead, "offer_sent", 5).await;
     h.confirm(booking).await;
     h.drain(&worker, Duration::from_secs(20)).await;
-    refuse_once(&h);
-    h.move_lead(lead, "qualified", 3).await;
-    h.drain(&worker, Duration::from_secs(20)).await;
+    h.refused_move(&worker, lead, "qualified", 3).await;
     h.assert_kommo_status(kommo_lead, 47_888_833).await;
 
     assert!(

@@ -829,14 +829,19 @@ fn kommo_status_without_stage_is_recorded() {
             stage: None,
             delivered_at: None,
         })
-        .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
-            kommo_status_id: 555,
-            stage_id: None,
-            probability: None,
-            sla_days: None,
-            booking_status: None,
-            delivered_at: None,
-        }]);
+        .then_expect_events(vec![kommo_recorded(555)]);
+}
+
+/// A Kommo status recorded without moving the lead.
+fn kommo_recorded(status: i64) -> LeadEvent {
+    LeadEvent::LeadKommoStatusApplied {
+        kommo_status_id: status,
+        stage_id: None,
+        probability: None,
+        sla_days: None,
+        booking_status: None,
+        delivered_at: None,
+    }
 }
 
 fn kommo_moved(status: i64) -> LeadEvent {
@@ -893,17 +898,7 @@ fn same_kommo_status_and_stage_is_a_no_op() {
 #[test]
 fn same_kommo_status_with_a_different_stage_moves_the_lead() {
     Lf::with(())
-        .given(vec![
-            created(),
-            LeadEvent::LeadKommoStatusApplied {
-                kommo_status_id: 556,
-                stage_id: None,
-                probability: None,
-                sla_days: None,
-                booking_status: None,
-                delivered_at: None,
-            },
-        ])
+        .given(vec![created(), kommo_recorded(556)])
         .when(LeadCommand::ApplyKommoStatus {
             kommo_status_id: 556,
             previous_kommo_status_id: None,
@@ -924,14 +919,7 @@ fn kommo_status_on_a_closed_lead_is_recorded_without_moving_it() {
                 stage: Some(stage("negotiation", 60, None)),
                 delivered_at: None,
             })
-            .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
-                kommo_status_id: 142,
-                stage_id: None,
-                probability: None,
-                sla_days: None,
-                booking_status: None,
-                delivered_at: None,
-            }]);
+            .then_expect_events(vec![kommo_recorded(142)]);
     }
 }
 
@@ -1154,14 +1142,7 @@ fn closed_as_lost_in_kommo_loses_the_lead_in_the_same_commit() {
             stage: lost_stage(),
             delivered_at: None,
         })
-        .then_expect_events(vec![LeadEvent::LeadKommoStatusApplied {
-            kommo_status_id: KOMMO_CLOSED_LOST,
-            stage_id: None,
-            probability: None,
-            sla_days: None,
-            booking_status: None,
-            delivered_at: None,
-        }]);
+        .then_expect_events(vec![kommo_recorded(KOMMO_CLOSED_LOST)]);
 }
 
 #[test]
@@ -1188,14 +1169,7 @@ fn moved_out_of_closed_lost_in_kommo_a_lost_lead_is_active_again() {
 
     // A move that did not start at "Closed - lost" (a delivery from before the loss), or one
     // whose start is unknown, is only recorded; so is any move of a won lead.
-    let recorded = LeadEvent::LeadKommoStatusApplied {
-        kommo_status_id: 556,
-        stage_id: None,
-        probability: None,
-        sla_days: None,
-        booking_status: None,
-        delivered_at: None,
-    };
+    let recorded = kommo_recorded(556);
     for previous in [Some(555), None] {
         Lf::with(())
             .given(vec![created(), lost()])
@@ -1251,15 +1225,5 @@ fn a_lost_lead_moved_to_an_unmapped_kommo_status_is_active_again_at_its_stage() 
             stage: None,
             delivered_at: None,
         })
-        .then_expect_events(vec![
-            LeadEvent::LeadReopened {},
-            LeadEvent::LeadKommoStatusApplied {
-                kommo_status_id: 999,
-                stage_id: None,
-                probability: None,
-                sla_days: None,
-                booking_status: None,
-                delivered_at: None,
-            },
-        ]);
+        .then_expect_events(vec![LeadEvent::LeadReopened {}, kommo_recorded(999)]);
 }
