@@ -282,16 +282,21 @@ async fn outstanding_amounts_follow_the_bookings_after_paying_more_than_a_lowere
     assert_eq!(shown, Decimal::ZERO);
 }
 
-/// A new lead worth `value` in the negotiation stage (probability 0.5).
-async fn negotiation_lead(bus: &CommandBus, value: Decimal) {
-    let create = LeadCommand::Create {
+/// A new lead from the website with no client, worth `value`, at stage `id` (probability in
+/// hundredths).
+async fn lead_creation(
+    bus: &CommandBus,
+    (id, probability, sla_days): (&str, i64, i32),
+    value: Decimal,
+) -> LeadCommand {
+    LeadCommand::Create {
         lead_code: codes::allocate(&bus.pool, CodeKind::Lead).await.unwrap(),
         client_id: None,
         owner_id: OPS,
         stage: StageRef {
-            id: "negotiation".into(),
-            probability: Decimal::new(50, 2),
-            sla_days: 3,
+            id: id.into(),
+            probability: Decimal::new(probability, 2),
+            sla_days,
             booking_status: None,
         },
         value_amount: value,
@@ -302,7 +307,12 @@ async fn negotiation_lead(bus: &CommandBus, value: Decimal) {
         fleet_size: 1,
         expected_close_at: None,
         kommo_lead_id: None,
-    };
+    }
+}
+
+/// A new lead worth `value` in the negotiation stage (probability 0.5).
+async fn negotiation_lead(bus: &CommandBus, value: Decimal) {
+    let create = lead_creation(bus, ("negotiation", 50, 3), value).await;
     bus.leads
         .execute(Uuid::now_v7(), create, &meta(), None)
         .await
@@ -1489,31 +1499,9 @@ async fn an_unreadable_event_stops_its_projection_there_and_the_others_go_on() {
     .await
     .unwrap();
     let lead = Uuid::now_v7();
+    let create = lead_creation(&bus, ("new", 10, 1), Decimal::from(1000)).await;
     bus.leads
-        .execute(
-            lead,
-            LeadCommand::Create {
-                lead_code: codes::allocate(&db.pool, CodeKind::Lead).await.unwrap(),
-                client_id: None,
-                owner_id: OPS,
-                stage: StageRef {
-                    id: "new".into(),
-                    probability: Decimal::new(10, 2),
-                    sla_days: 1,
-                    booking_status: None,
-                },
-                value_amount: Decimal::from(1000),
-                source: "Website".into(),
-                title: None,
-                requested_start_at: None,
-                requested_end_at: None,
-                fleet_size: 1,
-                expected_close_at: None,
-                kommo_lead_id: None,
-            },
-            &meta(),
-            None,
-        )
+        .execute(lead, create, &meta(), None)
         .await
         .unwrap();
     crate::read_log(&db.pool, 3).await;

@@ -250,8 +250,8 @@ impl Projection for OutboxProjector {
                     "sequence": e.sequence,
                     "correlation_id": e.metadata.get("correlation_id"),
                 });
-                if row.entity_id.is_some() && e.aggregate_type == "Booking" {
-                    // The status to send is the booking's.
+                if row.entity_id.is_some() {
+                    // A booking's row under its lead: the status to send is the booking's.
                     payload["booking_id"] = json!(aggregate_id);
                 }
                 payloads.push(payload);

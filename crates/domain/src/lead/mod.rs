@@ -376,7 +376,8 @@ impl Aggregate for Lead {
                     return Ok(());
                 }
                 let stage = stage.map(parse_stage).transpose()?;
-                // Moved in Kommo out of "Closed - lost" to a stage of ours: active again, there.
+                // Moved in Kommo out of "Closed - lost": active again, at the stage the status
+                // maps to (or at its own when it maps to none).
                 let reopened = self.status == S::Lost
                     && previous_kommo_status_id == Some(KOMMO_CLOSED_LOST)
                     && kommo_status_id != KOMMO_CLOSED_LOST;
@@ -389,12 +390,12 @@ impl Aggregate for Lead {
                 // lost here too, in the same commit. (Closed as won needs the booking's details:
                 // the lead stays active at its stage until it is won here.)
                 let lost = kommo_status_id == KOMMO_CLOSED_LOST && self.status == S::Active;
-                let lose = LeadEvent::LeadLost {
+                let lose = || LeadEvent::LeadLost {
                     reason: "closed as lost in Kommo".into(),
                 };
                 if moved.is_none() && self.kommo_status_id == Some(kommo_status_id) {
                     if lost {
-                        sink.write(lose, self).await;
+                        sink.write(lose(), self).await;
                     }
                     return Ok(());
                 }
@@ -420,7 +421,7 @@ impl Aggregate for Lead {
                     applied
                 } else {
                     sink.write(applied, self).await;
-                    lose
+                    lose()
                 }
             }
             LeadCommand::LinkBooking { booking_id } => {
