@@ -176,14 +176,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
 /// The API, with every other role in the same process when `all_roles`.
 async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
     // A setting that cannot work stops the process before it serves.
-    let outbox_config = all_roles.then(outbox_settings).transpose()?;
+    let outbox = all_roles.then(outbox_settings).transpose()?;
     let pool = open_pool(16).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let background = if all_roles {
-        spawn_background_roles(pool.clone(), stopped.clone(), outbox_config)
-    } else {
-        tokio::spawn(async {})
-    };
+    let mut background =
+        all_roles.then(|| spawn_background_roles(pool.clone(), stopped.clone(), outbox));
     let state = api::AppState::new(pool.clone(), api::ApiConfig::from_env());
     let api_background = tokio::spawn(api::run_background(state.clone(), stopped));
     let app = api::router(state);
@@ -191,14 +188,34 @@ async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {bind_addr} (BIND_ADDR)"))?;
     tracing::info!(%bind_addr, "serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    // The other roles run until told to stop: one that ends first could not start (the outbox
+    // with its CRMs), and a `serve` without it would take commands that never reach a CRM.
+    let roles_ended = async {
+        match background.as_mut() {
+            Some(roles) => roles.await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        served = server => served.context("the HTTP server failed"),
+        ended = roles_ended => {
+            background = None;
+            let why = match ended {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => anyhow::anyhow!("the background roles ended by themselves"),
+                Err(e) => anyhow::anyhow!("the background roles failed: {e}"),
+            };
+            Err(why.context("a role of `serve` stopped; stopping the API with it"))
+        }
+    };
     let _ = stop.send(true);
-    let _ = background.await;
+    if let Some(roles) = background {
+        let _ = roles.await;
+    }
     let _ = api_background.await;
     pool.close().await;
+    result?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -213,12 +230,12 @@ async fn open_pool(max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
 }
 
 /// The projections and the process managers (and the outbox with its settings, when given),
-/// until `stopped` turns true.
+/// until `stopped` turns true; an error only when the outbox could not start.
 fn spawn_background_roles(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
-    outbox: Option<outbox_worker::worker::WorkerConfig>,
-) -> tokio::task::JoinHandle<()> {
+    outbox: Option<OutboxSettings>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         let pool_for_outbox = pool.clone();
         let bus = commands::CommandBus::new(pool.clone());
@@ -232,16 +249,17 @@ fn spawn_background_roles(
         }
         let runner = projections::runner::run(pool, projections::all(), config, stopped.clone());
         let process = commands::process::run(&bus, stopped.clone());
+        let roles = async {
+            tokio::join!(runner, process);
+            Ok(())
+        };
         let outbox = async move {
             match outbox {
-                Some(config) => run_outbox(pool_for_outbox, stopped, config).await,
+                Some(settings) => run_outbox(pool_for_outbox, stopped, settings).await,
                 None => Ok(()),
             }
         };
-        let ((), (), outbox) = tokio::join!(runner, process, outbox);
-        if let Err(e) = outbox {
-            tracing::error!(error = %format!("{e:#}"), "the outbox worker could not start");
-        }
+        tokio::try_join!(roles, outbox).map(|((), ())| ())
     })
 }
 
@@ -250,11 +268,12 @@ fn spawn_background_roles(
 async fn run_outbox(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
-    config: outbox_worker::worker::WorkerConfig,
+    settings: OutboxSettings,
 ) -> anyhow::Result<()> {
-    let crms = outbox_worker::setup::from_env(&pool)
+    let crms = outbox_worker::setup::build(&pool, settings.crms)
         .await
         .context("configuring the CRM clients")?;
+    let config = settings.worker;
     let bus = std::sync::Arc::new(commands::CommandBus::new(pool.clone()));
     let worker = outbox_worker::worker::Worker::new(pool.clone(), bus, crms.targets, config);
     let projector = projections::runner::run(
@@ -273,17 +292,29 @@ async fn run_outbox(
     Ok(())
 }
 
-/// The outbox worker's settings, and the CRM limits checked, before anything starts.
-fn outbox_settings() -> anyhow::Result<outbox_worker::worker::WorkerConfig> {
+/// What the outbox needs to start: the worker's settings and where it delivers.
+struct OutboxSettings {
+    worker: outbox_worker::worker::WorkerConfig,
+    crms: outbox_worker::setup::CrmSettings,
+}
+
+/// The outbox's settings and the CRMs' (limits, connection, encryption key), checked before
+/// anything starts.
+fn outbox_settings() -> anyhow::Result<OutboxSettings> {
     outbox_worker::setup::Limits::from_env().context("configuring the CRM clients")?;
-    outbox_worker::worker::WorkerConfig::from_env().context("configuring the outbox worker")
+    Ok(OutboxSettings {
+        worker: outbox_worker::worker::WorkerConfig::from_env()
+            .context("configuring the outbox worker")?,
+        crms: outbox_worker::setup::CrmSettings::from_env()
+            .context("configuring the CRM clients")?,
+    })
 }
 
 async fn worker() -> anyhow::Result<()> {
-    let config = outbox_settings()?;
+    let settings = outbox_settings()?;
     let pool = open_pool(8).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, config));
+    let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, settings));
     tokio::select! {
         () = shutdown_signal() => {
             let _ = stop.send(true);

@@ -320,7 +320,8 @@ async fn a_worker_killed_between_the_crm_call_and_its_commit_neither_loses_nor_d
 
 /// A worker (or `serve`) configured with settings that cannot work stops at once, naming the
 /// setting and its range, instead of running on a default (or panicking at its first delivery,
-/// or serving with its outbox stopped).
+/// or serving with its outbox stopped, or syncing to the sandbox CRMs), and never shows a
+/// secret it was given.
 #[tokio::test]
 async fn a_worker_with_an_unusable_setting_refuses_to_start_and_names_it() {
     let db = TestDb::new().await;
@@ -337,11 +338,26 @@ async fn a_worker_with_an_unusable_setting_refuses_to_start_and_names_it() {
             "twelve",
             "OUTBOX_MAX_ATTEMPTS is not a valid number",
         ),
+        ("worker", "KOMMO_RPS", "8", "KOMMO_RPS must be from 1 to 7"),
+        // One connection setting turns the sandbox off: the rest must be there, or the outbox
+        // would sync to fakes (and write their ids back for good).
+        (
+            "serve",
+            "KOMMO_ACCESS_TOKEN",
+            "a-long-lived-token",
+            "KOMMO_BASE_URL is not set",
+        ),
+        (
+            "serve",
+            "SKYLUXSE_ENCRYPTION_KEY",
+            "not-a-key",
+            "encryption key",
+        ),
         (
             "worker",
-            "KOMMO_RPS",
-            "0",
-            "KOMMO_RPS must be from 1 to 1000",
+            "ZOHO_CLIENT_SECRET",
+            "a-zoho-secret",
+            "the built-in sandbox CRMs run only when no Kommo or Zoho connection setting is set",
         ),
         (
             "serve",
@@ -366,5 +382,6 @@ async fn a_worker_with_an_unusable_setting_refuses_to_start_and_names_it() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{role} {name}={value}: {stderr}");
         assert!(stderr.contains(says), "{role} {name}={value}: {stderr}");
+        assert!(!stderr.contains("a-long-lived-token") && !stderr.contains("a-zoho-secret"));
     }
 }

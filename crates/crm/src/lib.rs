@@ -21,7 +21,7 @@ mod zoho;
 pub use error::{CrmError, classify_kommo, classify_zoho, classify_zoho_record, parse_retry_after};
 pub use http::ConfigError;
 pub use kommo::{ContactInput, KommoAuth, KommoClient, KommoConfig, KommoOAuth, LeadInput};
-pub use pacer::{DEFAULT_KOMMO_RPS, LocalPacer, Pacer, Unpaced};
+pub use pacer::{DEFAULT_KOMMO_RPS, KOMMO_MAX_RPS, LocalPacer, Pacer, Unpaced};
 pub use secrecy::SecretString;
 pub use slots::{CallSlots, SlotGuard, Unshared};
 pub use token::{

@@ -12,6 +12,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 /// scheduling jitter.
 pub const DEFAULT_KOMMO_RPS: u32 = 6;
 
+/// Kommo's limit per account (`crm-contracts.md`): more earns 429s and, repeated, a block of the
+/// IP, so no pacing may be set above it.
+pub const KOMMO_MAX_RPS: u32 = 7;
+
 /// Grants permission to send one request. Every Kommo request (searches, token refreshes and
 /// retries included) waits on it first.
 #[async_trait]

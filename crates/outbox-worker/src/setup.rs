@@ -24,7 +24,10 @@ pub struct Crms {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("{0} is not set (needed with {1})")]
+    #[error(
+        "{0} is not set (needed with {1}); the built-in sandbox CRMs run only when no Kommo \
+         or Zoho connection setting is set"
+    )]
     Missing(&'static str, &'static str),
     #[error("{0} is not a valid number")]
     NotNumber(&'static str),
@@ -84,10 +87,101 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The settings that connect the outbox to the real Kommo and Zoho (SPEC §6). Any one of them
+/// turns the built-in sandbox off: a deployment that set some but forgot others must not sync to
+/// fakes (their ids would be written back into the log for good).
+const CONNECTION_SETTINGS: [&str; 14] = [
+    "KOMMO_BASE_URL",
+    "KOMMO_ACCESS_TOKEN",
+    "KOMMO_CLIENT_ID",
+    "KOMMO_CLIENT_SECRET",
+    "KOMMO_REFRESH_TOKEN",
+    "KOMMO_REDIRECT_URI",
+    "KOMMO_EXTERNAL_ID_FIELD_ID",
+    "ZOHO_ACCOUNTS_URL",
+    "ZOHO_API_DOMAIN",
+    "ZOHO_CLIENT_ID",
+    "ZOHO_CLIENT_SECRET",
+    "ZOHO_REFRESH_TOKEN",
+    "ZOHO_CONTACT_EXTERNAL_FIELD",
+    "ZOHO_SALES_ORDER_EXTERNAL_FIELD",
+];
+
+/// Where the outbox delivers, decided and checked from the environment before anything starts.
+pub enum CrmSettings {
+    /// No connection setting at all: the built-in sandbox CRMs on loopback.
+    Sandbox,
+    /// Every setting the real CRMs need.
+    Real(Box<RealCrms>),
+}
+
+/// The real CRMs' settings.
+pub struct RealCrms {
+    kommo_base_url: String,
+    kommo_auth: KommoAuthSettings,
+    kommo_external_id_field_id: i64,
+    zoho_accounts_url: String,
+    zoho_api_domain: String,
+    zoho_client_id: String,
+    zoho_client_secret: SecretString,
+    zoho_refresh_token: Option<SecretString>,
+    zoho_contact_field: Option<String>,
+    zoho_sales_order_field: Option<String>,
+}
+
+enum KommoAuthSettings {
+    LongLived(SecretString),
+    OAuth {
+        client_id: String,
+        client_secret: SecretString,
+        redirect_uri: String,
+        refresh_token: Option<SecretString>,
+    },
+}
+
+impl CrmSettings {
+    /// The sandbox when no connection setting is set; otherwise every one the CRMs need, or
+    /// an error naming the first missing (or unreadable) one. Also checks the encryption key
+    /// the tokens are stored with (generating the dev key when none is set).
+    pub fn from_env() -> Result<Self, SetupError> {
+        EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
+        if CONNECTION_SETTINGS.iter().all(|name| var(name).is_none()) {
+            return Ok(Self::Sandbox);
+        }
+        let kommo_base_url = required("KOMMO_BASE_URL", "Kommo sync")?;
+        let kommo_auth = match var("KOMMO_ACCESS_TOKEN") {
+            Some(t) => KommoAuthSettings::LongLived(SecretString::from(t)),
+            None => KommoAuthSettings::OAuth {
+                client_id: required("KOMMO_CLIENT_ID", "Kommo OAuth")?,
+                client_secret: SecretString::from(required("KOMMO_CLIENT_SECRET", "Kommo OAuth")?),
+                redirect_uri: required("KOMMO_REDIRECT_URI", "Kommo OAuth")?,
+                refresh_token: var("KOMMO_REFRESH_TOKEN").map(SecretString::from),
+            },
+        };
+        Ok(Self::Real(Box::new(RealCrms {
+            kommo_base_url,
+            kommo_auth,
+            kommo_external_id_field_id: required("KOMMO_EXTERNAL_ID_FIELD_ID", "Kommo sync")?
+                .trim()
+                .parse()
+                .map_err(|_| SetupError::NotNumber("KOMMO_EXTERNAL_ID_FIELD_ID"))?,
+            zoho_accounts_url: required("ZOHO_ACCOUNTS_URL", "Zoho sync")?,
+            zoho_api_domain: var("ZOHO_API_DOMAIN")
+                .unwrap_or_else(|| "https://www.zohoapis.com".into()),
+            zoho_client_id: required("ZOHO_CLIENT_ID", "Zoho sync")?,
+            zoho_client_secret: SecretString::from(required("ZOHO_CLIENT_SECRET", "Zoho sync")?),
+            zoho_refresh_token: var("ZOHO_REFRESH_TOKEN").map(SecretString::from),
+            zoho_contact_field: var("ZOHO_CONTACT_EXTERNAL_FIELD"),
+            zoho_sales_order_field: var("ZOHO_SALES_ORDER_EXTERNAL_FIELD"),
+        })))
+    }
+}
+
 /// The CRMs' shared limits (SPEC §6), checked: a process can refuse them before it starts.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// `KOMMO_RPS`, 1 to 1,000 (the pacing's own bound; Kommo's limit is 7 per account).
+    /// `KOMMO_RPS`, 1 to Kommo's limit of 7 per account (going over earns 429s and, repeated,
+    /// a block of the IP).
     pub kommo_rps: u32,
     /// `ZOHO_MAX_CONCURRENCY`, 1 to 1,000.
     pub zoho_max_concurrency: usize,
@@ -96,7 +190,12 @@ pub struct Limits {
 impl Limits {
     pub fn from_env() -> Result<Self, SetupError> {
         Ok(Self {
-            kommo_rps: number("KOMMO_RPS", crm::DEFAULT_KOMMO_RPS.into(), 1, 1_000)? as u32,
+            kommo_rps: number(
+                "KOMMO_RPS",
+                crm::DEFAULT_KOMMO_RPS.into(),
+                1,
+                crm::KOMMO_MAX_RPS.into(),
+            )? as u32,
             zoho_max_concurrency: number(
                 "ZOHO_MAX_CONCURRENCY",
                 crm::DEFAULT_MAX_CONCURRENCY as u64,
@@ -124,58 +223,73 @@ fn required(name: &'static str, with: &'static str) -> Result<String, SetupError
     var(name).ok_or(SetupError::Missing(name, with))
 }
 
-/// Clients for the configured CRMs; with no `KOMMO_BASE_URL` and no `ZOHO_ACCOUNTS_URL`, the
-/// built-in sandbox (fake Kommo and Zoho on loopback), said loudly.
-pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
+/// Clients for the CRMs `settings` name (`CrmSettings::from_env`); the sandbox (fake Kommo
+/// and Zoho on loopback) said loudly.
+pub async fn build(pool: &PgPool, settings: CrmSettings) -> Result<Crms, SetupError> {
     let key = EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
     let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(pool.clone(), key));
     let limits = Limits::from_env()?;
     let rps = limits.kommo_rps;
     let timeout = Duration::from_secs(15);
 
-    if var("KOMMO_BASE_URL").is_none() && var("ZOHO_ACCOUNTS_URL").is_none() {
-        let kommo_fake = FakeKommo::start().await.map_err(SetupError::Sandbox)?;
-        let zoho_fake = FakeZoho::start().await.map_err(SetupError::Sandbox)?;
-        tracing::warn!(
-            kommo = %kommo_fake.base_url(),
-            zoho = %zoho_fake.base_url(),
-            "no Kommo/Zoho settings: syncing to the built-in sandbox CRMs (nothing leaves this machine)"
-        );
-        let targets = for_fakes(
-            &kommo_fake,
-            &zoho_fake,
-            store,
-            Arc::new(LocalPacer::from_rps(rps)),
-            timeout,
-            crm::DEFAULT_MAX_CONCURRENCY,
-            Arc::new(crm::Unshared),
-        )?;
-        return Ok(Crms {
-            targets,
-            sandbox: Some((kommo_fake, zoho_fake)),
-            zoho_slots: Arc::new(crm::Unshared),
-        });
-    }
-
-    let base_url = required("KOMMO_BASE_URL", "Kommo sync")?;
-    let auth = match var("KOMMO_ACCESS_TOKEN") {
-        Some(t) => KommoAuth::LongLived(SecretString::from(t)),
-        None => KommoAuth::OAuth(KommoOAuth {
-            client_id: required("KOMMO_CLIENT_ID", "Kommo OAuth")?,
-            client_secret: SecretString::from(required("KOMMO_CLIENT_SECRET", "Kommo OAuth")?),
-            redirect_uri: required("KOMMO_REDIRECT_URI", "Kommo OAuth")?,
-            initial_refresh_token: var("KOMMO_REFRESH_TOKEN").map(SecretString::from),
+    let real = match settings {
+        CrmSettings::Real(real) => real,
+        CrmSettings::Sandbox => {
+            let kommo_fake = FakeKommo::start().await.map_err(SetupError::Sandbox)?;
+            let zoho_fake = FakeZoho::start().await.map_err(SetupError::Sandbox)?;
+            tracing::warn!(
+                kommo = %kommo_fake.base_url(),
+                zoho = %zoho_fake.base_url(),
+                "no Kommo/Zoho settings: syncing to the built-in sandbox CRMs (nothing leaves this machine)"
+            );
+            let targets = for_fakes(
+                &kommo_fake,
+                &zoho_fake,
+                store,
+                Arc::new(LocalPacer::from_rps(rps)),
+                timeout,
+                crm::DEFAULT_MAX_CONCURRENCY,
+                Arc::new(crm::Unshared),
+            )?;
+            return Ok(Crms {
+                targets,
+                sandbox: Some((kommo_fake, zoho_fake)),
+                zoho_slots: Arc::new(crm::Unshared),
+            });
+        }
+    };
+    let RealCrms {
+        kommo_base_url,
+        kommo_auth,
+        kommo_external_id_field_id,
+        zoho_accounts_url,
+        zoho_api_domain,
+        zoho_client_id,
+        zoho_client_secret,
+        zoho_refresh_token,
+        zoho_contact_field,
+        zoho_sales_order_field,
+    } = *real;
+    let auth = match kommo_auth {
+        KommoAuthSettings::LongLived(token) => KommoAuth::LongLived(token),
+        KommoAuthSettings::OAuth {
+            client_id,
+            client_secret,
+            redirect_uri,
+            refresh_token,
+        } => KommoAuth::OAuth(KommoOAuth {
+            client_id,
+            client_secret,
+            redirect_uri,
+            initial_refresh_token: refresh_token,
             store: store.clone(),
         }),
     };
-    let field: i64 = required("KOMMO_EXTERNAL_ID_FIELD_ID", "Kommo sync")?
-        .parse()
-        .map_err(|_| SetupError::NotNumber("KOMMO_EXTERNAL_ID_FIELD_ID"))?;
     let kommo = KommoClient::new(
         KommoConfig {
-            base_url,
+            base_url: kommo_base_url,
             auth,
-            external_id_field_id: field,
+            external_id_field_id: kommo_external_id_field_id,
             lead_external_id_field_id: None,
             timeout,
         },
@@ -183,17 +297,17 @@ pub async fn from_env(pool: &PgPool) -> Result<Crms, SetupError> {
     )
     .map_err(|e| SetupError::Config(e.to_string()))?;
     let mut zc = ZohoConfig::new(
-        required("ZOHO_ACCOUNTS_URL", "Zoho sync")?,
-        var("ZOHO_API_DOMAIN").unwrap_or_else(|| "https://www.zohoapis.com".into()),
-        required("ZOHO_CLIENT_ID", "Zoho sync")?,
-        SecretString::from(required("ZOHO_CLIENT_SECRET", "Zoho sync")?),
-        var("ZOHO_REFRESH_TOKEN").map(SecretString::from),
+        zoho_accounts_url,
+        zoho_api_domain,
+        zoho_client_id,
+        zoho_client_secret,
+        zoho_refresh_token,
         store,
     );
-    if let Some(f) = var("ZOHO_CONTACT_EXTERNAL_FIELD") {
+    if let Some(f) = zoho_contact_field {
         zc.contact_external_field = f;
     }
-    if let Some(f) = var("ZOHO_SALES_ORDER_EXTERNAL_FIELD") {
+    if let Some(f) = zoho_sales_order_field {
         zc.sales_order_external_field = f;
     }
     zc.max_concurrency = limits.zoho_max_concurrency;
