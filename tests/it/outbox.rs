@@ -10,7 +10,7 @@ use commands::CommandBus;
 use commands::codes::{self, CodeKind};
 use crm::{LeadInput, LocalPacer, Pacer, TokenStore};
 use crm_fakes::{FakeKommo, FakeZoho, Fault, FaultRule, Method};
-use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority};
+use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority, ServiceInput};
 use domain::client::ClientCommand;
 use domain::lead::{LeadCommand, StageRef};
 use domain::{Actor, CommandMetadata, Role};
@@ -185,6 +185,19 @@ impl Harness {
 
     /// A new booking, won from `lead` if given.
     async fn booking(&self, client: Uuid, day: i64, lead: Option<Uuid>) -> (Uuid, String) {
+        self.booking_with(client, day, lead, Decimal::ZERO, vec![])
+            .await
+    }
+
+    /// A new two-day booking at 6,500 a day with its insurance fee and services.
+    async fn booking_with(
+        &self,
+        client: Uuid,
+        day: i64,
+        lead: Option<Uuid>,
+        full_insurance_fee: Decimal,
+        services: Vec<ServiceInput>,
+    ) -> (Uuid, String) {
         let id = Uuid::now_v7();
         let code = codes::allocate(&self.db.pool, CodeKind::Booking)
             .await
@@ -204,11 +217,11 @@ impl Harness {
             price_daily: Decimal::from(6500),
             deposit_amount: Decimal::ZERO,
             advance_payment: Decimal::ZERO,
-            full_insurance_fee: Decimal::ZERO,
+            full_insurance_fee,
             currency: None,
             pickup_location: None,
             dropoff_location: None,
-            services: vec![],
+            services,
             lead_id: lead,
         };
         self.bus
@@ -439,6 +452,101 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
     .await
     .unwrap();
     assert_eq!(actors, 3, "kommo id, zoho id, sales order id");
+}
+
+/// Finance works in Zoho: a sales order adds up to its booking's total, line by line (the
+/// rental days, each extension, each service by its name, the insurance), and follows the
+/// booking when an extension or a service changes it after confirmation.
+#[tokio::test]
+async fn a_sales_order_adds_up_to_its_bookings_total_through_every_change() {
+    let h = Harness::new().await;
+    let client = h.client("Omar Farouk").await;
+    let child_seat = Uuid::from_u128(0x00000000_0000_4000_d000_000000000001);
+    let airport = Uuid::from_u128(0x00000000_0000_4000_d000_000000000004);
+    let service = |service_id, price, quantity, description: Option<&str>| ServiceInput {
+        line_id: Uuid::now_v7(),
+        service_id,
+        price: Decimal::from(price),
+        quantity,
+        description: description.map(str::to_string),
+    };
+    let (booking, code) = h
+        .booking_with(
+            client,
+            3,
+            None,
+            Decimal::from(750),
+            vec![service(child_seat, 150, 2, None)],
+        )
+        .await;
+    h.confirm(booking).await;
+    let worker = h.worker(paced(), 5);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let lines = |order: &serde_json::Value| -> Vec<(String, f64, f64)> {
+        order["Ordered_Items"]
+            .as_array()
+            .expect("the order's items")
+            .iter()
+            .map(|i| {
+                assert_eq!(i["Product_Name"]["id"], "4150868000000100001");
+                (
+                    i["Description"].as_str().unwrap_or_default().to_string(),
+                    i["Quantity"].as_f64().unwrap_or_default(),
+                    i["List_Price"].as_f64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let sum = |lines: &[(String, f64, f64)]| lines.iter().map(|(_, q, p)| q * p).sum::<f64>();
+    let order = h.zoho.sales_order_by_external(&code).unwrap();
+    let first = lines(&order);
+    assert_eq!(
+        first,
+        vec![
+            ("Rolls-Royce Ghost rental".to_string(), 2.0, 6500.0),
+            ("Child Seat".to_string(), 2.0, 150.0),
+            ("Full insurance".to_string(), 1.0, 750.0),
+        ]
+    );
+    let (b, _) = h.bus.bookings.replay(booking, None).await.unwrap();
+    assert_eq!(sum(&first), 14_050.0);
+    assert_eq!(b.total_amount.amount(), Decimal::from(14_050));
+
+    // On the road, a day more at another price, and a service with its own description.
+    let (start, end) = (b.start_at.unwrap(), b.end_at.unwrap());
+    for command in [
+        BookingCommand::StartDelivery {
+            driver_id: None,
+            promised_at: start,
+        },
+        BookingCommand::StartRental {
+            started_at: start,
+            pickup_mileage_km: 100,
+            fuel_level_pct: 100,
+        },
+        BookingCommand::Extend {
+            new_end_at: end + chrono::Duration::days(1),
+            price_daily: Some(Decimal::from(7000)),
+        },
+        BookingCommand::AddService(service(airport, 500, 1, Some("Delivery to DXB arrivals"))),
+    ] {
+        h.bus
+            .bookings
+            .execute(booking, command, &meta(), None)
+            .await
+            .unwrap();
+    }
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let order = h.zoho.sales_order_by_external(&code).unwrap();
+    let now = lines(&order);
+    let (b, _) = h.bus.bookings.replay(booking, None).await.unwrap();
+    assert_eq!(b.total_amount.amount(), Decimal::from(21_550));
+    assert_eq!(sum(&now), 21_550.0, "{now:?}");
+    assert_eq!(now.len(), 5, "{now:?}");
+    assert!(now[1].0.starts_with("Extension from "), "{now:?}");
+    assert_eq!((now[1].1, now[1].2), (1.0, 7000.0));
+    assert_eq!(now[3].0, "Delivery to DXB arrivals");
+    assert_eq!(h.zoho.sales_orders().len(), 1);
 }
 
 /// A client whose first Zoho contact delivery failed for good, and whose details then changed

@@ -906,15 +906,28 @@ impl Inner {
             (None, _) => None,
         };
         let (vehicle_name, item) = vehicle.unwrap_or_default();
-        let mut items = Vec::new();
-        if let Some(product_id) = item {
-            items.push(SalesOrderItem {
-                product_id,
-                quantity: Decimal::from(booking.rental_duration_days),
-                list_price: booking.price_daily.amount(),
-                description: Some(format!("{} rental", vehicle_name)),
-            });
-        }
+        let service_ids: Vec<Uuid> = booking
+            .services
+            .iter()
+            .filter(|s| s.description.is_none())
+            .map(|s| s.service_id)
+            .collect();
+        let service_names: HashMap<Uuid, String> = if service_ids.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query_as::<_, (Uuid, String)>(
+                "SELECT id, name FROM additional_services WHERE id = ANY($1)",
+            )
+            .bind(&service_ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .into_iter()
+            .collect()
+        };
+        let items = item
+            .map(|product| sales_order_items(&booking, &product, &vehicle_name, &service_names))
+            .unwrap_or_default();
         let order = SalesOrder {
             booking_code: booking.external_code.clone(),
             subject: format!("{} {}", booking.external_code, vehicle_name)
@@ -1088,6 +1101,55 @@ fn split_name(name: &str) -> (Option<String>, Option<String>) {
 }
 
 /// The Zoho sales-order status of a booking status.
+/// A booking's sales-order lines, on its vehicle's Zoho product: the rental days, each
+/// extension, each additional service and the insurance, so that the order adds up to the
+/// booking's `total_amount` (SPEC §2) as finance sees it in Zoho.
+fn sales_order_items(
+    booking: &Booking,
+    product: &str,
+    vehicle_name: &str,
+    service_names: &HashMap<Uuid, String>,
+) -> Vec<SalesOrderItem> {
+    let line = |quantity: Decimal, list_price: Decimal, description: String| SalesOrderItem {
+        product_id: product.to_string(),
+        quantity,
+        list_price,
+        description: Some(description),
+    };
+    let mut items = vec![line(
+        Decimal::from(booking.rental_duration_days),
+        booking.price_daily.amount(),
+        format!("{vehicle_name} rental").trim().to_string(),
+    )];
+    for e in &booking.extensions {
+        items.push(line(
+            Decimal::ONE,
+            e.amount.amount(),
+            format!(
+                "Extension from {} to {}",
+                e.previous_end_at.format("%Y-%m-%d %H:%M UTC"),
+                e.new_end_at.format("%Y-%m-%d %H:%M UTC")
+            ),
+        ));
+    }
+    for s in &booking.services {
+        let name = s
+            .description
+            .clone()
+            .or_else(|| service_names.get(&s.service_id).cloned())
+            .unwrap_or_else(|| "Additional service".into());
+        items.push(line(Decimal::from(s.quantity), s.price.amount(), name));
+    }
+    if booking.full_insurance_fee.amount() > Decimal::ZERO {
+        items.push(line(
+            Decimal::ONE,
+            booking.full_insurance_fee.amount(),
+            "Full insurance".into(),
+        ));
+    }
+    items
+}
+
 fn zoho_status(status: BookingStatus) -> &'static str {
     match status {
         BookingStatus::Lead => "Created",
