@@ -422,32 +422,26 @@ struct TokenEndpoint {
 impl TokenEndpoint {
     async fn refresh(&self, stale: Option<&SecretString>) -> Result<StoredToken, CrmError> {
         let oauth = &self.oauth;
-        refresh_once(
-            oauth.store.as_ref(),
-            KOMMO_SYSTEM,
-            stale,
-            |current| async move {
-                let stored = current.as_ref().and_then(|t| t.refresh_token.as_ref());
-                let candidates =
-                    refresh_candidates(stored, oauth.initial_refresh_token.as_ref(), true);
-                let mut last = CrmError::permanent(
-                    0,
-                    Some("no_refresh_token".into()),
-                    "kommo: no refresh token stored or configured",
-                );
-                for refresh_token in candidates {
-                    match self.request_token(&refresh_token).await {
-                        Ok(t) => return Ok(t),
-                        Err(e @ CrmError::Permanent { .. }) => {
-                            tracing::warn!(error = %e, "kommo refused a refresh token");
-                            last = e;
-                        }
-                        Err(e) => return Err(e),
+        refresh_once(&oauth.store, KOMMO_SYSTEM, stale, |current| async move {
+            let stored = current.as_ref().and_then(|t| t.refresh_token.as_ref());
+            let candidates = refresh_candidates(stored, oauth.initial_refresh_token.as_ref(), true);
+            let mut last = CrmError::permanent(
+                0,
+                Some("no_refresh_token".into()),
+                "kommo: no refresh token stored or configured",
+            );
+            for refresh_token in candidates {
+                match self.request_token(&refresh_token).await {
+                    Ok(t) => return Ok(t),
+                    Err(e @ CrmError::Permanent { .. }) => {
+                        tracing::warn!(error = %e, "kommo refused a refresh token");
+                        last = e;
                     }
+                    Err(e) => return Err(e),
                 }
-                Err(last)
-            },
-        )
+            }
+            Err(last)
+        })
         .await
     }
 

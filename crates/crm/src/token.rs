@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
@@ -209,8 +210,13 @@ pub(crate) async fn fresh_token(
 /// the `stale` one that was just refused); otherwise calls `refresh` with the current set and
 /// saves the result before returning it (a rotated refresh token must be durable before the new
 /// access token is used).
+///
+/// A rotated refresh token is the only one the CRM still accepts, so it is never dropped: when
+/// it cannot be saved within about a second, the caller gets a transient error and a task of its
+/// own keeps saving it (holding the refresh lock, so that nobody in this process refreshes with
+/// the refused one meanwhile) until the store takes it.
 pub(crate) async fn refresh_once<F, Fut>(
-    store: &dyn TokenStore,
+    store: &Arc<dyn TokenStore>,
     system: &str,
     stale: Option<&SecretString>,
     refresh: F,
@@ -219,7 +225,7 @@ where
     F: FnOnce(Option<StoredToken>) -> Fut,
     Fut: Future<Output = Result<StoredToken, CrmError>>,
 {
-    let _guard = store.lock_refresh(system).await.map_err(store_error)?;
+    let guard = store.lock_refresh(system).await.map_err(store_error)?;
     let current = store.load(system).await.map_err(store_error)?;
     if let Some(t) = &current {
         let refreshed_by_other = stale.is_none_or(|s| !t.has_access_token(s));
@@ -236,20 +242,48 @@ where
             Err(e) if attempt < 3 => {
                 attempt += 1;
                 tracing::warn!(system, attempt, error = %e, "saving the refreshed token failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
-                    .await;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
             }
             Err(e) => {
-                tracing::error!(system, error = %e, "refreshed token could not be saved; the CRM may need re-authorizing");
+                tracing::error!(system, error = %e, "the refreshed token could not be saved yet; saving it in the background");
+                tokio::spawn(save_until_stored(
+                    store.clone(),
+                    system.to_string(),
+                    new,
+                    guard,
+                ));
                 return Err(CrmError::transient(
                     None,
-                    format!("{system}: refreshed token could not be saved ({e})"),
+                    format!("{system}: refreshed token not saved yet ({e})"),
                 ));
             }
         }
     }
     tracing::info!(system, "access token refreshed");
     Ok(new)
+}
+
+/// Saves a refreshed token until the store takes it, holding the refresh lock meanwhile.
+async fn save_until_stored(
+    store: Arc<dyn TokenStore>,
+    system: String,
+    token: StoredToken,
+    _guard: RefreshGuard,
+) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(wait).await;
+        match store.save(&system, &token).await {
+            Ok(()) => {
+                tracing::info!(system, "the refreshed token is saved at last");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(system, error = %e, "saving the refreshed token failed again; retrying");
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 /// The refresh tokens to try, in order, without repeats: a rejected stored token falls back to

@@ -424,31 +424,26 @@ impl ZohoClient {
     }
 
     async fn refresh_shared(&self, stale: Option<&SecretString>) -> Result<StoredToken, CrmError> {
-        refresh_once(
-            self.store.as_ref(),
-            ZOHO_SYSTEM,
-            stale,
-            |current| async move {
-                let stored = current.as_ref().and_then(|t| t.refresh_token.as_ref());
-                let candidates = refresh_candidates(stored, self.refresh_token.as_ref(), false);
-                let mut last = CrmError::permanent(
-                    0,
-                    Some("no_refresh_token".into()),
-                    "zoho: no refresh token stored or configured",
-                );
-                for refresh_token in candidates {
-                    match self.request_token(&refresh_token).await {
-                        Ok(t) => return Ok(t),
-                        Err(e @ CrmError::Permanent { .. }) => {
-                            tracing::warn!(error = %e, "zoho refused a refresh token");
-                            last = e;
-                        }
-                        Err(e) => return Err(e),
+        refresh_once(&self.store, ZOHO_SYSTEM, stale, |current| async move {
+            let stored = current.as_ref().and_then(|t| t.refresh_token.as_ref());
+            let candidates = refresh_candidates(stored, self.refresh_token.as_ref(), false);
+            let mut last = CrmError::permanent(
+                0,
+                Some("no_refresh_token".into()),
+                "zoho: no refresh token stored or configured",
+            );
+            for refresh_token in candidates {
+                match self.request_token(&refresh_token).await {
+                    Ok(t) => return Ok(t),
+                    Err(e @ CrmError::Permanent { .. }) => {
+                        tracing::warn!(error = %e, "zoho refused a refresh token");
+                        last = e;
                     }
+                    Err(e) => return Err(e),
                 }
-                Err(last)
-            },
-        )
+            }
+            Err(last)
+        })
         .await
     }
 

@@ -288,7 +288,7 @@ impl TokenStore for FailingSaves {
 }
 
 #[tokio::test]
-async fn a_rotated_token_that_cannot_be_stored_is_not_used() {
+async fn a_rotated_token_is_not_used_before_it_is_saved_and_never_dropped() {
     let fake = FakeKommo::start().await.unwrap();
     let (access, refresh) = fake.issue_tokens();
     let store = Arc::new(FailingSaves {
@@ -317,6 +317,35 @@ async fn a_rotated_token_that_cannot_be_stored_is_not_used() {
         .count();
     assert_eq!(api_calls, 1, "no API call with the unsaved token");
     assert_eq!(fake.creates(), 0);
+
+    // Kommo took the old refresh token back: the rotated one is the only one left, and it is
+    // saved as soon as the store works again, never dropped.
+    store.failing.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let saved = store.inner.load(KOMMO_SYSTEM).await.unwrap();
+        let rotated = saved.and_then(|t| t.refresh_token);
+        if rotated.is_some_and(|r| exposed(&r) == fake.refresh_token()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated refresh token was never saved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client
+        .upsert_contact(&contact(Uuid::new_v4()), None)
+        .await
+        .unwrap();
+    // And the next expiry refreshes with it.
+    fake.fail_next(Fault::ExpiredToken);
+    client
+        .upsert_contact(&contact(Uuid::new_v4()), None)
+        .await
+        .unwrap();
+    assert_eq!(fake.refreshes(), 2);
+    assert_eq!(fake.creates(), 2);
 }
 
 #[tokio::test]
