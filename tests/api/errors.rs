@@ -13,6 +13,56 @@ fn booking_body(client: &str) -> serde_json::Value {
     })
 }
 
+/// A body that does not fit is refused naming the field, never quoting what was sent: an
+/// Emirates ID sent as a number must not come back in the answer, nor be kept with the
+/// idempotent answer.
+#[tokio::test]
+async fn a_refused_body_names_the_field_but_never_echoes_the_value() {
+    let app = TestApp::spawn().await;
+    let id = "784199012345671";
+    let r = app
+        .send(
+            app.request(reqwest::Method::POST, "sales", "/v1/clients")
+                .header("idempotency-key", "pii-in-a-wrong-type")
+                .json(&json!({"name": "Amal Saeed", "emirates_id": 784199012345671_u64})),
+        )
+        .await;
+    r.assert_problem(422, "validation");
+    assert_eq!(r.body["code"], "request.invalid_body");
+    let detail = r.body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("`emirates_id`"), "{detail}");
+    assert!(detail.contains("expected a string"), "{detail}");
+    assert!(!r.body.to_string().contains(id), "{}", r.body);
+    let (kept, quoting): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE convert_from(response_body, 'UTF8') LIKE '%' || $1 || '%') \
+         FROM idempotency_keys WHERE idempotency_key = 'pii-in-a-wrong-type' AND response_status = 422",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (kept, quoting),
+        (1, 0),
+        "the refusal is kept, without the number"
+    );
+
+    // An unknown value of an enumeration is not quoted either.
+    let r = app
+        .post(
+            "sales",
+            "/v1/bookings",
+            json!({"client_id": "00000000-0000-4000-a000-000000000001",
+                   "booking_type": "P99887766", "start_at": "2026-06-01T10:00:00Z",
+                   "end_at": "2026-06-04T10:00:00Z", "price_daily": "6500.00"}),
+        )
+        .await;
+    r.assert_problem(422, "validation");
+    let detail = r.body["detail"].as_str().unwrap_or_default();
+    assert!(!detail.contains("P99887766"), "{detail}");
+    assert!(detail.contains("`booking_type`"), "{detail}");
+}
+
 #[tokio::test]
 async fn malformed_wrong_unknown_and_huge_bodies_are_refused_and_change_nothing() {
     let app = TestApp::spawn().await;

@@ -7,7 +7,7 @@
 //! the others; `Option`s also need `default`), so a value out of range is a 422 like any other
 //! that does not fit.
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use serde::{Deserialize, Deserializer, de::Error};
 
 /// The first day a time or date may fall on.
@@ -26,16 +26,20 @@ fn in_range<E: Error>(day: NaiveDate) -> Result<(), E> {
     }
 }
 
-/// An RFC 3339 time within the range.
+/// An RFC 3339 time within the range, to the microsecond.
+///
+/// PostgreSQL keeps microseconds: a finer time would be one thing in the event (a period of
+/// 24 hours and 400 ns is two rental days) and another in the read models (exactly one day), so
+/// it is rounded here, as PostgreSQL would round it, before anything decides on it.
 pub fn instant<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-    let t = DateTime::<Utc>::deserialize(d)?;
+    let t = DateTime::<Utc>::deserialize(d)?.round_subsecs(6);
     in_range(t.date_naive())?;
     Ok(t)
 }
 
-/// An optional RFC 3339 time within the range.
+/// An optional RFC 3339 time within the range, to the microsecond (as [`instant`]).
 pub fn opt_instant<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
-    let t = Option::<DateTime<Utc>>::deserialize(d)?;
+    let t = Option::<DateTime<Utc>>::deserialize(d)?.map(|t| t.round_subsecs(6));
     if let Some(t) = t {
         in_range(t.date_naive())?;
     }
@@ -100,5 +104,24 @@ mod tests {
                 .day
                 .is_none()
         );
+    }
+
+    #[test]
+    fn times_are_kept_to_the_microsecond_as_postgresql_keeps_them() {
+        let at = |json: &str| parse(json).unwrap().at.to_rfc3339();
+        assert_eq!(
+            at(r#"{"at": "2026-03-02T10:00:00.0000004Z"}"#),
+            "2026-03-02T10:00:00+00:00"
+        );
+        assert_eq!(
+            at(r#"{"at": "2026-03-02T10:00:00.123456789Z"}"#),
+            "2026-03-02T10:00:00.123457+00:00"
+        );
+        // Rounding up may reach the next day, checked against the range after it.
+        assert_eq!(
+            at(r#"{"at": "2199-12-31T23:59:59.9999999Z"}"#.replace("2199", "2026").as_str()),
+            "2027-01-01T00:00:00+00:00"
+        );
+        assert!(parse(r#"{"at": "2199-12-31T23:59:59.9999999Z"}"#).is_err());
     }
 }
