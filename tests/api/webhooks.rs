@@ -138,6 +138,51 @@ async fn a_lead_closed_as_lost_in_kommo_is_lost_here_until_kommo_reopens_it() {
     assert_eq!(state["LeadKommoStatusApplied"]["stage_id"], "offer_sent");
 }
 
+/// A lead moved forth, back and forth again in Kommo sends the same body twice with another
+/// delivery between them: the second is news, not a repeat, and the lead ends where Kommo has
+/// it. Kommo sending that delivery again right away is a repeat.
+#[tokio::test]
+async fn a_lead_moved_back_and_forth_follows_kommo_while_a_repeat_is_kept_once() {
+    let app = TestApp::spawn().await;
+    let forth = "leads[status][0][id]=881&leads[status][0][status_id]=47873536&leads[status][0][old_status_id]=47873539";
+    let back = "leads[status][0][id]=881&leads[status][0][status_id]=47873539&leads[status][0][old_status_id]=47873536";
+    let deliveries = [
+        "leads[add][0][id]=881&leads[add][0][name]=Cullinan&leads[add][0][status_id]=47873539",
+        forth,
+        back,
+        forth,
+    ];
+    for (n, body) in deliveries.iter().enumerate() {
+        let r = app.webhook(WEBHOOK_SECRET, body, None).await;
+        assert_eq!((r.status, &r.body["duplicate"]), (200, &Value::Bool(false)));
+        processed(&app, n as i64 + 1).await;
+    }
+    let again = app.webhook(WEBHOOK_SECRET, forth, None).await;
+    assert_eq!(again.body["duplicate"], true);
+    processed(&app, 4).await;
+    let stages: Vec<(String,)> = sqlx::query_as(
+        "SELECT payload->'LeadKommoStatusApplied'->>'stage_id' FROM events \
+         WHERE aggregate_type = 'Lead' AND event_type = 'LeadKommoStatusApplied' ORDER BY sequence",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let stages: Vec<&str> = stages.iter().map(|(s,)| s.as_str()).collect();
+    assert_eq!(stages.len(), 3, "{stages:?}");
+    assert_eq!(stages[2], "offer_sent", "{stages:?}");
+    assert_eq!(stages[0], stages[2]);
+
+    // Two copies of one delivery arriving together are stored once.
+    let (a, b) = tokio::join!(
+        app.webhook(WEBHOOK_SECRET, back, None),
+        app.webhook(WEBHOOK_SECRET, back, None)
+    );
+    let mut duplicates = [&a.body["duplicate"], &b.body["duplicate"]];
+    duplicates.sort_by_key(|d| d.as_bool());
+    assert_eq!(duplicates, [&Value::Bool(false), &Value::Bool(true)]);
+    processed(&app, 5).await;
+}
+
 /// A delivery received earlier but processed later (it was retried, or another process was
 /// slow) is older news: the lead Kommo reopened stays open.
 #[tokio::test]

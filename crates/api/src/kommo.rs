@@ -130,34 +130,44 @@ pub async fn webhook(
         .find(|(k, _)| k.starts_with("leads[status]") && k.ends_with("[status_id]"))
         .and_then(|(_, v)| v.as_str().map(str::to_string));
     let source_payload_id = hex::encode(Sha256::digest(&body));
-    let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO kommo_webhook_events \
-            (source_payload_id, hmac_validated, payload, raw_body, kommo_status_id, kommo_status_label) \
-         VALUES ($1, $2, $3, $4, $5, (SELECT label FROM kommo_pipeline_stages WHERE id = $5)) \
-         ON CONFLICT (source_payload_id) DO NOTHING RETURNING id",
+    // A repeat is the same body as the delivery received just before it (Kommo sending it
+    // again); the same body after another delivery is news (a lead moved back and forth). One
+    // intake at a time decides, so two copies of one delivery arriving together are one.
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('kommo webhook intake', 0))")
+        .execute(&mut *tx)
+        .await?;
+    let latest: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, source_payload_id FROM kommo_webhook_events \
+         ORDER BY created_at DESC, id DESC LIMIT 1",
     )
-    .bind(&source_payload_id)
-    .bind(hmac_validated)
-    .bind(Value::Object(payload))
-    .bind(body.as_ref())
-    .bind(status_id)
-    .fetch_optional(&state.pool)
+    .fetch_optional(&mut *tx)
     .await?;
-    let (id, duplicate) = match inserted {
-        Some(id) => {
-            state.intake.notify_one();
-            (id, false)
-        }
-        None => {
+    let (id, duplicate) = match latest {
+        Some((id, hash)) if hash == source_payload_id => (id, true),
+        _ => {
             let id: Uuid = sqlx::query_scalar(
-                "SELECT id FROM kommo_webhook_events WHERE source_payload_id = $1",
+                "INSERT INTO kommo_webhook_events \
+                    (source_payload_id, hmac_validated, payload, raw_body, kommo_status_id, \
+                     kommo_status_label, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, \
+                     (SELECT label FROM kommo_pipeline_stages WHERE id = $5), clock_timestamp()) \
+                 RETURNING id",
             )
             .bind(&source_payload_id)
-            .fetch_one(&state.pool)
+            .bind(hmac_validated)
+            .bind(Value::Object(payload))
+            .bind(body.as_ref())
+            .bind(status_id)
+            .fetch_one(&mut *tx)
             .await?;
-            (id, true)
+            (id, false)
         }
     };
+    tx.commit().await?;
+    if !duplicate {
+        state.intake.notify_one();
+    }
     Ok(Json(
         json!({ "status": "accepted", "id": id, "duplicate": duplicate }),
     ))
