@@ -1625,6 +1625,59 @@ async fn a_503_with_retry_after_is_retried_no_sooner_than_asked() {
     assert_eq!(h.kommo.contacts().len(), 1, "the other CRM is not held up");
 }
 
+/// A 429 that asks for no wait (`Retry-After: 0`) still snoozes its row and pauses the account
+/// for a second: asking again at once would only earn the next 429 (and, repeated, a block of
+/// the IP).
+#[tokio::test]
+async fn a_429_asking_for_no_wait_still_pauses_for_a_second() {
+    let h = Harness::new().await;
+    h.kommo.inject(
+        FaultRule::new(Fault::TooManyRequests {
+            retry_after: Some(0),
+            json_body: false,
+        })
+        .times(1),
+    );
+    h.client("Eager Retry").await;
+    h.derive().await;
+    let pacer = Arc::new(PgPacer::new(h.db.pool.clone(), "kommo", 6));
+    let worker = h.worker(pacer.clone(), 5);
+    worker.try_execute_task().await.unwrap();
+    let (status, attempts, due_in): (String, i32, f64) = sqlx::query_as(
+        "SELECT status, attempts, extract(epoch FROM next_run_at - now())::float8 \
+         FROM integrations_outbox WHERE target_system = 'kommo'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), attempts), ("pending", 0), "a 429 uses no attempt");
+    assert!(due_in > 0.8, "asked again in {due_in} s");
+    let held: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_slot - clock_timestamp())::float8 FROM rate_limits \
+         WHERE name = 'kommo'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(held > 0.7, "the account is held for {held} s only");
+}
+
+/// Without its database a shared pacer lets nothing through: pacing each process on its own
+/// would let several together go over Kommo's limit.
+#[tokio::test]
+async fn a_shared_pacer_without_its_database_sends_nothing() {
+    let gone = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy("postgres://postgres@127.0.0.1:9/none")
+        .unwrap();
+    let pacer = PgPacer::new(gone, "kommo", 6);
+    let sent = tokio::time::timeout(Duration::from_secs(2), pacer.acquire()).await;
+    assert!(
+        sent.is_err(),
+        "a request was let through without the shared pacing"
+    );
+}
+
 /// A 429 seen by one process pauses the account for every process: the shared slot moves past
 /// the wait, so another process's next request waits for it too.
 #[tokio::test]

@@ -30,12 +30,16 @@ pub trait Pacer: Send + Sync {
     }
 }
 
-/// How long the account pauses after a 429: its `Retry-After`, else one second; at most a
-/// minute.
+/// How long the account pauses after a 429: its `Retry-After`, else one second; at least a
+/// second (a `Retry-After: 0`, or a date already past, would let the next request earn another
+/// 429 at once), at most a minute.
 pub fn hold_off_after_429(retry_after: Option<std::time::Duration>) -> std::time::Duration {
     retry_after
         .unwrap_or(std::time::Duration::from_secs(1))
-        .min(std::time::Duration::from_secs(60))
+        .clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        )
 }
 
 /// In-process pacing with `governor`: requests are spaced evenly (no bursts), so any one-second

@@ -317,10 +317,13 @@ impl Pacer for PgPacer {
                     ));
                     tokio::time::sleep(wait + jitter).await;
                 }
-                // Without the database, pace locally (never faster than one interval).
-                Err(_) => {
-                    tokio::time::sleep(self.interval).await;
-                    return;
+                // Without the database there is no shared pacing, and pacing each process on
+                // its own would let several together go over the account's limit (429s, then a
+                // block of the IP): wait for the database. (The delivery cannot be settled
+                // without it either; it is given up when its lease can no longer be renewed.)
+                Err(e) => {
+                    tracing::warn!(error = %e, "the shared pacing cannot be read; waiting for the database");
+                    tokio::time::sleep(self.interval.max(Duration::from_millis(500))).await;
                 }
             }
         }

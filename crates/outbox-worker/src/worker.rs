@@ -572,10 +572,12 @@ impl Inner {
             Delivery::Wait(after, why) => self.reschedule(row, after, &why, false).await,
             Delivery::Failed(CrmError::RateLimited { retry_after }) => {
                 // Without Retry-After, wait at least the rate window (one second) plus backoff, so
-                // snoozed rows do not come back as a burst.
-                let after = retry_after.unwrap_or_else(|| {
-                    Duration::from_secs(1) + self.config.backoff.delay(row.attempts as u32)
-                });
+                // snoozed rows do not come back as a burst. With one, as asked, but never at once
+                // (`Retry-After: 0` would earn the next 429 straight away) nor beyond an hour.
+                let after = match retry_after {
+                    Some(asked) => asked.clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+                    None => Duration::from_secs(1) + self.config.backoff.delay(row.attempts as u32),
+                };
                 self.reschedule(row, after, "rate limited", false).await
             }
             Delivery::Failed(e) if e.is_retryable() && row.attempts < self.config.max_attempts => {
