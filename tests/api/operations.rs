@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
@@ -282,4 +282,80 @@ async fn min_position_waits_for_the_read_model_or_says_it_is_not_there_yet() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Queries take SPEC §4's parameters as written (an empty one is no filter), say when a range
+/// or a version cannot be, and the outbox honours `min_position` like the read models.
+#[tokio::test]
+async fn queries_take_empty_filters_refuse_impossible_ranges_and_wait_for_the_outbox() {
+    let mut app = TestApp::spawn().await;
+    app.start_outbox().await;
+    let created = app
+        .ok(
+            "sales",
+            "/v1/clients",
+            json!({"name": "Query Case", "email": "query.case@example.com"}),
+        )
+        .await;
+    let client = created["id"].as_str().unwrap().to_string();
+    let position = created["position"].as_i64().unwrap();
+
+    // The outbox rows the registration derives are there once asked with its position.
+    let r = app
+        .get(
+            "integration",
+            &format!("/v1/outbox?min_position={position}"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    let rows: Vec<&Value> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["entity_id"] == client.as_str())
+        .collect();
+    assert_eq!(rows.len(), 2, "{:#}", r.body);
+
+    let r = app
+        .get(
+            "sales",
+            &format!(
+                "/v1/bookings?status=&client_id=&vehicle_id=&from=&to=&min_position={position}"
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    app.get(
+        "sales",
+        "/v1/bookings?from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z",
+    )
+    .await
+    .assert_problem(422, "validation");
+
+    // A calendar asked from a day well ahead spans 67 days from it.
+    let r = app
+        .get("sales", "/v1/calendar?from=2027-06-01T00:00:00Z")
+        .await;
+    assert_eq!(r.status, 200, "{:#}", r.body);
+    assert_eq!(r.body["to"], "2027-08-07T00:00:00Z");
+
+    // A version the booking has not reached.
+    let booking = app
+        .ok(
+            "sales",
+            "/v1/bookings",
+            json!({"client_id": client, "start_at": "2026-06-01T10:00:00Z",
+                   "end_at": "2026-06-04T10:00:00Z", "price_daily": "6500.00"}),
+        )
+        .await;
+    let id = booking["id"].as_str().unwrap();
+    let r = app
+        .get("sales", &format!("/v1/bookings/{id}/state?version=999"))
+        .await;
+    r.assert_problem(404, "not-found");
+    assert_eq!(r.body["code"], "booking.no_such_version");
+    let r = app
+        .get("sales", &format!("/v1/bookings/{id}/state?version=1"))
+        .await;
+    assert_eq!((r.status, r.body["version"].as_i64()), (200, Some(1)));
 }

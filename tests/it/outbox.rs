@@ -1650,7 +1650,11 @@ async fn a_429_asking_for_no_wait_still_pauses_for_a_second() {
     .fetch_one(&h.db.pool)
     .await
     .unwrap();
-    assert_eq!((status.as_str(), attempts), ("pending", 0), "a 429 uses no attempt");
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("pending", 0),
+        "a 429 uses no attempt"
+    );
     assert!(due_in > 0.8, "asked again in {due_in} s");
     let held: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM next_slot - clock_timestamp())::float8 FROM rate_limits \

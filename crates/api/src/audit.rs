@@ -128,6 +128,15 @@ pub async fn booking_state(state: &AppState, id: Uuid, at: At, raw: &str) -> Api
     if version == 0 || !booking.created {
         return Err(no_booking(raw));
     }
+    // A version the booking has not reached is not its state at that version.
+    if let At::Version(asked) = at
+        && asked > version
+    {
+        return Err(Problem::not_found(format!(
+            "booking {raw} has no version {asked}: it is at version {version}"
+        ))
+        .with_code("booking.no_such_version"));
+    }
     let recorded_at: Option<DateTime<Utc>> = sqlx::query_scalar(
         "SELECT recorded_at FROM events \
          WHERE aggregate_type = 'Booking' AND aggregate_id = $1 AND sequence = $2",

@@ -171,15 +171,22 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
-/// A query string; a wrong parameter is a 422 problem.
+/// A query string; a wrong parameter is a 422 problem. A parameter given empty (`status=`, as
+/// in SPEC §4's `?status=&client_id=...`) is no filter, as if it were not given.
 pub struct ApiQuery<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = Problem;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Query::<T>::from_request_parts(parts, state)
-            .await
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let given = parts.uri.query().unwrap_or_default();
+        let query = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form_urlencoded::parse(given.as_bytes()).filter(|(_, v)| !v.is_empty()))
+            .finish();
+        let uri: axum::http::Uri = format!("/?{query}")
+            .parse()
+            .map_err(|_| Problem::validation("the query string cannot be read"))?;
+        Query::<T>::try_from_uri(&uri)
             .map(|Query(q)| ApiQuery(q))
             .map_err(|e| {
                 Problem::validation(format!("a query parameter is wrong: {}", e.body_text()))

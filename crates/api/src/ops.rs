@@ -57,7 +57,8 @@ pub struct OutboxQuery {
     pub status: Option<String>,
     pub limit: Option<i64>,
     pub offset: Option<i64>,
-    /// Accepted for uniformity; the outbox is not a projection read here.
+    /// The rows derived from events up to this position are there (the outbox projector has
+    /// passed it), as with the read models.
     pub min_position: Option<i64>,
 }
 
@@ -95,6 +96,13 @@ pub async fn outbox(
         ));
     }
     require_outbox(&state).await?;
+    crate::consistency::wait_for(
+        &state.pool,
+        &["outbox"],
+        q.min_position,
+        state.config.read_wait,
+    )
+    .await?;
     let mut rows: Vec<Value> = sqlx::query_scalar(
         "SELECT to_jsonb(o) FROM integrations_outbox o \
          WHERE ($1::text IS NULL OR o.status = $1) \

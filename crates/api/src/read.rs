@@ -259,6 +259,11 @@ pub async fn list_bookings(
     ApiQuery(q): ApiQuery<ListBookings>,
 ) -> ApiResult<Json<Value>> {
     let (limit, offset) = paging(q.limit, q.offset)?;
+    if let (Some(from), Some(to)) = (q.from, q.to)
+        && to < from
+    {
+        return Err(Problem::validation("to must not be before from"));
+    }
     wait(&state, &["bookings"], q.min_position).await?;
     let rows: Vec<Value> = sqlx::query_scalar(&format!(
         "SELECT {} FROM bookings b \
@@ -287,10 +292,10 @@ pub async fn list_bookings(
 #[into_params(parameter_in = Query)]
 pub struct CalendarQuery {
     pub vehicle_id: Option<Uuid>,
-    /// Default: 7 days ago.
+    /// Default: 7 days ago, or 67 days before `to`.
     #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub from: Option<DateTime<Utc>>,
-    /// Default: 60 days from now.
+    /// Default: 60 days from now, or 67 days after `from`.
     #[serde(default, deserialize_with = "crate::time::opt_instant")]
     pub to: Option<DateTime<Utc>>,
     /// At most this many events (1 to 2,000, default 2,000); `next_offset` says where the rest
@@ -319,8 +324,17 @@ pub async fn calendar(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<CalendarQuery>,
 ) -> ApiResult<Json<Value>> {
-    let from = q.from.unwrap_or_else(|| Utc::now() - Duration::days(7));
-    let to = q.to.unwrap_or_else(|| Utc::now() + Duration::days(60));
+    // A range given at one end only spans the default's 67 days from it.
+    let span = Duration::days(67);
+    let (from, to) = match (q.from, q.to) {
+        (Some(from), Some(to)) => (from, to),
+        (Some(from), None) => (from, from + span),
+        (None, Some(to)) => (to - span, to),
+        (None, None) => (
+            Utc::now() - Duration::days(7),
+            Utc::now() + Duration::days(60),
+        ),
+    };
     if to <= from {
         return Err(Problem::validation("to must be after from"));
     }
