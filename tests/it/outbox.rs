@@ -454,6 +454,36 @@ async fn a_client_and_a_confirmed_booking_reach_both_crms_once_with_ids_written_
     assert_eq!(actors, 3, "kommo id, zoho id, sales order id");
 }
 
+/// A client's Kommo contact deleted in Kommo (or merged away): the next change of the client
+/// creates it again and stores its new id, instead of dead-lettering every later update on the
+/// stored id's 404.
+#[tokio::test]
+async fn a_contact_deleted_in_kommo_is_created_again_and_relinked() {
+    let h = Harness::new().await;
+    let client = h.client("Rania Aziz").await;
+    let worker = h.worker(paced(), 5);
+    h.drain(&worker, Duration::from_secs(20)).await;
+    let (c, _) = h.bus.clients.replay(client, None).await.unwrap();
+    let first: i64 = c.kommo_contact_id.unwrap().parse().unwrap();
+    assert!(h.kommo.delete_contact(first));
+
+    h.change_client(client, None, Some("+971502223344"), None)
+        .await;
+    h.drain(&worker, Duration::from_secs(20)).await;
+
+    let (c, _) = h.bus.clients.replay(client, None).await.unwrap();
+    let now: i64 = c.kommo_contact_id.unwrap().parse().unwrap();
+    assert_ne!(now, first);
+    assert_eq!(h.kommo.contacts().len(), 1);
+    assert!(h.kommo.contact(now).is_some());
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM integrations_outbox WHERE status = 'failed'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(failed, 0, "{:?}", statuses(&h.db.pool).await);
+}
+
 /// Finance works in Zoho: a sales order adds up to its booking's total, line by line (the
 /// rental days, each extension, each service by its name, the insurance), and follows the
 /// booking when an extension or a service changes it after confirmation.

@@ -203,6 +203,12 @@ impl FakeKommo {
         lock(&self.shared.data).notes.values().cloned().collect()
     }
 
+    /// Deletes a contact, as a user of the account may (a merge deletes the merged one too);
+    /// whether it existed.
+    pub fn delete_contact(&self, id: i64) -> bool {
+        lock(&self.shared.data).contacts.remove(&id).is_some()
+    }
+
     /// One contact.
     pub fn contact(&self, id: i64) -> Option<Value> {
         lock(&self.shared.data).contacts.get(&id).cloned()

@@ -130,28 +130,24 @@ impl KommoClient {
 
     /// Creates or updates a contact and returns its Kommo id; never creates a second contact
     /// for the same `external_key`. With `known_id` (stored from an earlier call) it patches
-    /// that contact; otherwise it searches by the external key and patches the match, or
-    /// creates the contact.
+    /// that contact; otherwise, or when that contact is gone from Kommo (deleted, or merged
+    /// into another), it searches by the external key and patches the match, or creates the
+    /// contact. A returned id other than `known_id` is the one to store.
     pub async fn upsert_contact(
         &self,
         contact: &ContactInput,
         known_id: Option<i64>,
     ) -> Result<i64, CrmError> {
-        let key = contact.external_key.to_string();
-        let id = match known_id {
-            Some(id) => Some(id),
-            None => self.find_contact(&key).await?,
-        };
         let body = self.contact_body(contact);
-        match id {
+        if let Some(id) = known_id
+            && self.patch_known("contacts", id, &body).await?
+        {
+            tracing::debug!(kommo_id = id, "kommo contact updated");
+            return Ok(id);
+        }
+        match self.find_contact(&contact.external_key.to_string()).await? {
             Some(id) => {
-                self.call(
-                    Method::PATCH,
-                    &format!("/api/v4/contacts/{id}"),
-                    None,
-                    Some(&body),
-                )
-                .await?;
+                self.patch("contacts", id, &body).await?;
                 tracing::debug!(kommo_id = id, "kommo contact updated");
                 Ok(id)
             }
@@ -163,6 +159,34 @@ impl KommoClient {
         }
     }
 
+    /// `PATCH /api/v4/{entity}/{id}`.
+    async fn patch(&self, entity: &str, id: i64, body: &Value) -> Result<(), CrmError> {
+        self.call(
+            Method::PATCH,
+            &format!("/api/v4/{entity}/{id}"),
+            None,
+            Some(body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Patches a record by the id stored for it: false when Kommo no longer has it (404).
+    async fn patch_known(&self, entity: &str, id: i64, body: &Value) -> Result<bool, CrmError> {
+        match self.patch(entity, id, body).await {
+            Ok(()) => Ok(true),
+            Err(CrmError::Permanent { status: 404, .. }) => {
+                tracing::warn!(
+                    kommo_id = id,
+                    entity,
+                    "the stored Kommo id is gone; looking the record up by our key"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The id of the contact whose external-id field equals `external_key`, if any (the oldest
     /// when several match).
     pub async fn find_contact(&self, external_key: &str) -> Result<Option<i64>, CrmError> {
@@ -171,27 +195,23 @@ impl KommoClient {
     }
 
     /// Creates or updates a lead and returns its Kommo id, like [`KommoClient::upsert_contact`]:
-    /// `known_id`, else a search on the external key, else a create linked to `contact_id`.
-    /// An update does not change the linked contact.
+    /// `known_id` while Kommo has it, else a search on the external key, else a create linked
+    /// to `contact_id`. An update does not change the linked contact.
     pub async fn upsert_lead(
         &self,
         lead: &LeadInput,
         known_id: Option<i64>,
     ) -> Result<i64, CrmError> {
-        let id = match known_id {
-            Some(id) => Some(id),
-            None => self.find_lead(&lead.external_key).await?,
-        };
         let mut body = self.lead_body(lead);
-        match id {
+        if let Some(id) = known_id
+            && self.patch_known("leads", id, &body).await?
+        {
+            tracing::debug!(kommo_id = id, "kommo lead updated");
+            return Ok(id);
+        }
+        match self.find_lead(&lead.external_key).await? {
             Some(id) => {
-                self.call(
-                    Method::PATCH,
-                    &format!("/api/v4/leads/{id}"),
-                    None,
-                    Some(&body),
-                )
-                .await?;
+                self.patch("leads", id, &body).await?;
                 tracing::debug!(kommo_id = id, "kommo lead updated");
                 Ok(id)
             }

@@ -348,6 +348,33 @@ async fn a_rotated_token_is_not_used_before_it_is_saved_and_never_dropped() {
     assert_eq!(fake.creates(), 2);
 }
 
+/// A contact deleted in Kommo (by a user, or merged into another) is not a dead end: its
+/// stored id answers 404, so the contact is looked up by our key and, gone for good, created
+/// again; the new id is returned to be stored.
+#[tokio::test]
+async fn a_contact_gone_from_kommo_is_looked_up_by_our_key_and_created_again() {
+    let fake = FakeKommo::start().await.unwrap();
+    let client = long_lived_client(&fake, TIMEOUT);
+    let input = contact(Uuid::new_v4());
+    let first = client.upsert_contact(&input, None).await.unwrap();
+    assert_eq!(
+        client.upsert_contact(&input, Some(first)).await.unwrap(),
+        first
+    );
+    assert!(fake.delete_contact(first));
+
+    let again = client.upsert_contact(&input, Some(first)).await.unwrap();
+
+    assert_ne!(again, first);
+    assert_eq!(fake.contacts().len(), 1);
+    assert_eq!(fake.creates(), 2);
+    assert_eq!(
+        client.upsert_contact(&input, Some(again)).await.unwrap(),
+        again
+    );
+    assert_eq!(fake.contacts().len(), 1);
+}
+
 #[tokio::test]
 async fn a_timeout_after_the_create_was_applied_then_a_retry_finds_the_record() {
     let fake = FakeKommo::start().await.unwrap();
