@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, SubsecRound, TimeZone, Utc};
 use commands::CommandBus;
 use commands::codes::{self, CodeKind};
 use domain::booking::{BookingCommand, BookingType, CreateBooking, Priority, ServiceInput};
@@ -592,6 +592,31 @@ async fn a_booking_story_shows_in_every_read_model() {
     .await
     .unwrap();
     assert_eq!(leaked, 0);
+
+    // Returned five days early: the calendar shows the car free from the return, as the
+    // vehicle guard and utilization count it, not until the planned end.
+    let returned = (start + chrono::Duration::days(2)).trunc_subsecs(0);
+    bus.bookings
+        .execute(
+            id,
+            BookingCommand::Complete {
+                returned_at: returned,
+                return_mileage_km: 400,
+                fuel_level_pct: 80,
+            },
+            &meta(),
+            None,
+        )
+        .await
+        .unwrap();
+    project_all(&db.pool, 100).await;
+    let (cal_status, cal_end): (String, DateTime<Utc>) =
+        sqlx::query_as("SELECT status::text, end_at FROM calendar_events WHERE booking_id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((cal_status.as_str(), cal_end), ("done", returned));
 }
 
 /// A tiny deterministic generator.

@@ -530,6 +530,12 @@ fn calendar_fields(id: Uuid, t: &Tracked<Booking>, out: &mut Row<'_>) {
     out.field("maintenance_job_id", &None::<Uuid>);
     out.field("event_type", "booking");
     out.field("title", &b.external_code);
+    // A completed booking holds the car until it came back (as the vehicle guard and
+    // utilization count it), early or late, not until the planned end.
+    let end_at = match (b.status, b.returned_at) {
+        (BookingStatus::Completed, Some(returned)) if returned > start_at => returned,
+        _ => end_at,
+    };
     out.field("start_at", &start_at);
     out.field("end_at", &end_at);
     out.field("status", calendar_status(b.status));
