@@ -617,6 +617,23 @@ async fn a_booking_story_shows_in_every_read_model() {
             .await
             .unwrap();
     assert_eq!((cal_status.as_str(), cal_end), ("done", returned));
+
+    // A row written before this rule (ending at the planned end) is brought in line by its
+    // migration, so the live table still equals a rebuild.
+    sqlx::query(
+        "UPDATE calendar_events SET end_at = end_at + interval '5 days' WHERE booking_id = $1",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(include_str!(
+        "../../migrations/20261124000010_calendar_ends_at_the_return.sql"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_every_read_model_equals_its_rebuild(&db.pool, false).await;
 }
 
 /// A tiny deterministic generator.
