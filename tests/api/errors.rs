@@ -367,3 +367,46 @@ async fn times_out_of_range_and_nul_characters_are_refused_and_change_nothing() 
         read.body
     );
 }
+
+/// Codes are numbered without the gaps of refused requests: a booking, deal or lead win the
+/// domain refuses (or whose lead does not exist) takes no number, so the next accepted one
+/// gets the number after the last.
+#[tokio::test]
+async fn a_refused_creation_takes_no_code_number() {
+    let app = TestApp::spawn().await;
+    let client = app.client("Numbering Case").await;
+    let number = |r: &serde_json::Value| -> i64 {
+        let code = r["code"].as_str().unwrap_or_default();
+        code.rsplit('-').next().unwrap_or_default().parse().unwrap()
+    };
+    let first = number(&app.ok("sales", "/v1/bookings", booking_body(&client)).await);
+    let mut backwards = booking_body(&client);
+    backwards["end_at"] = json!("2026-05-01T10:00:00Z");
+    app.post("sales", "/v1/bookings", backwards)
+        .await
+        .assert_problem(422, "validation");
+    let win = json!({"start_at": "2026-06-01T10:00:00Z", "end_at": "2026-06-04T10:00:00Z",
+                     "price_daily": "6500.00"});
+    app.post(
+        "sales",
+        "/v1/leads/00000000-0000-4000-a000-00000000ffff/win",
+        win,
+    )
+    .await
+    .assert_problem(404, "not-found");
+    let second = number(&app.ok("sales", "/v1/bookings", booking_body(&client)).await);
+    assert_eq!(second, first + 1);
+
+    let deal = |months: i64| {
+        json!({"client_id": client, "principal_amount": "450000.00",
+               "monthly_payment": "14500.00", "interest_rate": "4.5", "term_months": months,
+               "contract_start_date": "2026-01-01", "contract_end_date": "2028-12-31",
+               "first_payment_date": "2026-02-01"})
+    };
+    let first = number(&app.ok("sales", "/v1/deals", deal(36)).await);
+    app.post("sales", "/v1/deals", deal(0))
+        .await
+        .assert_problem(422, "validation");
+    let second = number(&app.ok("sales", "/v1/deals", deal(36)).await);
+    assert_eq!(second, first + 1);
+}

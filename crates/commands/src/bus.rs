@@ -376,6 +376,26 @@ where
         }
     }
 
+    /// Whether the aggregate (`id`'s current state, or a new one for a creation) would accept
+    /// `command`, storing nothing: the domain's refusal, before a caller spends something on
+    /// the command (a code number, which is never given back). `execute` decides again on the
+    /// state it loads.
+    pub async fn would_accept(
+        &self,
+        id: Option<Uuid>,
+        command: A::Command,
+    ) -> Result<(), CommandError> {
+        let mut aggregate = match id {
+            Some(id) => self.replay(id, None).await?.0,
+            None => A::default(),
+        };
+        let sink = EventSink::default();
+        aggregate
+            .handle(command, &(), &sink)
+            .await
+            .map_err(CommandError::from_domain)
+    }
+
     /// The aggregate's state by replaying its events, up to a version if given.
     pub async fn replay(
         &self,

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, Empty, Extra, action, execute_creation};
+use super::{Answer, Empty, Extra, action, execute_creation, refuse_before_numbering};
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{ApiJson, CommandContext};
@@ -111,10 +111,9 @@ pub async fn create(
     for s in req.services {
         services.push(service_input(&state, s).await?);
     }
-    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Booking).await?;
     let id = Uuid::now_v7();
-    let create = CreateBooking {
-        external_code: code.clone(),
+    let mut create = CreateBooking {
+        external_code: CodeKind::Booking.code(0),
         client_id: req.client_id,
         owner_id,
         booking_type: req.booking_type.unwrap_or_default(),
@@ -134,6 +133,14 @@ pub async fn create(
         services,
         lead_id: req.lead_id,
     };
+    refuse_before_numbering(
+        &state.bus.bookings,
+        None,
+        BookingCommand::Create(Box::new(create.clone())),
+    )
+    .await?;
+    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Booking).await?;
+    create.external_code = code.clone();
     let outcome = execute_creation(
         &state.bus.bookings,
         &ctx,

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, Empty, Extra, action, execute_creation};
+use super::{Answer, Empty, Extra, action, execute_creation, refuse_before_numbering};
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{ApiJson, CommandContext};
@@ -64,10 +64,9 @@ pub async fn create(
 ) -> ApiResult<Answer> {
     let mut references = vec![("client_id", Ref::Client, req.client_id)];
     references.extend(req.vehicle_id.map(|v| ("vehicle_id", Ref::Vehicle, v)));
-    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Deal).await?;
     let id = Uuid::now_v7();
-    let command = DealCommand::Draft {
-        deal_number: code.clone(),
+    let mut command = DealCommand::Draft {
+        deal_number: CodeKind::Deal.code(0),
         client_id: req.client_id,
         vehicle_id: req.vehicle_id,
         application_id: req.application_id,
@@ -81,6 +80,11 @@ pub async fn create(
         first_payment_date: req.first_payment_date,
         contract_terms: req.contract_terms,
     };
+    refuse_before_numbering(&state.bus.deals, None, command.clone()).await?;
+    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Deal).await?;
+    if let DealCommand::Draft { deal_number, .. } = &mut command {
+        *deal_number = code.clone();
+    }
     let outcome = execute_creation(&state.bus.deals, &ctx, id, command).await?;
     Ok(Answer::created(
         &outcome,

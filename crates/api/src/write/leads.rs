@@ -12,7 +12,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Answer, action, execute, execute_creation};
+use super::{Answer, action, execute, execute_creation, refuse_before_numbering};
 use crate::AppState;
 use crate::error::{ApiResult, Problem};
 use crate::extract::{ApiJson, CommandContext};
@@ -79,10 +79,9 @@ pub async fn create(
         .collect();
     references.push(("owner_id", Ref::Staff, owner_id));
     let stage = stage(&state, req.stage_id.as_deref().unwrap_or("new")).await?;
-    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Lead).await?;
     let id = Uuid::now_v7();
-    let command = LeadCommand::Create {
-        lead_code: code.clone(),
+    let mut command = LeadCommand::Create {
+        lead_code: CodeKind::Lead.code(0),
         client_id: req.client_id,
         owner_id,
         stage,
@@ -95,6 +94,11 @@ pub async fn create(
         expected_close_at: req.expected_close_at,
         kommo_lead_id: req.kommo_lead_id,
     };
+    refuse_before_numbering(&state.bus.leads, None, command.clone()).await?;
+    let code = refs::require_all_and_take_code(&state.pool, &references, CodeKind::Lead).await?;
+    if let LeadCommand::Create { lead_code, .. } = &mut command {
+        *lead_code = code.clone();
+    }
     let outcome = execute_creation(&state.bus.leads, &ctx, id, command).await?;
     Ok(Answer::created(
         &outcome,
@@ -221,10 +225,9 @@ pub async fn win(
         refs::require(&state.pool, "client_id", Ref::Client, client_id).await?;
     }
     let booking_id = Uuid::now_v7();
-    let booking_code = codes::allocate(&state.pool, CodeKind::Booking).await?;
-    let command = LeadCommand::Win {
+    let mut command = LeadCommand::Win {
         booking_id,
-        booking_code: booking_code.clone(),
+        booking_code: CodeKind::Booking.code(0),
         booking_type: req.booking_type.unwrap_or_default(),
         start_at: req.start_at,
         end_at: req.end_at,
@@ -232,6 +235,14 @@ pub async fn win(
         vehicle_id: req.vehicle_id,
         client_id: req.client_id,
     };
+    refuse_before_numbering(&state.bus.leads, Some(id), command.clone()).await?;
+    let booking_code = codes::allocate(&state.pool, CodeKind::Booking).await?;
+    if let LeadCommand::Win {
+        booking_code: code, ..
+    } = &mut command
+    {
+        *code = booking_code.clone();
+    }
     let outcome = execute(&state.bus.leads, &ctx, id, command).await?;
     Ok(Answer::ok(&outcome).map(|a| {
         a.booking_id = Some(booking_id);

@@ -226,6 +226,25 @@ where
         .map_err(Problem::from)
 }
 
+/// Refuses a command the domain would refuse before a code number is taken for it: numbers are
+/// never given back, so a refused request would leave a gap in them. `id`: the aggregate the
+/// command is for, `None` for a creation.
+pub async fn refuse_before_numbering<A>(
+    executor: &Executor<A>,
+    id: Option<Uuid>,
+    command: A::Command,
+) -> ApiResult<()>
+where
+    A: Aggregate<Services = ()> + 'static,
+    A::Command: Clone,
+    A::Error: DomainError,
+{
+    executor
+        .would_accept(id, command)
+        .await
+        .map_err(Problem::from)
+}
+
 /// Generates a `POST /v1/<resource>/{id}/<action>` handler: resolve the id, parse the body, build
 /// the command (the block may look things up with `.await?`), run it, answer 200.
 macro_rules! action {
