@@ -1526,6 +1526,36 @@ async fn typed_rows_copied_in_binary_equal_rows_inserted_the_live_way() {
     assert_eq!(count_after, count);
 }
 
+/// The error an unreadable event leaves on record (shown by `GET /v1/projections`) says where
+/// and what failed, never the stored value it failed on: it may be personal data.
+#[tokio::test]
+async fn an_unreadable_events_error_on_record_never_quotes_its_payload() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+         VALUES ('Client', $1, 1, 'ClientRegistered', '1.0', \
+                 '{\"ClientRegistered\": {\"name\": 784199012345671}}', '{}')",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    crate::read_log(&db.pool, 1).await;
+    let clients = projections::by_name("clients").unwrap();
+    let err = runner::catch_up(&db.pool, clients.as_ref(), 100)
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("784199012345671"), "{err}");
+    let status = projections::status::all(&db.pool).await.unwrap();
+    let error = status
+        .iter()
+        .find(|s| s.name == "clients")
+        .and_then(|s| s.last_error.clone())
+        .unwrap_or_default();
+    assert!(error.contains("invalid type: integer, expected"), "{error}");
+    assert!(!error.contains("784199012345671"), "{error}");
+}
+
 #[tokio::test]
 async fn an_unreadable_event_stops_its_projection_there_and_the_others_go_on() {
     let db = TestDb::new().await;

@@ -111,9 +111,14 @@ impl CommandError {
     /// Classifies a failure of the store: a rule kept by the database, or a real failure.
     fn from_store<E: std::error::Error>(e: AggregateError<E>) -> Self {
         let boxed: Box<dyn std::error::Error + Send + Sync> = match e {
-            AggregateError::UnexpectedError(b)
-            | AggregateError::DatabaseConnectionError(b)
-            | AggregateError::DeserializationError(b) => b,
+            AggregateError::UnexpectedError(b) | AggregateError::DatabaseConnectionError(b) => b,
+            // serde's message can quote the stored payload (personal data); it is logged.
+            AggregateError::DeserializationError(b) => {
+                return Self::Store(format!(
+                    "a stored event cannot be decoded: {}",
+                    store::redact::serde_message(&b.to_string())
+                ));
+            }
             other => return Self::Store(other.to_string()),
         };
         if let Some(sqlx::Error::Database(db)) = boxed.downcast_ref::<sqlx::Error>() {

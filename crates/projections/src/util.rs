@@ -41,7 +41,8 @@ fn decode_payload<E: DomainEvent + DeserializeOwned>(
             ))
         })
     }
-    .map_err(|e| fail(e.to_string()))?;
+    // serde's message can quote the payload (personal data); the error is stored and shown.
+    .map_err(|e| fail(store::redact::serde_message(&e.to_string())))?;
     if decoded.event_type() != event.event_type {
         return Err(fail(format!(
             "the payload is a {}, the row says {}",

@@ -6,6 +6,7 @@ pub mod db;
 pub mod global_log;
 pub mod listener;
 pub mod local_pg;
+pub mod redact;
 pub mod stored_json;
 #[cfg(feature = "testing")]
 pub mod testing;
