@@ -9,7 +9,6 @@ use tokio::process::Command;
 fn skyluxse() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_skyluxse"));
     cmd.env_remove("DATABASE_URL")
-        .env_remove("SKYLUXSE_LOCAL_PG")
         .env_remove("SKYLUXSE_PG_BINDIR")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true);
@@ -51,12 +50,11 @@ impl Drop for TempDir {
 }
 
 #[tokio::test]
-async fn forced_local_cluster_is_initialised_started_migrated_and_stopped() {
+async fn without_database_url_the_local_cluster_is_initialised_started_migrated_and_stopped() {
     let dir = TempDir::new("localpg");
     let port = free_port().to_string();
     let with_env = |cmd: &mut Command| {
-        cmd.env("SKYLUXSE_LOCAL_PG", "1")
-            .env("SKYLUXSE_DATA_DIR", &dir.0)
+        cmd.env("SKYLUXSE_DATA_DIR", &dir.0)
             .env("SKYLUXSE_LOCAL_PG_PORT", &port);
     };
 
@@ -101,7 +99,6 @@ async fn missing_postgres_binaries_say_what_to_install() {
     let out = run(
         skyluxse()
             .arg("migrate")
-            .env("SKYLUXSE_LOCAL_PG", "1")
             .env("SKYLUXSE_DATA_DIR", &dir.0)
             .env("SKYLUXSE_LOCAL_PG_PORT", free_port().to_string())
             .env("SKYLUXSE_PG_BINDIR", "/nonexistent/bin"),

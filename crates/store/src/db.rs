@@ -64,8 +64,8 @@ impl DbConfig {
     }
 }
 
-/// The URL of the service's database: `DATABASE_URL`, or the `skyluxse` database on the default
-/// local server or on the project-local cluster (started when needed).
+/// The URL of the service's database: `DATABASE_URL`, or the `skyluxse` database on the
+/// project-local cluster (started when needed).
 pub async fn resolve_url(config: &DbConfig) -> Result<String, DbError> {
     if let Some(url) = &config.url {
         return Ok(url.clone());

@@ -1,12 +1,12 @@
-//! Finding a PostgreSQL server: `DATABASE_URL` when set, else the default local server, else a
-//! project-local cluster started from the installed PostgreSQL binaries.
+//! Finding a PostgreSQL server: `DATABASE_URL` when set, else (SPEC §6: "unset = the
+//! project-local cluster") a project-local cluster started from the installed PostgreSQL
+//! binaries, whatever other server the machine may run.
 //!
 //! The local cluster lives in the data folder (`SKYLUXSE_DATA_DIR`, default `<repo>/.local`),
 //! listens on 127.0.0.1:`SKYLUXSE_LOCAL_PG_PORT` (default 55432) and keeps running after the
 //! process that started it exits, like any development server (`skyluxse local-db stop` stops it).
 //! PostgreSQL refuses to run as root, so when we are root the cluster belongs to the `postgres`
-//! OS user and its tools run through `runuser`. Set `SKYLUXSE_LOCAL_PG=1` to use the local
-//! cluster even when a server answers on the default address (this is how the path is tested).
+//! OS user and its tools run through `runuser`.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-/// Where the default server is expected when `DATABASE_URL` is unset.
-pub const DEFAULT_SERVER: &str = "127.0.0.1:5432";
 /// The database the service uses on a server it found by itself.
 pub const DEFAULT_DATABASE: &str = "skyluxse";
 const DEFAULT_LOCAL_PORT: u16 = 55432;
@@ -26,8 +24,8 @@ const DEFAULT_LOCAL_PORT: u16 = 55432;
 #[derive(Debug, thiserror::Error)]
 pub enum LocalPgError {
     #[error(
-        "no PostgreSQL server answers on {DEFAULT_SERVER} and no PostgreSQL server binaries \
-         (initdb, pg_ctl) were found to start a local one. Install them \
+        "DATABASE_URL is unset and no PostgreSQL server binaries (initdb, pg_ctl) were found to \
+         start the project-local cluster. Install them \
          (Debian/Ubuntu: `apt-get install postgresql`), or point SKYLUXSE_PG_BINDIR at their \
          folder, or set DATABASE_URL to a running server"
     )]
@@ -57,7 +55,6 @@ pub enum LocalPgError {
 pub struct LocalPgConfig {
     pub data_dir: PathBuf,
     pub port: u16,
-    pub force_local: bool,
     pub bin_dir: Option<PathBuf>,
 }
 
@@ -70,15 +67,10 @@ impl LocalPgConfig {
             .ok()
             .and_then(|p| p.parse().ok())
             .unwrap_or(DEFAULT_LOCAL_PORT);
-        let force_local = matches!(
-            std::env::var("SKYLUXSE_LOCAL_PG").as_deref(),
-            Ok("1" | "true" | "yes")
-        );
         let bin_dir = std::env::var_os("SKYLUXSE_PG_BINDIR").map(PathBuf::from);
         Self {
             data_dir,
             port,
-            force_local,
             bin_dir,
         }
     }
@@ -94,13 +86,9 @@ pub fn default_data_dir() -> PathBuf {
     repo.canonicalize().unwrap_or(repo).join(".local")
 }
 
-/// The server URL (without a database name) to use when `DATABASE_URL` is unset: the default
-/// server if one answers and `SKYLUXSE_LOCAL_PG` does not force the local cluster, otherwise the
+/// The server URL (without a database name) to use when `DATABASE_URL` is unset: the
 /// project-local cluster, started if needed. Blocking: call it from `spawn_blocking`.
 pub fn server_url(config: &LocalPgConfig) -> Result<String, LocalPgError> {
-    if !config.force_local && answers(DEFAULT_SERVER) {
-        return Ok(format!("postgres://postgres@{DEFAULT_SERVER}"));
-    }
     ensure_cluster(config)?;
     Ok(format!("postgres://postgres@127.0.0.1:{}", config.port))
 }

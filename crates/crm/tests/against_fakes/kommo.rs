@@ -571,9 +571,10 @@ async fn leads_are_looked_up_before_create_and_notes_added() {
     assert_eq!(fake.notes()[0]["id"], note_id);
     assert_eq!(fake.notes()[0]["entity_id"], lead_id);
 
-    // A known id that no longer exists is a permanent error, not a silent create.
-    let err = client.upsert_lead(&lead, Some(1)).await.unwrap_err();
-    assert_eq!(err.status(), Some(404));
+    // A known id that no longer exists (merged away in Kommo) is not a dead end, nor a second
+    // lead: the lead is found by our key.
+    assert_eq!(client.upsert_lead(&lead, Some(1)).await.unwrap(), lead_id);
+    assert_eq!(fake.leads().len(), 1);
 }
 
 #[tokio::test]
