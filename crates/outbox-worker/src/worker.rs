@@ -1102,7 +1102,6 @@ fn split_name(name: &str) -> (Option<String>, Option<String>) {
     }
 }
 
-/// The Zoho sales-order status of a booking status.
 /// A booking's sales-order lines, on its vehicle's Zoho product: the rental days, each
 /// extension, each additional service and the insurance, so that the order adds up to the
 /// booking's `total_amount` (SPEC §2) as finance sees it in Zoho.
@@ -1152,6 +1151,7 @@ fn sales_order_items(
     items
 }
 
+/// The Zoho sales-order status of a booking status.
 fn zoho_status(status: BookingStatus) -> &'static str {
     match status {
         BookingStatus::Lead => "Created",

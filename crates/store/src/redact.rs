@@ -5,7 +5,8 @@
 /// serde's message without the values it quotes: what was wrong and what was expected, which
 /// name only the schema (and the keys of unknown or missing fields).
 pub fn serde_message(message: &str) -> String {
-    let (said, expected) = match message.find(", expected") {
+    // The last ", expected": a value may hold those words itself, the schema's part comes last.
+    let (said, expected) = match message.rfind(", expected") {
         Some(i) => message.split_at(i),
         None => (message, ""),
     };
@@ -13,18 +14,13 @@ pub fn serde_message(message: &str) -> String {
     if said.starts_with("unknown field") || said.starts_with("missing field") {
         return message.to_string();
     }
-    let mut out = String::with_capacity(said.len());
-    let mut quote = None;
-    for c in said.chars() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '`' || c == '"' => quote = Some(c),
-            None => out.push(c),
-        }
-    }
-    let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
-    format!("{out}{expected}")
+    // What serde says about the value comes before it; the value is quoted (with "..." or
+    // `...`) and may hold quotes of its own, so everything from the first quote on goes.
+    let said = match said.find(['`', '"']) {
+        Some(i) => &said[..i],
+        None => said,
+    };
+    format!("{}{expected}", said.trim_end())
 }
 
 #[cfg(test)]
@@ -51,6 +47,19 @@ mod tests {
                 "unknown field `tier`, expected `name` or `email`",
             ),
             ("missing field `start_at`", "missing field `start_at`"),
+            // Values that hold quotes, backticks or serde's own words.
+            (
+                "unknown variant `P1, expected 784199012345671`, expected one of `rental`",
+                "unknown variant, expected one of `rental`",
+            ),
+            (
+                "unknown variant `x`784199012345671`, expected one of `rental`",
+                "unknown variant, expected one of `rental`",
+            ),
+            (
+                "invalid value: string \"a \\\" 784199012345671\", expected a UUID",
+                "invalid value: string, expected a UUID",
+            ),
         ] {
             assert_eq!(serde_message(said), shown);
         }
