@@ -59,6 +59,28 @@ async fn a_kommo_lead_delivered_twice_in_different_bodies_becomes_one_lead() {
     .await
     .unwrap();
     assert_eq!((stage.as_str(), actor.as_str()), ("new", "kommo"));
+    // The repeated delivery took no code number: the next lead's follows.
+    let code: String = sqlx::query_scalar(
+        "SELECT payload->'LeadCreated'->>'lead_code' FROM events WHERE aggregate_type = 'Lead'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let next = app
+        .ok(
+            "sales",
+            "/v1/leads",
+            serde_json::json!({"title": "Next lead"}),
+        )
+        .await;
+    let number = |c: &str| {
+        c.rsplit('-')
+            .next()
+            .unwrap_or_default()
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert_eq!(number(next["code"].as_str().unwrap()), number(&code) + 1);
 }
 
 #[tokio::test]

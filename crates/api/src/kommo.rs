@@ -363,6 +363,19 @@ async fn add_lead(
     };
     let base = json!({ "action": "leads[add]", "kommo_lead_id": kommo_lead_id });
     let lead_id = link_lead(state, kommo_lead_id).await?;
+    // Delivered before: the lead exists already (asked before a code number is taken, so a
+    // repeated delivery takes none).
+    let already_created = |base: Value| {
+        let mut v = base;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("result".into(), "already_created".into());
+            o.insert("lead_id".into(), json!(lead_id));
+        }
+        Ok(v)
+    };
+    if refs::aggregate_exists(&state.pool, "Lead", lead_id).await? {
+        return already_created(base);
+    }
     let stage = match kommo_id(item, "status_id") {
         Some(s) => refs::stage_for_kommo_status(&state.pool, s).await?,
         None => None,
@@ -379,9 +392,8 @@ async fn add_lead(
         .and_then(|p| p.trim().parse::<Decimal>().ok())
         .filter(|p| !p.is_sign_negative())
         .unwrap_or_default();
-    let code = codes::allocate(&state.pool, CodeKind::Lead).await?;
-    let command = LeadCommand::Create {
-        lead_code: code,
+    let mut command = LeadCommand::Create {
+        lead_code: CodeKind::Lead.code(0),
         client_id: None,
         owner_id,
         stage,
@@ -394,20 +406,21 @@ async fn add_lead(
         expected_close_at: None,
         kommo_lead_id: Some(kommo_lead_id),
     };
+    // A lead the domain refuses takes no code number.
+    if let Err(refused) = state.bus.leads.would_accept(None, command.clone()).await {
+        return outcome(base, Err(refused));
+    }
+    let code = codes::allocate(&state.pool, CodeKind::Lead).await?;
+    if let LeadCommand::Create { lead_code, .. } = &mut command {
+        *lead_code = code;
+    }
     let result = state.bus.leads.create(lead_id, command, meta, None).await;
     match result {
-        // Delivered before: the lead exists already.
+        // Delivered at the same moment by another intake: the lead exists already.
         Err(CommandError::Domain {
             code: "lead.already_exists",
             ..
-        }) => {
-            let mut v = base;
-            if let Some(o) = v.as_object_mut() {
-                o.insert("result".into(), "already_created".into());
-                o.insert("lead_id".into(), json!(lead_id));
-            }
-            Ok(v)
-        }
+        }) => already_created(base),
         other => outcome(base, other),
     }
 }
