@@ -205,6 +205,37 @@ async fn a_lead_moved_back_and_forth_follows_kommo_while_a_repeat_is_kept_once()
     processed(&app, 5).await;
 }
 
+/// Kommo repeating a delivery after the lead moved on (our answer was slow, the lead was moved
+/// again meanwhile, other deliveries came between): the late repeat changes nothing, the lead
+/// stays where Kommo has it.
+#[tokio::test]
+async fn a_late_repeat_of_an_older_move_leaves_the_lead_where_kommo_has_it() {
+    let app = TestApp::spawn().await;
+    let first = "leads[status][0][id]=882&leads[status][0][status_id]=47873536&leads[status][0][old_status_id]=47873539";
+    let deliveries = [
+        "leads[add][0][id]=882&leads[add][0][name]=Spectre&leads[add][0][status_id]=47873539",
+        first,
+        "leads[status][0][id]=882&leads[status][0][status_id]=47873533&leads[status][0][old_status_id]=47873536",
+        "leads[add][0][id]=883&leads[add][0][name]=Ghost&leads[add][0][status_id]=47873539",
+        first,
+    ];
+    for (n, body) in deliveries.iter().enumerate() {
+        let r = app.webhook(WEBHOOK_SECRET, body, None).await;
+        assert_eq!(r.status, 200);
+        processed(&app, n as i64 + 1).await;
+    }
+    let results = processed(&app, 5).await;
+    assert_eq!(results[4][0]["result"], "stale_repeat", "{results:?}");
+    let status: i64 = sqlx::query_scalar(
+        "SELECT (payload->'LeadKommoStatusApplied'->>'kommo_status_id')::bigint FROM events \
+         WHERE event_type = 'LeadKommoStatusApplied' ORDER BY global_position DESC LIMIT 1",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, 47873533);
+}
+
 /// A delivery received earlier but processed later (it was retried, or another process was
 /// slow) is older news: the lead Kommo reopened stays open.
 #[tokio::test]

@@ -3,9 +3,12 @@
 //! Intake (`POST /webhooks/kommo/{secret}`): the secret in the URL is compared with
 //! `KOMMO_WEBHOOK_SECRET` in constant time; an `X-Signature` header, when present, must be the
 //! hex HMAC-SHA1 of the raw body keyed with the same secret (`hmac_validated` records it). The raw
-//! delivery is stored in `kommo_webhook_events` once per distinct body (the body's SHA-256 is the
-//! dedupe key, so Kommo's repeated deliveries are harmless) and answered 200 at once; nothing is
-//! stored for a bad secret or signature.
+//! delivery is stored in `kommo_webhook_events` unless its body (by SHA-256) is that of the
+//! delivery received just before it (Kommo repeating it), and answered 200 at once; nothing is
+//! stored for a bad secret or signature. A body received earlier with other deliveries between
+//! is kept: its status applies only where it continues the lead's statuses (its `old_status_id`
+//! is the lead's Kommo status), so a late repeat of an older move changes nothing while a lead
+//! moved the same way again follows Kommo.
 //!
 //! Processing ([`run_intake`], a drain loop woken by each delivery and polling as the fallback):
 //! a stored row is leased (`next_attempt_at` pushed a minute ahead, so a crashed process's row
@@ -248,21 +251,31 @@ pub async fn run_intake(state: AppState, mut shutdown: tokio::sync::watch::Recei
 
 /// Leases and processes one due delivery; `false` when none is due.
 pub async fn process_next(state: &AppState) -> Result<bool, sqlx::Error> {
-    let row: Option<(Uuid, Value, i32, DateTime<Utc>)> = sqlx::query_as(
-        "UPDATE kommo_webhook_events SET attempts = attempts + 1, \
+    // `seen_before`: the same body was received earlier (with other deliveries between, or
+    // it would not have been kept): Kommo repeating an older delivery, or a lead moved the same
+    // way again.
+    let row: Option<(Uuid, Value, i32, DateTime<Utc>, bool)> = sqlx::query_as(
+        "UPDATE kommo_webhook_events k SET attempts = attempts + 1, \
             next_attempt_at = now() + interval '60 seconds' \
          WHERE id = (SELECT id FROM kommo_webhook_events \
                      WHERE status = 'received' AND next_attempt_at <= now() \
                      ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, payload, attempts, created_at",
+         RETURNING id, payload, attempts, created_at, \
+           EXISTS (SELECT 1 FROM kommo_webhook_events e \
+                   WHERE e.source_payload_id = k.source_payload_id AND e.created_at < k.created_at)",
     )
     .fetch_optional(&state.pool)
     .await?;
-    let Some((id, payload, attempts, received_at)) = row else {
+    let Some((id, payload, attempts, received_at, seen_before)) = row else {
         return Ok(false);
     };
     let payload = payload.as_object().cloned().unwrap_or_default();
-    match process(state, id, &payload, received_at).await {
+    let delivery = Delivery {
+        id,
+        received_at,
+        seen_before,
+    };
+    match process(state, &delivery, &payload).await {
         Ok(results) => {
             sqlx::query(
                 "UPDATE kommo_webhook_events SET status = 'processed', processed_at = now(), \
@@ -332,19 +345,26 @@ fn outcome(
     Ok(item)
 }
 
+/// A stored delivery being processed.
+struct Delivery {
+    id: Uuid,
+    received_at: DateTime<Utc>,
+    /// The same body was received before (see [`process_next`]).
+    seen_before: bool,
+}
+
 async fn process(
     state: &AppState,
-    event_id: Uuid,
+    delivery: &Delivery,
     payload: &Map<String, Value>,
-    received_at: DateTime<Utc>,
 ) -> Result<Vec<Value>, IntakeError> {
-    let meta = CommandMetadata::new(Actor::kommo(), format!("kommo-webhook:{event_id}"));
+    let meta = CommandMetadata::new(Actor::kommo(), format!("kommo-webhook:{}", delivery.id));
     let mut results = Vec::new();
     for item in items(payload, "leads", "add") {
         results.push(add_lead(state, &meta, &item).await?);
     }
     for item in items(payload, "leads", "status") {
-        results.push(apply_status(state, &meta, &item, received_at).await?);
+        results.push(apply_status(state, &meta, &item, delivery).await?);
     }
     Ok(results)
 }
@@ -483,7 +503,7 @@ async fn apply_status(
     state: &AppState,
     meta: &CommandMetadata,
     item: &BTreeMap<String, String>,
-    received_at: DateTime<Utc>,
+    delivery: &Delivery,
 ) -> Result<Value, IntakeError> {
     let (Some(kommo_lead_id), Some(status_id)) =
         (kommo_id(item, "id"), kommo_id(item, "status_id"))
@@ -501,12 +521,37 @@ async fn apply_status(
         }
         return Ok(v);
     };
+    let previous = kommo_id(item, "old_status_id");
+    // A body received before is either Kommo repeating an older move (late: the lead moved on
+    // since) or the lead moved the same way again. Only the second continues the lead's
+    // statuses: the move starts from the status the lead has.
+    if delivery.seen_before
+        && let Some(previous) = previous
+    {
+        let (lead, _) = state
+            .bus
+            .leads
+            .replay(lead_id, None)
+            .await
+            .map_err(IntakeError::Command)?;
+        if lead.kommo_status_id.is_some_and(|now| now != previous) {
+            let mut v = base;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("result".into(), "stale_repeat".into());
+                o.insert(
+                    "message".into(),
+                    "a repeat of an earlier delivery: the lead has moved on since".into(),
+                );
+            }
+            return Ok(v);
+        }
+    }
     let stage = refs::stage_for_kommo_status(&state.pool, status_id).await?;
     let command = LeadCommand::ApplyKommoStatus {
         kommo_status_id: status_id,
-        previous_kommo_status_id: kommo_id(item, "old_status_id"),
+        previous_kommo_status_id: previous,
         stage,
-        delivered_at: Some(received_at),
+        delivered_at: Some(delivery.received_at),
     };
     let result = state.bus.leads.execute(lead_id, command, meta, None).await;
     outcome(base, result)
