@@ -178,6 +178,11 @@ async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
     // A setting that cannot work stops the process before it serves.
     let outbox = all_roles.then(outbox_settings).transpose()?;
     let pool = open_pool(16).await?;
+    // The CRM clients (or the sandbox) are ready before the API takes its first command.
+    let outbox = match outbox {
+        Some(settings) => Some(build_outbox(&pool, settings).await?),
+        None => None,
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut background =
         all_roles.then(|| spawn_background_roles(pool.clone(), stopped.clone(), outbox));
@@ -189,8 +194,8 @@ async fn serve(bind_addr: SocketAddr, all_roles: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {bind_addr} (BIND_ADDR)"))?;
     tracing::info!(%bind_addr, "serving");
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    // The other roles run until told to stop: one that ends first could not start (the outbox
-    // with its CRMs), and a `serve` without it would take commands that never reach a CRM.
+    // The other roles run until told to stop: one that ends first has failed, and a `serve`
+    // without it would take commands that, say, never reach a CRM.
     let roles_ended = async {
         match background.as_mut() {
             Some(roles) => roles.await,
@@ -230,11 +235,11 @@ async fn open_pool(max_connections: u32) -> anyhow::Result<sqlx::PgPool> {
 }
 
 /// The projections and the process managers (and the outbox with its settings, when given),
-/// until `stopped` turns true; an error only when the outbox could not start.
+/// until `stopped` turns true; an error only when a role failed.
 fn spawn_background_roles(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
-    outbox: Option<OutboxSettings>,
+    outbox: Option<Outbox>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         let pool_for_outbox = pool.clone();
@@ -255,7 +260,7 @@ fn spawn_background_roles(
         };
         let outbox = async move {
             match outbox {
-                Some(settings) => run_outbox(pool_for_outbox, stopped, settings).await,
+                Some(outbox) => run_outbox(pool_for_outbox, stopped, outbox).await,
                 None => Ok(()),
             }
         };
@@ -268,12 +273,12 @@ fn spawn_background_roles(
 async fn run_outbox(
     pool: sqlx::PgPool,
     stopped: tokio::sync::watch::Receiver<bool>,
-    settings: OutboxSettings,
+    outbox: Outbox,
 ) -> anyhow::Result<()> {
-    let crms = outbox_worker::setup::build(&pool, settings.crms)
-        .await
-        .context("configuring the CRM clients")?;
-    let config = settings.worker;
+    let Outbox {
+        worker: config,
+        crms,
+    } = outbox;
     let bus = std::sync::Arc::new(commands::CommandBus::new(pool.clone()));
     let worker = outbox_worker::worker::Worker::new(pool.clone(), bus, crms.targets, config);
     let projector = projections::runner::run(
@@ -290,6 +295,22 @@ async fn run_outbox(
     // The sandbox servers, if any, live until here.
     drop(crms.sandbox);
     Ok(())
+}
+
+/// The outbox, ready to run: the worker's settings and the CRM clients it delivers to.
+struct Outbox {
+    worker: outbox_worker::worker::WorkerConfig,
+    crms: outbox_worker::setup::Crms,
+}
+
+/// Builds the CRM clients (or starts the sandbox) of `settings`.
+async fn build_outbox(pool: &sqlx::PgPool, settings: OutboxSettings) -> anyhow::Result<Outbox> {
+    Ok(Outbox {
+        worker: settings.worker,
+        crms: outbox_worker::setup::build(pool, settings.crms)
+            .await
+            .context("configuring the CRM clients")?,
+    })
 }
 
 /// What the outbox needs to start: the worker's settings and where it delivers.
@@ -313,14 +334,15 @@ fn outbox_settings() -> anyhow::Result<OutboxSettings> {
 async fn worker() -> anyhow::Result<()> {
     let settings = outbox_settings()?;
     let pool = open_pool(8).await?;
+    let built = build_outbox(&pool, settings).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, settings));
+    let mut outbox = tokio::spawn(run_outbox(pool.clone(), stopped, built));
     tokio::select! {
         () = shutdown_signal() => {
             let _ = stop.send(true);
             outbox.await??;
         }
-        // Before any signal only when it could not start (the CRM settings): said at once.
+        // Before any signal only when it failed: said at once.
         ended = &mut outbox => ended??,
     }
     pool.close().await;

@@ -305,6 +305,7 @@ impl Pacer for PgPacer {
 
     async fn acquire(&self) {
         let _turn = self.turn.lock().await;
+        let mut failures = 0u32;
         loop {
             match self.try_take().await {
                 Ok(None) => return,
@@ -322,7 +323,13 @@ impl Pacer for PgPacer {
                 // block of the IP): wait for the database. (The delivery cannot be settled
                 // without it either; it is given up when its lease can no longer be renewed.)
                 Err(e) => {
-                    tracing::warn!(error = %e, "the shared pacing cannot be read; waiting for the database");
+                    // Said once, then every half minute or so, louder: Kommo deliveries wait.
+                    if failures == 0 {
+                        tracing::warn!(error = %e, "the shared pacing cannot be read; waiting for the database");
+                    } else if failures.is_multiple_of(60) {
+                        tracing::error!(error = %e, failures, "the shared pacing still cannot be read; Kommo deliveries are waiting");
+                    }
+                    failures = failures.saturating_add(1);
                     tokio::time::sleep(self.interval.max(Duration::from_millis(500))).await;
                 }
             }
