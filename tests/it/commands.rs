@@ -238,17 +238,7 @@ async fn reschedule_extend_cancel_complete_and_blocks_keep_the_schedule_true() {
     confirm(&bus, c).await.unwrap();
 
     // `a` is delivered and started; extending it into `c` is refused, up to `c` is fine.
-    for cmd in [
-        BookingCommand::StartDelivery {
-            driver_id: None,
-            promised_at: day(0),
-        },
-        BookingCommand::StartRental {
-            started_at: day(0),
-            pickup_mileage_km: 100,
-            fuel_level_pct: 100,
-        },
-    ] {
+    for cmd in crate::on_the_road(day(0)) {
         bus.bookings.execute(a, cmd, &meta(), None).await.unwrap();
     }
     let extend = |to| BookingCommand::Extend {

@@ -49,6 +49,23 @@ pub async fn store_v1_booking_created(
     v1
 }
 
+/// A confirmed booking's way on the road: delivered as promised at `at` and handed over then
+/// (100 km on the clock, a full tank).
+pub fn on_the_road(at: chrono::DateTime<chrono::Utc>) -> [domain::booking::BookingCommand; 2] {
+    use domain::booking::BookingCommand;
+    [
+        BookingCommand::StartDelivery {
+            driver_id: None,
+            promised_at: at,
+        },
+        BookingCommand::StartRental {
+            started_at: at,
+            pickup_mileage_km: 100,
+            fuel_level_pct: 100,
+        },
+    ]
+}
+
 /// Reads the global log until at least `n` events are final, or 10 s passed. Other tests'
 /// open transactions on the same server hold the horizon back for a moment.
 pub async fn read_log(pool: &PgPool, n: usize) -> Vec<RecordedEvent> {

@@ -544,22 +544,13 @@ async fn a_sales_order_adds_up_to_its_bookings_total_through_every_change() {
 
     // On the road, a day more at another price, and a service with its own description.
     let (start, end) = (b.start_at.unwrap(), b.end_at.unwrap());
-    for command in [
-        BookingCommand::StartDelivery {
-            driver_id: None,
-            promised_at: start,
-        },
-        BookingCommand::StartRental {
-            started_at: start,
-            pickup_mileage_km: 100,
-            fuel_level_pct: 100,
-        },
+    for command in crate::on_the_road(start).into_iter().chain([
         BookingCommand::Extend {
             new_end_at: end + chrono::Duration::days(1),
             price_daily: Some(Decimal::from(7000)),
         },
         BookingCommand::AddService(service(airport, 500, 1, Some("Delivery to DXB arrivals"))),
-    ] {
+    ]) {
         h.bus
             .bookings
             .execute(booking, command, &meta(), None)

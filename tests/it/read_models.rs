@@ -456,17 +456,11 @@ async fn a_booking_story_shows_in_every_read_model() {
         )
         .await
         .unwrap();
+    let [deliver, hand_over] = crate::on_the_road(start);
     for cmd in [
         BookingCommand::Confirm,
-        BookingCommand::StartDelivery {
-            driver_id: None,
-            promised_at: start,
-        },
-        BookingCommand::StartRental {
-            started_at: start,
-            pickup_mileage_km: 100,
-            fuel_level_pct: 100,
-        },
+        deliver,
+        hand_over,
         BookingCommand::RecordPayment {
             payment_id: Uuid::now_v7(),
             amount: Decimal::from(10_000),
