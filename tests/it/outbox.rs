@@ -1687,6 +1687,53 @@ async fn a_429_asking_for_no_wait_still_pauses_for_a_second() {
     assert!(held > 0.7, "the account is held for {held} s only");
 }
 
+/// Zoho answers 429 without Retry-After, for seconds (its concurrency limit) or for hours (its
+/// 24-hour credits): each 429 in a row doubles the row's wait, until it is delivered.
+#[tokio::test]
+async fn repeated_429s_without_retry_after_wait_longer_each_time() {
+    let h = Harness::new().await;
+    h.zoho.inject(
+        FaultRule::new(Fault::TooManyRequests {
+            retry_after: None,
+            json_body: true,
+        })
+        .times(3)
+        .path("/crm/v6/Contacts"),
+    );
+    h.client("Credit Crunch").await;
+    h.derive().await;
+    let worker = h.worker(paced(), 5);
+    let zoho_row = || async {
+        sqlx::query_as::<_, (String, i32, i32, f64)>(
+            "SELECT status, attempts, rate_limited, \
+               extract(epoch FROM next_run_at - now())::float8 \
+             FROM integrations_outbox WHERE target_system = 'zoho'",
+        )
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap()
+    };
+    let mut waits = Vec::new();
+    for n in 1..=3 {
+        worker.try_execute_task().await.unwrap();
+        let (status, attempts, rate_limited, due_in) = zoho_row().await;
+        assert_eq!((status.as_str(), attempts, rate_limited), ("pending", 0, n));
+        waits.push(due_in);
+        sqlx::query(
+            "UPDATE integrations_outbox SET next_run_at = now() WHERE target_system = 'zoho'",
+        )
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    }
+    assert!(
+        waits[0] >= 0.9 && waits[1] >= 1.9 && waits[2] >= 3.9,
+        "{waits:?}"
+    );
+    h.drain(&worker, Duration::from_secs(20)).await;
+    assert_eq!(zoho_row().await.0, "processed");
+}
+
 /// Without its database a shared pacer lets nothing through: pacing each process on its own
 /// would let several together go over Kommo's limit.
 #[tokio::test]

@@ -83,6 +83,8 @@ pub struct Claimed {
     pub event_type: String,
     pub payload: Value,
     pub attempts: i32,
+    /// 429s in a row so far (they use no attempt).
+    pub rate_limited: i32,
 }
 
 /// What the contact and sales-order deliveries of one claim read: the bookings of its sales
@@ -478,7 +480,8 @@ impl Inner {
                lease_expires_at = now() + make_interval(secs => $3), attempts = o.attempts + 1, \
                updated_at = now() \
              WHERE o.id = ANY (ARRAY(SELECT id FROM due)) \
-             RETURNING o.id, o.entity_type, o.entity_id, o.target_system, o.event_type, o.payload, o.attempts"
+             RETURNING o.id, o.entity_type, o.entity_id, o.target_system, o.event_type, o.payload, o.attempts, \
+               o.rate_limited"
         ))
         .bind(limit)
         .bind(&self.config.owner)
@@ -569,16 +572,19 @@ impl Inner {
                 })
             }
             Delivery::Abandoned => Ok(Settled::LeaseLost),
-            Delivery::Wait(after, why) => self.reschedule(row, after, &why, false).await,
+            Delivery::Wait(after, why) => self.reschedule(row, after, &why, Outcome::Waits).await,
             Delivery::Failed(CrmError::RateLimited { retry_after }) => {
-                // Without Retry-After, wait at least the rate window (one second) plus backoff, so
-                // snoozed rows do not come back as a burst. With one, as asked, but never at once
-                // (`Retry-After: 0` would earn the next 429 straight away) nor beyond an hour.
+                // With Retry-After, as asked, but never at once (`Retry-After: 0` would earn the
+                // next 429 straight away) nor beyond an hour. Without, a second (the rate
+                // window), doubling with each 429 in a row up to 15 minutes (Zoho's 24-hour
+                // credits run out for hours), plus a little jitter so that snoozed rows do not
+                // come back as a burst.
                 let after = match retry_after {
                     Some(asked) => asked.clamp(Duration::from_secs(1), Duration::from_secs(3600)),
-                    None => Duration::from_secs(1) + self.config.backoff.delay(row.attempts as u32),
+                    None => rate_limited_wait(row.rate_limited) + self.config.backoff.delay(1),
                 };
-                self.reschedule(row, after, "rate limited", false).await
+                self.reschedule(row, after, "rate limited", Outcome::RateLimited)
+                    .await
             }
             Delivery::Failed(e) if e.is_retryable() && row.attempts < self.config.max_attempts => {
                 // Not sooner than the CRM asked (a 503's Retry-After), capped at an hour.
@@ -587,7 +593,8 @@ impl Inner {
                         .unwrap_or_default()
                         .min(Duration::from_secs(3600)),
                 );
-                self.reschedule(row, after, &e.to_string(), true).await
+                self.reschedule(row, after, &e.to_string(), Outcome::Retried)
+                    .await
             }
             Delivery::Failed(e) => {
                 self.record_failure(row, &e).await;
@@ -656,11 +663,13 @@ impl Inner {
         row: &Claimed,
         after: Duration,
         why: &str,
-        counts: bool,
+        outcome: Outcome,
     ) -> Result<Settled, sqlx::Error> {
+        let counts = outcome == Outcome::Retried;
         let done = sqlx::query(
             "UPDATE integrations_outbox SET status = 'pending', last_error = $3, \
                attempts = attempts - CASE WHEN $5 THEN 0 ELSE 1 END, \
+               rate_limited = CASE WHEN $7 THEN rate_limited + 1 ELSE 0 END, \
                next_run_at = now() + make_interval(secs => $4), lease_owner = NULL, \
                lease_expires_at = NULL, updated_at = now() \
              WHERE id = $1 AND lease_owner = $2 AND attempts = $6 AND status = 'processing'",
@@ -671,6 +680,7 @@ impl Inner {
         .bind(after.as_secs_f64())
         .bind(counts)
         .bind(row.attempts)
+        .bind(outcome == Outcome::RateLimited)
         .execute(&self.pool)
         .await?;
         Ok(match (done.rows_affected(), counts) {
@@ -1100,6 +1110,23 @@ fn split_name(name: &str) -> (Option<String>, Option<String>) {
         Some((first, last)) => (Some(first.to_string()), Some(last.to_string())),
         None => (None, Some(name.trim().to_string())),
     }
+}
+
+/// Why a row goes back to `pending`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It waits for something else (its contact); no attempt used.
+    Waits,
+    /// The CRM answered 429; no attempt used, one more 429 in a row.
+    RateLimited,
+    /// A transient failure: an attempt used.
+    Retried,
+}
+
+/// How long a row waits after its `n`+1-th 429 in a row without Retry-After: a second, doubling,
+/// at most 15 minutes.
+fn rate_limited_wait(n: i32) -> Duration {
+    Duration::from_secs(1u64 << n.clamp(0, 10)).min(Duration::from_secs(900))
 }
 
 /// A booking's sales-order lines, on its vehicle's Zoho product: the rental days, each
