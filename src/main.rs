@@ -322,7 +322,6 @@ struct OutboxSettings {
 /// The outbox's settings and the CRMs' (limits, connection, encryption key), checked before
 /// anything starts.
 fn outbox_settings() -> anyhow::Result<OutboxSettings> {
-    outbox_worker::setup::Limits::from_env().context("configuring the CRM clients")?;
     Ok(OutboxSettings {
         worker: outbox_worker::worker::WorkerConfig::from_env()
             .context("configuring the outbox worker")?,

@@ -347,3 +347,13 @@ fn tracing_subscriber_init() -> Result<(), Box<dyn std::error::Error + Send + Sy
         .with_test_writer()
         .try_init()
 }
+
+/// A three-day booking of `client` at 6,500 a day (June 2026), without a vehicle.
+pub fn booking_body(client: &str) -> Value {
+    serde_json::json!({
+        "client_id": client,
+        "start_at": "2026-06-01T10:00:00Z",
+        "end_at": "2026-06-04T10:00:00Z",
+        "price_daily": "6500.00",
+    })
+}

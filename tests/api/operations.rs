@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, booking_body};
 
 /// The log's other consumers are reported beside the projections, with their lag and the error
 /// one is stopped on (also as metrics): the outbox projector (it runs in the worker role; here
@@ -340,14 +340,7 @@ async fn queries_take_empty_filters_refuse_impossible_ranges_and_wait_for_the_ou
     assert_eq!(r.body["to"], "2027-08-07T00:00:00Z");
 
     // A version the booking has not reached.
-    let booking = app
-        .ok(
-            "sales",
-            "/v1/bookings",
-            json!({"client_id": client, "start_at": "2026-06-01T10:00:00Z",
-                   "end_at": "2026-06-04T10:00:00Z", "price_daily": "6500.00"}),
-        )
-        .await;
+    let booking = app.ok("sales", "/v1/bookings", booking_body(&client)).await;
     let id = booking["id"].as_str().unwrap();
     let r = app
         .get("sales", &format!("/v1/bookings/{id}/state?version=999"))

@@ -107,8 +107,16 @@ const CONNECTION_SETTINGS: [&str; 14] = [
     "ZOHO_SALES_ORDER_EXTERNAL_FIELD",
 ];
 
-/// Where the outbox delivers, decided and checked from the environment before anything starts.
-pub enum CrmSettings {
+/// What the CRM clients are built from, read and checked from the environment before anything
+/// starts: the key the tokens are stored with, the shared limits and where the outbox delivers.
+pub struct CrmSettings {
+    key: EncryptionKey,
+    limits: Limits,
+    target: CrmTarget,
+}
+
+/// Where the outbox delivers.
+enum CrmTarget {
     /// No connection setting at all: the built-in sandbox CRMs on loopback.
     Sandbox,
     /// Every setting the real CRMs need.
@@ -144,7 +152,18 @@ impl CrmSettings {
     /// an error naming the first missing (or unreadable) one. Also checks the encryption key
     /// the tokens are stored with (generating the dev key when none is set).
     pub fn from_env() -> Result<Self, SetupError> {
-        EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
+        Ok(Self {
+            limits: Limits::from_env()?,
+            key: EncryptionKey::from_env_or_dev(
+                &store::local_pg::LocalPgConfig::from_env().data_dir,
+            )?,
+            target: CrmTarget::from_env()?,
+        })
+    }
+}
+
+impl CrmTarget {
+    fn from_env() -> Result<Self, SetupError> {
         if CONNECTION_SETTINGS.iter().all(|name| var(name).is_none()) {
             return Ok(Self::Sandbox);
         }
@@ -226,15 +245,18 @@ fn required(name: &'static str, with: &'static str) -> Result<String, SetupError
 /// Clients for the CRMs `settings` name (`CrmSettings::from_env`); the sandbox (fake Kommo
 /// and Zoho on loopback) said loudly.
 pub async fn build(pool: &PgPool, settings: CrmSettings) -> Result<Crms, SetupError> {
-    let key = EncryptionKey::from_env_or_dev(&store::local_pg::LocalPgConfig::from_env().data_dir)?;
+    let CrmSettings {
+        key,
+        limits,
+        target,
+    } = settings;
     let store: Arc<dyn TokenStore> = Arc::new(PgTokenStore::new(pool.clone(), key));
-    let limits = Limits::from_env()?;
     let rps = limits.kommo_rps;
     let timeout = Duration::from_secs(15);
 
-    let real = match settings {
-        CrmSettings::Real(real) => real,
-        CrmSettings::Sandbox => {
+    let real = match target {
+        CrmTarget::Real(real) => real,
+        CrmTarget::Sandbox => {
             let kommo_fake = FakeKommo::start().await.map_err(SetupError::Sandbox)?;
             let zoho_fake = FakeZoho::start().await.map_err(SetupError::Sandbox)?;
             tracing::warn!(
